@@ -1,0 +1,331 @@
+from walle.protos import device_pb2 as _device_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskVersion(_message.Message):
+    __slots__ = ("name", "version", "message", "author", "created_at", "bundle_digest", "bundle_size", "manifest", "created")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    message: str
+    author: str
+    created_at: int
+    bundle_digest: str
+    bundle_size: int
+    manifest: _device_pb2.TaskManifest
+    created: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., author: _Optional[str] = ..., created_at: _Optional[int] = ..., bundle_digest: _Optional[str] = ..., bundle_size: _Optional[int] = ..., manifest: _Optional[_Union[_device_pb2.TaskManifest, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class SubmitTaskRequest(_message.Message):
+    __slots__ = ("archive", "message", "author")
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    archive: bytes
+    message: str
+    author: str
+    def __init__(self, archive: _Optional[bytes] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
+
+class TaskRef(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class TaskList(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskVersion]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskVersion, _Mapping]]] = ...) -> None: ...
+
+class TaskHistory(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[TaskVersion]
+    def __init__(self, versions: _Optional[_Iterable[_Union[TaskVersion, _Mapping]]] = ...) -> None: ...
+
+class DiffRequest(_message.Message):
+    __slots__ = ("name", "v1", "v2")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    V1_FIELD_NUMBER: _ClassVar[int]
+    V2_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    v1: str
+    v2: str
+    def __init__(self, name: _Optional[str] = ..., v1: _Optional[str] = ..., v2: _Optional[str] = ...) -> None: ...
+
+class DiffReply(_message.Message):
+    __slots__ = ("unified_diff",)
+    UNIFIED_DIFF_FIELD_NUMBER: _ClassVar[int]
+    unified_diff: str
+    def __init__(self, unified_diff: _Optional[str] = ...) -> None: ...
+
+class TaskFiles(_message.Message):
+    __slots__ = ("version", "files")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    version: TaskVersion
+    files: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReleaseStats(_message.Message):
+    __slots__ = ("delivered", "ran", "runs", "failed", "p50_duration_s", "rejected", "rolled_back")
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    RAN_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    P50_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    delivered: int
+    ran: int
+    runs: int
+    failed: int
+    p50_duration_s: float
+    rejected: int
+    rolled_back: int
+    def __init__(self, delivered: _Optional[int] = ..., ran: _Optional[int] = ..., runs: _Optional[int] = ..., failed: _Optional[int] = ..., p50_duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., rolled_back: _Optional[int] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("id", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at", "created_by", "note", "bundle_digest", "allow", "deny", "stats", "salt")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    task: str
+    version: str
+    rule: str
+    rollout: float
+    stage: str
+    channel: str
+    state: str
+    created_at: int
+    created_by: str
+    note: str
+    bundle_digest: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    stats: ReleaseStats
+    salt: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., note: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[ReleaseStats, _Mapping]] = ..., salt: _Optional[str] = ...) -> None: ...
+
+class CreateReleaseRequest(_message.Message):
+    __slots__ = ("task", "version", "rule", "rollout", "stage", "channel", "allow", "deny", "actor", "has_rollout")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    HAS_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: str
+    rule: str
+    rollout: float
+    stage: str
+    channel: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    actor: str
+    has_rollout: bool
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., actor: _Optional[str] = ..., has_rollout: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRef(_message.Message):
+    __slots__ = ("id", "actor")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    actor: str
+    def __init__(self, id: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class ReleaseFilter(_message.Message):
+    __slots__ = ("task", "channel", "active_only")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    channel: str
+    active_only: bool
+    def __init__(self, task: _Optional[str] = ..., channel: _Optional[str] = ..., active_only: _Optional[bool] = ...) -> None: ...
+
+class ReleaseList(_message.Message):
+    __slots__ = ("releases",)
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    releases: _containers.RepeatedCompositeFieldContainer[Release]
+    def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
+
+class SetRolloutRequest(_message.Message):
+    __slots__ = ("id", "rollout", "stage", "actor")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    rollout: float
+    stage: str
+    actor: str
+    def __init__(self, id: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("task", "to_version", "channel", "actor")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    to_version: str
+    channel: str
+    actor: str
+    def __init__(self, task: _Optional[str] = ..., to_version: _Optional[str] = ..., channel: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("device_id", "actor", "ttl_seconds")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    actor: str
+    ttl_seconds: int
+    def __init__(self, device_id: _Optional[str] = ..., actor: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("device_id", "token", "platform_ca_pem", "bundle_public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    token: str
+    platform_ca_pem: str
+    bundle_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., platform_ca_pem: _Optional[str] = ..., bundle_public_key: _Optional[bytes] = ...) -> None: ...
+
+class DeviceRef(_message.Message):
+    __slots__ = ("device_id", "actor")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    actor: str
+    def __init__(self, device_id: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("device_id", "enrolled_at", "revoked", "last_seen", "app_version", "attrs_json")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    APP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_JSON_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    enrolled_at: int
+    revoked: bool
+    last_seen: int
+    app_version: str
+    attrs_json: str
+    def __init__(self, device_id: _Optional[str] = ..., enrolled_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., last_seen: _Optional[int] = ..., app_version: _Optional[str] = ..., attrs_json: _Optional[str] = ...) -> None: ...
+
+class DeviceList(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+
+class PreviewReply(_message.Message):
+    __slots__ = ("tasks", "explanation")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[_device_pb2.ActiveTask]
+    explanation: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[_device_pb2.ActiveTask, _Mapping]]] = ..., explanation: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("ts", "actor", "action", "target", "detail")
+    TS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ts: int
+    actor: str
+    action: str
+    target: str
+    detail: str
+    def __init__(self, ts: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class AuditLog(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class PublishResourceRequest(_message.Message):
+    __slots__ = ("name", "data", "metadata_json", "actor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    metadata_json: str
+    actor: str
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ..., metadata_json: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResourceInfoRef(_message.Message):
+    __slots__ = ("name", "version", "digest", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
