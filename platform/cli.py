@@ -1,0 +1,441 @@
+"""The `walle` command line.
+
+Operator commands work on a local data folder (`--data-dir`) or talk to a running platform
+(`--platform HOST:PORT`). Exit codes: 0 ok, 1 internal error, 2 invalid input, 3 not found,
+4 already exists, 5 refused in the current state, 6 not authenticated/allowed, 7 quota, 8 unreachable."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from walle.protos import admin_pb2, bundle, device_pb2
+
+from . import config as config_mod
+from .errors import InvalidArgument, WalleError
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+DEFAULT_DATA_DIR = "walle-data"
+
+
+# -- plumbing ---------------------------------------------------------------------------------------
+class Ctx:
+    def __init__(self, platform: str | None, data_dir: str | None, as_json: bool, actor: str | None):
+        self.cfg = config_mod.load()
+        self.platform_addr = platform or self.cfg.get("platform")
+        self.data_dir = data_dir or self.cfg.get("data_dir") or DEFAULT_DATA_DIR
+        self.as_json = as_json
+        self.actor = actor or self.cfg.get("actor", "operator")
+        self._api = None
+
+    def api(self):
+        """The AdminService: remote when --platform is given, else the local data folder."""
+        if self._api is None:
+            if self.platform_addr:
+                import grpc
+                from .client import RemoteAdmin
+                self._api = RemoteAdmin(grpc.insecure_channel(self.platform_addr))
+            else:
+                from .service import Platform
+                self._api = Platform(self.data_dir)
+        return self._api
+
+
+def json_option(f):
+    def cb(ctx, _param, value):
+        if value:
+            ctx.find_object(Ctx).as_json = True
+        return value
+    return click.option("--json", "json_", is_flag=True, expose_value=False, callback=cb,
+                        help="Print machine-readable JSON.")(f)
+
+
+def emit(ctx: Ctx, message, human) -> None:
+    if ctx.as_json:
+        from .service import to_dict
+        data = to_dict(message) if hasattr(message, "DESCRIPTOR") else message
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human(message)
+
+
+def parse_attrs(text: str) -> device_pb2.DeviceInfo:
+    """`user_id=u1,app_version=2.3.0,tags=a|b` -> DeviceInfo."""
+    info = device_pb2.DeviceInfo()
+    fields = {f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields} - {"installed"}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "=" not in part:
+            raise InvalidArgument(f"--attrs: {part!r} is not KEY=VALUE")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in fields:
+            raise InvalidArgument(f"--attrs: unknown attribute {key!r}; known: {', '.join(sorted(fields))}")
+        if key == "tags":
+            info.tags.extend(t for t in value.split("|") if t)
+        else:
+            setattr(info, key, value)
+    return info
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition("@")
+    if not name:
+        raise InvalidArgument(f"{ref!r} is not NAME or NAME@VERSION")
+    return name, version
+
+
+def _ts(t: int) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+class WalleGroup(click.Group):
+    """Turns platform errors into one red line and a meaningful exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WalleError as e:
+            err_console.print(f"[red]error:[/red] {e.message}", highlight=False)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=WalleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
+              help="Talk to a running platform server (default: work on --data-dir directly).")
+@click.option("--data-dir", envvar="WALLE_DATA_DIR", type=click.Path(file_okay=False),
+              help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR}).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--actor", envvar="WALLE_ACTOR", help="Who is acting, for the audit trail (default: login name).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="walle")
+@click.pass_context
+def main(ctx, platform_addr, data_dir, as_json, actor, verbose):
+    """walle: device-cloud collaborative machine learning."""
+    logging.basicConfig(level=logging.WARNING - 10 * verbose,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Ctx(platform_addr, data_dir, as_json, actor)
+
+
+# -- platform ---------------------------------------------------------------------------------------
+@main.group("platform")
+def platform_group():
+    """Run the cloud platform."""
+
+
+@platform_group.command("serve")
+@click.option("--data-dir", "serve_dir", type=click.Path(file_okay=False), help="Data folder (default: global --data-dir).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
+@click.option("--workers", default=32, show_default=True, type=int, help="RPC worker threads.")
+@click.pass_obj
+def platform_serve(obj: Ctx, serve_dir, host, port, workers):
+    """Serve the device, tunnel and admin gRPC APIs (with gRPC health checking)."""
+    from .server import build_server
+    from .service import Platform
+    logging.getLogger("walle").setLevel(min(logging.getLogger().level, logging.INFO))
+    platform = Platform(serve_dir or obj.data_dir)
+    _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers)
+    err_console.print(f"walle platform serving on {host}:{bound} (data: {platform.data_dir})")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    err_console.print("shutting down")
+    stop(2.0)
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+@main.group("task")
+def task_group():
+    """Submit and inspect task scripts (each version is a git commit)."""
+
+
+def _print_version(tv) -> None:
+    verb = "submitted" if tv.created else "unchanged (identical to the latest version)"
+    console.print(f"{tv.name}@{tv.version[:12]} {verb}  bundle {tv.bundle_digest[:19]}… ({tv.bundle_size} B)",
+                  highlight=False)
+
+
+@task_group.command("submit")
+@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-m", "--message", default="", help="Commit message.")
+@json_option
+@click.pass_obj
+def task_submit(obj: Ctx, task_dir, message):
+    """Validate TASK_DIR and commit it as a new task version."""
+    from .manifest import validate_task_dir
+    _manifest, files = validate_task_dir(task_dir)
+    req = admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), message=message, author=obj.actor)
+    emit(obj, obj.api().SubmitTask(req), _print_version)
+
+
+@task_group.command("list")
+@json_option
+@click.pass_obj
+def task_list(obj: Ctx):
+    """List tasks with their latest version."""
+    def human(reply):
+        t = Table("task", "latest", "submitted", "author", "message")
+        for v in reply.tasks:
+            t.add_row(v.name, v.version[:12], _ts(v.created_at), v.author, v.message)
+        console.print(t)
+    emit(obj, obj.api().ListTasks(admin_pb2.Empty()), human)
+
+
+@task_group.command("history")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def task_history(obj: Ctx, name):
+    """Versions of a task, newest first."""
+    def human(reply):
+        t = Table("version", "submitted", "author", "message", "bundle")
+        for v in reply.versions:
+            t.add_row(v.version[:12], _ts(v.created_at), v.author, v.message, v.bundle_digest[:19])
+        console.print(t)
+    emit(obj, obj.api().GetTaskHistory(admin_pb2.TaskRef(name=name)), human)
+
+
+@task_group.command("diff")
+@click.argument("name")
+@click.argument("v1")
+@click.argument("v2")
+@json_option
+@click.pass_obj
+def task_diff(obj: Ctx, name, v1, v2):
+    """Unified diff of a task between two versions."""
+    emit(obj, obj.api().DiffTask(admin_pb2.DiffRequest(name=name, v1=v1, v2=v2)),
+         lambda r: click.echo(r.unified_diff or "(no differences)"))
+
+
+@task_group.command("show")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@json_option
+@click.pass_obj
+def task_show(obj: Ctx, ref):
+    """Show a task version: manifest and files."""
+    name, version = split_ref(ref)
+
+    def human(reply):
+        v = reply.version
+        console.print(f"[bold]{v.name}@{v.version}[/bold]  {_ts(v.created_at)}  {v.author}: {v.message}", highlight=False)
+        console.print(f"bundle {v.bundle_digest} ({v.bundle_size} B)", highlight=False)
+        for path in sorted(reply.files):
+            console.rule(path)
+            click.echo(reply.files[path])
+    emit(obj, obj.api().ShowTask(admin_pb2.TaskRef(name=name, version=version)), human)
+
+
+# -- releases ---------------------------------------------------------------------------------------
+@main.group("release")
+def release_group():
+    """Release task versions to devices by hit rules; roll out, pause, roll back, revoke."""
+
+
+def _release_table(releases) -> None:
+    t = Table("id", "task@version", "channel", "stage", "state", "rule", "deliv/ran/fail", "p50")
+    for r in releases:
+        s = r.stats
+        t.add_row(r.id, f"{r.task}@{r.version[:8]}", r.channel, f"{r.stage} {r.rollout:g}%", r.state,
+                  r.rule or "(all)", f"{s.delivered}/{s.ran}/{s.failed}", f"{s.p50_duration_s:.2f}s")
+    console.print(t)
+
+
+def _print_release(r) -> None:
+    _release_table([r])
+    if r.note:
+        console.print(f"note: {r.note}", highlight=False)
+    if r.allow:
+        console.print(f"allow: {', '.join(r.allow)}", highlight=False)
+    if r.deny:
+        console.print(f"deny: {', '.join(r.deny)}", highlight=False)
+
+
+def _ids(values) -> list[str]:
+    return [i for v in values for i in v.split(",") if i.strip()]
+
+
+@release_group.command("create")
+@click.argument("ref", metavar="NAME@VERSION")
+@click.option("--rule", default="", help='Hit rule, e.g. \'os == "android" and app_version >= "2.3"\' (default: every device).')
+@click.option("--rollout", type=float, default=None, help="Percent of the audience (sticky per user/device).")
+@click.option("--stage", type=click.Choice(["beta", "gray", "full"]), default=None, help="beta: allow-list only; gray: a percentage; full: everyone matching.")
+@click.option("--channel", default="", help="Release channel (default: stable).")
+@click.option("--allow", multiple=True, help="User/device ids that always receive it (comma-separated, repeatable).")
+@click.option("--deny", multiple=True, help="User/device ids that never receive it.")
+@json_option
+@click.pass_obj
+def release_create(obj: Ctx, ref, rule, rollout, stage, channel, allow, deny):
+    """Release NAME@VERSION (a commit id or unique prefix; NAME alone = latest)."""
+    name, version = split_ref(ref)
+    req = admin_pb2.CreateReleaseRequest(task=name, version=version, rule=rule, rollout=rollout or 0.0,
+                                         has_rollout=rollout is not None, stage=stage or "", channel=channel,
+                                         allow=_ids(allow), deny=_ids(deny), actor=obj.actor)
+    emit(obj, obj.api().CreateRelease(req), _print_release)
+
+
+@release_group.command("list")
+@click.option("--task", default="", help="Only this task.")
+@click.option("--channel", default="", help="Only this channel.")
+@click.option("--active", is_flag=True, help="Only active or paused releases.")
+@json_option
+@click.pass_obj
+def release_list(obj: Ctx, task, channel, active):
+    """Release history, newest first, with delivery and run figures."""
+    emit(obj, obj.api().ListReleases(admin_pb2.ReleaseFilter(task=task, channel=channel, active_only=active)),
+         lambda r: _release_table(r.releases))
+
+
+@release_group.command("show")
+@click.argument("release_id")
+@json_option
+@click.pass_obj
+def release_show(obj: Ctx, release_id):
+    """One release with its health figures from device reports."""
+    def human(r):
+        _print_release(r)
+        s = r.stats
+        console.print(f"delivered {s.delivered}  ran {s.ran}  runs {s.runs}  failed {s.failed}  "
+                      f"p50 {s.p50_duration_s:.3f}s  rejected {s.rejected}  rolled back {s.rolled_back}", highlight=False)
+    emit(obj, obj.api().GetRelease(admin_pb2.ReleaseRef(id=release_id)), human)
+
+
+@release_group.command("set-rollout")
+@click.argument("release_id")
+@click.argument("percent", type=float)
+@click.option("--stage", type=click.Choice(["beta", "gray", "full"]), default=None, help="Move to a later stage.")
+@json_option
+@click.pass_obj
+def release_set_rollout(obj: Ctx, release_id, percent, stage):
+    """Grow a release's rollout (it may only grow; devices already in stay in)."""
+    req = admin_pb2.SetRolloutRequest(id=release_id, rollout=percent, stage=stage or "", actor=obj.actor)
+    emit(obj, obj.api().SetRollout(req), _print_release)
+
+
+def _simple_release_cmd(cmd_name: str, method: str, doc: str):
+    @release_group.command(cmd_name, help=doc)
+    @click.argument("release_id")
+    @json_option
+    @click.pass_obj
+    def cmd(obj: Ctx, release_id):
+        emit(obj, getattr(obj.api(), method)(admin_pb2.ReleaseRef(id=release_id, actor=obj.actor)), _print_release)
+    return cmd
+
+
+_simple_release_cmd("pause", "PauseRelease", "Pause a release: its devices fall back to the release before it.")
+_simple_release_cmd("resume", "ResumeRelease", "Resume a paused release.")
+_simple_release_cmd("revoke", "RevokeRelease", "Revoke a release for good: it is never delivered again.")
+
+
+@release_group.command("rollback")
+@click.argument("name")
+@click.option("--to", "to_version", default="", help="Version to roll back to (default: the previous released version).")
+@click.option("--channel", default="", help="Channel (default: stable).")
+@json_option
+@click.pass_obj
+def release_rollback(obj: Ctx, name, to_version, channel):
+    """Roll a task back: a new release of an earlier version to the same audience (history is kept)."""
+    req = admin_pb2.RollbackRequest(task=name, to_version=to_version, channel=channel, actor=obj.actor)
+    emit(obj, obj.api().Rollback(req), _print_release)
+
+
+# -- devices ----------------------------------------------------------------------------------------
+@main.group("device")
+def device_group():
+    """Enroll devices, preview what they receive, run a device host."""
+
+
+@device_group.command("enroll")
+@click.option("--device-id", default="", help="Device id (default: generated).")
+@click.option("--ttl", "ttl", default=0, type=int, help="Credential lifetime in seconds (0 = no expiry).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the credential to this file (mode 0600).")
+@json_option
+@click.pass_obj
+def device_enroll(obj: Ctx, device_id, ttl, out):
+    """Register a device and print its credential (shown once; the platform keeps only a hash)."""
+    reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor))
+    if out:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"device_id": reply.device_id, "token": reply.token,
+                       "platform": obj.platform_addr or ""}, f)
+    emit(obj, reply, lambda r: console.print(f"device {r.device_id}\ntoken {r.token}", highlight=False))
+
+
+@device_group.command("revoke")
+@click.argument("device_id")
+@json_option
+@click.pass_obj
+def device_revoke(obj: Ctx, device_id):
+    """Revoke a device's credential: its calls get UNAUTHENTICATED from now on."""
+    emit(obj, obj.api().RevokeDevice(admin_pb2.DeviceRef(device_id=device_id, actor=obj.actor)),
+         lambda d: console.print(f"device {d.device_id} revoked", highlight=False))
+
+
+@device_group.command("list")
+@json_option
+@click.pass_obj
+def device_list(obj: Ctx):
+    """Enrolled devices and when they were last seen."""
+    def human(reply):
+        t = Table("device", "enrolled", "last seen", "app version", "revoked")
+        for d in reply.devices:
+            t.add_row(d.device_id, _ts(d.enrolled_at), _ts(d.last_seen), d.app_version or "-", "yes" if d.revoked else "")
+        console.print(t)
+    emit(obj, obj.api().ListDevices(admin_pb2.Empty()), human)
+
+
+@device_group.command("preview")
+@click.option("--attrs", required=True, help="Device attributes: user_id=u1,app_version=2.3.0,os=android,tags=a|b")
+@json_option
+@click.pass_obj
+def device_preview(obj: Ctx, attrs):
+    """What a device with these attributes would receive, and which release decided it."""
+    def human(reply):
+        if not reply.tasks:
+            console.print("no tasks")
+        for t in reply.tasks:
+            console.print(f"[bold]{t.name}@{t.version[:12]}[/bold] from {t.release_id} ({t.bundle_digest[:19]}…)",
+                          highlight=False)
+        for line in reply.explanation:
+            console.print(f"  {line}", highlight=False)
+    emit(obj, obj.api().Preview(parse_attrs(attrs)), human)
+
+
+# -- audit ------------------------------------------------------------------------------------------
+@main.command("audit")
+@click.option("--limit", default=50, show_default=True, type=int)
+@json_option
+@click.pass_obj
+def audit(obj: Ctx, limit):
+    """The audit trail: who did what, when."""
+    def human(reply):
+        t = Table("when", "who", "action", "target", "detail")
+        for e in reply.entries:
+            t.add_row(_ts(e.ts), e.actor, e.action, e.target, e.detail)
+        console.print(t)
+    emit(obj, obj.api().GetAudit(admin_pb2.AuditRequest(limit=limit)), human)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+@main.command("demo")
+@click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False), help="Keep the demo's data here (default: a temporary folder).")
+@json_option
+@click.pass_obj
+def demo(obj: Ctx, demo_dir):
+    """The end-to-end demo on embedded defaults."""
+    from .demo import run_demo
+    run_demo(obj, demo_dir)
+
+
+if __name__ == "__main__":
+    main()

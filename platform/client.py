@@ -1,0 +1,41 @@
+"""AdminService over gRPC with the same method names as `Platform`, raising the same errors."""
+from __future__ import annotations
+
+import grpc
+
+from walle.protos import admin_pb2_grpc
+
+from . import errors
+
+_BY_CODE = {cls.grpc_code: cls for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
+                                          errors.FailedPrecondition, errors.PermissionDenied,
+                                          errors.Unauthenticated, errors.ResourceExhausted, errors.Unavailable)}
+
+
+def error_from_rpc(e: grpc.RpcError) -> errors.WalleError:
+    code = e.code().name if e.code() else "UNKNOWN"
+    cls = _BY_CODE.get(code, errors.WalleError)
+    if code == "UNAVAILABLE":
+        return errors.Unavailable(f"platform unreachable: {e.details()}")
+    return cls(e.details() or code)
+
+
+class RemoteAdmin:
+    def __init__(self, channel: grpc.Channel, metadata: tuple = (), timeout: float = 60.0):
+        self.channel = channel
+        self.stub = admin_pb2_grpc.AdminServiceStub(channel)
+        self.metadata = metadata
+        self.timeout = timeout
+
+    def __getattr__(self, name: str):
+        method = getattr(self.stub, name)
+
+        def call(request=None):
+            try:
+                return method(request, metadata=self.metadata, timeout=self.timeout)
+            except grpc.RpcError as e:
+                raise error_from_rpc(e) from None
+        return call
+
+    def close(self) -> None:
+        self.channel.close()

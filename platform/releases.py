@@ -1,0 +1,300 @@
+"""Releases: which task version goes to which devices.
+
+Per task and channel, releases form a chain, newest first. A device gets the version of the first
+release in the chain whose audience it is in; revoked releases are skipped, and paused ones are
+skipped too (devices fall back to the release before, as if it were disabled). A release's
+audience: never a deny-listed id; always an allow-listed id; otherwise (not in beta) the rule must
+match and the device's sticky bucket must be under the rollout percentage; and the device host must
+be new enough for the task. The same inputs always give the same answer, and `explain` says why.
+
+Release rows are never deleted and their task, version and rule never change; a rollback is a new
+release. Every change is recorded in the release log and the audit trail."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from walle.protos import admin_pb2, device_pb2
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .rules import Rule, compile_rule, in_rollout, parse_version
+from .state import PlatformState
+from .taskrepo import TaskRepository
+
+STAGES = ("beta", "gray", "full")
+CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+DEFAULT_CHANNEL = "stable"
+MAX_LIST = 10_000
+
+
+def device_attrs(info: device_pb2.DeviceInfo) -> dict:
+    """The attributes hit rules see; empty strings are absent."""
+    attrs = {k: getattr(info, k) for k in ("user_id", "device_id", "app_version", "os", "os_version",
+                                           "device_model", "region", "network", "host_version")}
+    attrs = {k: v for k, v in attrs.items() if v}
+    attrs["tags"] = list(info.tags)
+    attrs["channel"] = info.channel or DEFAULT_CHANNEL
+    return attrs
+
+
+@dataclass
+class _Compiled:
+    row: dict
+    rule: Rule
+    allow: frozenset
+    deny: frozenset
+    min_host: object  # parsed Version or None
+    task_pb: device_pb2.ActiveTask
+
+
+class ReleaseManager:
+    def __init__(self, state: PlatformState, repo: TaskRepository, signer=None):
+        self.state = state
+        self.repo = repo
+        self.signer = signer  # callable(digest: str) -> bytes, or None for unsigned bundles
+        self._chains: dict[tuple[str, str], list[_Compiled]] = {}
+        self._chains_rev = -1
+        self._lock = threading.Lock()
+
+    # -- operator actions -----------------------------------------------------------------------
+    def create(self, task: str, version: str = "", *, rule: str = "", rollout: float | None = None,
+               stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
+               note: str = "") -> dict:
+        tv = self.repo.get(task, version)  # NotFound for an unknown task or version
+        compile_rule(rule)  # RuleError (InvalidArgument) with the position of a syntax error
+        channel = channel or DEFAULT_CHANNEL
+        if not CHANNEL_RE.match(channel):
+            raise InvalidArgument(f"channel {channel!r} is invalid: lower-case letters, digits, '_' or '-', up to 32")
+        allow, deny = self._id_list("allow", allow), self._id_list("deny", deny)
+        stage = stage or ("beta" if allow and rollout is None else
+                          "gray" if rollout is not None and rollout < 100 else "full")
+        if stage not in STAGES:
+            raise InvalidArgument(f"stage must be one of {', '.join(STAGES)} (got {stage!r})")
+        if rollout is None:
+            rollout = 0.0 if stage == "beta" else 100.0 if stage == "full" else 10.0
+        rollout = self._check_rollout(rollout)
+        if stage == "beta" and not allow:
+            raise InvalidArgument("a beta release needs an allow-list (--allow ID,...): only those devices receive it")
+        if stage == "full" and rollout != 100:
+            raise InvalidArgument(f"a full release goes to 100% of its audience (got --rollout {rollout:g}); use --stage gray")
+        if stage == "gray" and rollout >= 100:
+            raise InvalidArgument("a gray release needs a rollout below 100%; use --stage full for everyone")
+        digest = tv.bundle_digest
+        with self.state.transaction() as db:
+            # At most one active (or paused) release per task and channel.
+            for prev in db.execute_returning_dicts(
+                    "SELECT id FROM releases WHERE task=? AND channel=? AND state IN ('active','paused')",
+                    [task, channel]):
+                db.execute("UPDATE releases SET state='superseded' WHERE id=?", [prev["id"]])
+                self.state.log_release_change(db, prev["id"], actor, {"state": "superseded"})
+            rid, seq = self.state.next_release_id(db)
+            row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
+                       channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
+                       note=note, bundle_digest=digest, allow=_json(allow), deny=_json(deny),
+                       salt=secrets.token_hex(8))
+            db["releases"].insert(row)
+            self.state.log_release_change(db, rid, actor, {"created": {k: row[k] for k in (
+                "task", "version", "rule", "rollout", "stage", "channel")}})
+            self.state.audit(db, actor, "release.create", rid, {"task": task, "version": tv.version, "rule": rule,
+                                                               "rollout": rollout, "stage": stage, "channel": channel})
+            self.state.bump_revision(db)
+        return self.get(rid)
+
+    def set_rollout(self, release_id: str, rollout: float, stage: str = "", actor: str = "operator") -> dict:
+        rollout = self._check_rollout(rollout)
+        with self.state.transaction() as db:
+            rel = self._get_row(db, release_id)
+            if rel["state"] not in ("active", "paused"):
+                raise FailedPrecondition(f"release {release_id} is {rel['state']}; only an active or paused release can grow")
+            if rollout < rel["rollout"]:
+                raise FailedPrecondition(
+                    f"rollout may only grow: {release_id} is at {rel['rollout']:g}%, asked {rollout:g}% "
+                    f"(to take devices back, pause, revoke or roll back)")
+            new_stage = stage or ("full" if rollout >= 100 else "gray" if rel["stage"] == "beta" and rollout > 0
+                                  else rel["stage"])
+            if new_stage not in STAGES:
+                raise InvalidArgument(f"stage must be one of {', '.join(STAGES)} (got {new_stage!r})")
+            if STAGES.index(new_stage) < STAGES.index(rel["stage"]):
+                raise FailedPrecondition(f"stage may only move forward (beta -> gray -> full): {release_id} is {rel['stage']}")
+            if new_stage == "full" and rollout != 100:
+                raise InvalidArgument("a full release goes to 100% of its audience")
+            db.execute("UPDATE releases SET rollout=?, stage=? WHERE id=?", [rollout, new_stage, release_id])
+            change = {"rollout": [rel["rollout"], rollout], "stage": [rel["stage"], new_stage]}
+            self.state.log_release_change(db, release_id, actor, change)
+            self.state.audit(db, actor, "release.set_rollout", release_id, change)
+            self.state.bump_revision(db)
+        return self.get(release_id)
+
+    def pause(self, release_id: str, actor: str = "operator") -> dict:
+        return self._transition(release_id, "active", "paused", "release.pause", actor)
+
+    def resume(self, release_id: str, actor: str = "operator") -> dict:
+        return self._transition(release_id, "paused", "active", "release.resume", actor)
+
+    def revoke(self, release_id: str, actor: str = "operator") -> dict:
+        with self.state.transaction() as db:
+            rel = self._get_row(db, release_id)
+            if rel["state"] == "revoked":
+                raise FailedPrecondition(f"release {release_id} is already revoked")
+            db.execute("UPDATE releases SET state='revoked' WHERE id=?", [release_id])
+            self.state.log_release_change(db, release_id, actor, {"state": [rel["state"], "revoked"]})
+            self.state.audit(db, actor, "release.revoke", release_id, {"from": rel["state"]})
+            self.state.bump_revision(db)
+        return self.get(release_id)
+
+    def rollback(self, task: str, to_version: str = "", channel: str = "", actor: str = "operator") -> dict:
+        channel = channel or DEFAULT_CHANNEL
+        chain = [r for r in self.state.releases(task=task, channel=channel) if r["state"] != "revoked"]
+        if not chain:
+            raise NotFound(f"task {task!r} has no release on channel {channel!r} to roll back")
+        current = chain[0]
+        if to_version:
+            target = self.repo.resolve(task, to_version)
+        else:
+            older = [r for r in chain[1:] if r["version"] != current["version"]]
+            if not older:
+                raise FailedPrecondition(f"task {task!r} has no earlier released version than "
+                                         f"{current['version'][:12]} on channel {channel!r}; use --to VERSION")
+            target = older[0]["version"]
+        if target == current["version"]:
+            raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
+        # Same audience at 100%: every device that could get the bad version now gets the target.
+        return self.create(task, target, rule=current["rule"], rollout=100.0, stage="full", channel=channel,
+                           allow=current["allow"], deny=current["deny"], actor=actor,
+                           note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
+
+    def get(self, release_id: str) -> dict:
+        rel = self.state.release(release_id)
+        if rel is None:
+            raise NotFound(f"unknown release {release_id!r}")
+        return rel
+
+    # -- what a device receives -----------------------------------------------------------------
+    def resolve(self, info: device_pb2.DeviceInfo, explain: bool = False) -> tuple[list[device_pb2.ActiveTask], list[str]]:
+        chains = self._current_chains()
+        attrs = device_attrs(info)
+        channel = attrs["channel"]
+        ids = {x for x in (info.user_id, info.device_id) if x}
+        unit = info.user_id or info.device_id
+        host = parse_version(info.host_version) if info.host_version else None
+        out, why = [], []
+        for (task, ch), chain in chains.items():
+            if ch != channel:
+                continue
+            for c in chain:
+                row = c.row
+                verdict = self._verdict(c, attrs, ids, unit, host)
+                if explain:
+                    why.append(f"{task}: {row['id']} ({row['version'][:12]}, {row['stage']} {row['rollout']:g}%"
+                               f"{', paused' if row['state'] == 'paused' else ''}) -> {verdict}")
+                if verdict.startswith("hit"):
+                    out.append(c.task_pb)
+                    break
+            else:
+                if explain:
+                    why.append(f"{task}: no release hits this device")
+        return out, why
+
+    @staticmethod
+    def _verdict(c: _Compiled, attrs: dict, ids: set, unit: str, host) -> str:
+        row = c.row
+        if row["state"] == "paused":
+            return "skipped: paused"
+        if ids & c.deny:
+            return "miss: deny-listed"
+        if c.min_host is not None and (host is None or host < c.min_host):
+            return f"miss: needs host_version >= {c.task_pb.manifest.min_host_version}"
+        if ids & c.allow:
+            return "hit: allow-listed"
+        if row["stage"] == "beta":
+            return "miss: beta release and not allow-listed"
+        if not c.rule.matches(attrs):
+            return f"miss: rule is false ({c.rule.explain(attrs)})"
+        if row["rollout"] < 100:
+            if not unit:
+                return "miss: no user_id or device_id to place in the rollout"
+            if not in_rollout(row["rollout"], row["task"], row["salt"], unit):
+                return f"miss: outside the {row['rollout']:g}% rollout"
+        return "hit" + (f": rule {row['rule']!r} matched" if row["rule"] else ": every device")
+
+    def _current_chains(self) -> dict[tuple[str, str], list[_Compiled]]:
+        rev = self.state.revision()
+        with self._lock:
+            if rev == self._chains_rev:
+                return self._chains
+        chains: dict[tuple[str, str], list[_Compiled]] = {}
+        for row in reversed(self.state.releases()):  # oldest first; inserted at the front below
+            if row["state"] == "revoked":
+                continue
+            chains.setdefault((row["task"], row["channel"]), []).insert(0, self._compile(row))
+        with self._lock:
+            self._chains, self._chains_rev = chains, rev
+        return chains
+
+    def _compile(self, row: dict) -> _Compiled:
+        tv = self.repo.get(row["task"], row["version"])
+        manifest = tv.manifest.to_proto()
+        signature = self.signer(row["bundle_digest"]) if self.signer else b""
+        pb = device_pb2.ActiveTask(name=row["task"], version=row["version"], bundle_digest=row["bundle_digest"],
+                                   bundle_size=tv.bundle_size, manifest=manifest, release_id=row["id"],
+                                   signature=signature)
+        min_host = parse_version(manifest.min_host_version) if manifest.min_host_version else None
+        return _Compiled(row, compile_rule(row["rule"]), frozenset(row["allow"]), frozenset(row["deny"]), min_host, pb)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _transition(self, release_id: str, frm: str, to: str, action: str, actor: str) -> dict:
+        with self.state.transaction() as db:
+            rel = self._get_row(db, release_id)
+            if rel["state"] != frm:
+                raise FailedPrecondition(f"release {release_id} is {rel['state']}, not {frm}")
+            db.execute("UPDATE releases SET state=? WHERE id=?", [to, release_id])
+            self.state.log_release_change(db, release_id, actor, {"state": [frm, to]})
+            self.state.audit(db, actor, action, release_id, {"state": [frm, to]})
+            self.state.bump_revision(db)
+        return self.get(release_id)
+
+    @staticmethod
+    def _get_row(db, release_id: str) -> dict:
+        rows = db.execute_returning_dicts("SELECT * FROM releases WHERE id=?", [release_id])
+        if not rows:
+            raise NotFound(f"unknown release {release_id!r}")
+        return rows[0]
+
+    @staticmethod
+    def _check_rollout(rollout: float) -> float:
+        try:
+            rollout = float(rollout)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"rollout must be a number of percent between 0 and 100 (got {rollout!r})") from None
+        if not 0 <= rollout <= 100 or rollout != rollout:
+            raise InvalidArgument(f"rollout must be between 0 and 100 percent (got {rollout:g})")
+        return rollout
+
+    @staticmethod
+    def _id_list(name: str, ids) -> list[str]:
+        ids = sorted({i.strip() for i in ids if i and i.strip()})
+        if len(ids) > MAX_LIST:
+            raise InvalidArgument(f"{name} list has {len(ids)} ids; at most {MAX_LIST}")
+        for i in ids:
+            if not ID_RE.match(i):
+                raise InvalidArgument(f"{name} list: {i!r} is not a valid user or device id")
+        return ids
+
+
+def _json(v) -> str:
+    return json.dumps(v)
+
+
+def release_to_proto(row: dict, stats: dict | None = None) -> admin_pb2.Release:
+    pb = admin_pb2.Release(id=row["id"], task=row["task"], version=row["version"], rule=row["rule"],
+                           rollout=row["rollout"], stage=row["stage"], channel=row["channel"], state=row["state"],
+                           created_at=row["created_at"], created_by=row["created_by"], note=row["note"],
+                           bundle_digest=row["bundle_digest"], allow=row["allow"], deny=row["deny"], salt=row["salt"])
+    if stats:
+        pb.stats.CopyFrom(admin_pb2.ReleaseStats(**stats))
+    return pb

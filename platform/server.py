@@ -1,0 +1,207 @@
+"""The platform's gRPC server: DeviceService and TunnelService for devices (device credential in the
+metadata), AdminService for operators, and the standard grpc.health.v1 health service."""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import traceback
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from walle.protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
+
+from .errors import WalleError
+from .service import Platform
+
+log = logging.getLogger("walle.platform.server")
+CHUNK = 64 * 1024
+MAX_MESSAGE = 32 * 1024 * 1024
+
+
+def _status(err: WalleError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.grpc_code)
+
+
+def rpc(method: Callable) -> Callable:
+    """Turn platform errors into gRPC statuses with the same message; log anything unexpected."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except WalleError as e:
+            context.abort(_status(e), e.message)
+        except grpc.RpcError:
+            raise
+        except Exception as e:  # a bug: say so without leaking internals
+            if type(e).__name__ == "_AbortError" or context.code() is not None:
+                raise
+            log.error("%s failed:\n%s", method.__name__, traceback.format_exc())
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(e).__name__}")
+    return wrapper
+
+
+def stream_rpc(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except WalleError as e:
+            context.abort(_status(e), e.message)
+    return wrapper
+
+
+class RevisionWatcher:
+    """One thread polls the state revision and wakes every waiting WatchTasks stream when it
+    changes, whoever changed it (this server, another process, or the CLI on the data folder)."""
+
+    def __init__(self, platform: Platform, interval: float = 0.2):
+        self.platform = platform
+        self.interval = interval
+        self.revision = platform.state.revision()
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="walle-revision-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                rev = self.platform.state.revision()
+                if time.monotonic() - last_flush > 5:
+                    self.platform.flush_seen()
+                    last_flush = time.monotonic()
+            except Exception:
+                log.exception("revision poll failed")
+                continue
+            if rev != self.revision:
+                with self.cond:
+                    self.revision = rev
+                    self.cond.notify_all()
+
+    def wait_change(self, seen: int, timeout: float) -> int:
+        with self.cond:
+            self.cond.wait_for(lambda: self.revision != seen or self._stop.is_set(), timeout)
+            return self.revision
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.cond:
+            self.cond.notify_all()
+        self._thread.join(timeout=2)
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, platform: Platform, watcher: RevisionWatcher):
+        self.platform = platform
+        self.watcher = watcher
+
+    @rpc
+    def GetActiveTasks(self, request, context):
+        device_id = self.platform.credentials.authenticate(context)
+        return self.platform.active_tasks(device_id, request)
+
+    @stream_rpc
+    def FetchBundle(self, request, context):
+        self.platform.credentials.authenticate(context)
+        data = self.platform.blob(request.digest)
+        for off in range(0, max(len(data), 1), CHUNK):
+            first = off == 0
+            yield device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
+                                   digest=request.digest if first else "")
+
+    @stream_rpc
+    def WatchTasks(self, request, context):
+        self.platform.credentials.authenticate(context)
+        seen = self.watcher.revision
+        yield device_pb2.ListChanged(revision=str(seen))  # tells the device the stream is live
+        while context.is_active():
+            rev = self.watcher.wait_change(seen, timeout=15)
+            if rev != seen:
+                seen = rev
+                yield device_pb2.ListChanged(revision=str(rev))
+
+
+class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
+    def __init__(self, platform: Platform):
+        self.platform = platform
+
+    @rpc
+    def Upload(self, request_iterator, context):
+        device_id = self.platform.credentials.authenticate(context)
+        accepted = dups = max_seq = 0
+        for batch in request_iterator:
+            a, d, m = self.platform.upload(device_id, batch)
+            accepted, dups, max_seq = accepted + a, dups + d, max(max_seq, m)
+        return tunnel_pb2.UploadAck(accepted=accepted, duplicates=dups, max_seq=max_seq)
+
+    @rpc
+    def GetResource(self, request, context):
+        self.platform.credentials.authenticate(context)
+        return self.platform.resource(request.name, request.version)
+
+    @stream_rpc
+    def FetchResource(self, request, context):
+        self.platform.credentials.authenticate(context)
+        info = self.platform.resource(request.name, request.version)
+        data = self.platform.blob(info.digest)
+        for off in range(0, max(len(data), 1), CHUNK):
+            first = off == 0
+            yield device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
+                                   digest=info.digest if first else "")
+
+
+def _admin_servicer(platform: Platform, authorize: Callable | None):
+    """An AdminService servicer whose every method delegates to the Platform method of that name."""
+    class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+        pass
+
+    for name in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name:
+        def make(name=name):
+            def method(self, request, context):
+                actor = authorize(context, name) if authorize else ""
+                if actor and hasattr(request, "actor"):
+                    request.actor = actor  # the authenticated operator, not what the client claims
+                return getattr(platform, name)(request)
+            method.__name__ = name
+            return rpc(method)
+        setattr(AdminServicer, name, make())
+    return AdminServicer()
+
+
+def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
+                 extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
+                 credentials: grpc.ServerCredentials | None = None):
+    """Create and start a server; returns (server, bound port, stop function)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="walle-rpc"),
+                         options=[("grpc.so_reuseport", 0),  # never share a port with a stale server
+                                  ("grpc.max_receive_message_length", MAX_MESSAGE),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE)])
+    watcher = RevisionWatcher(platform)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
+    tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)
+    if extra:
+        extra(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for svc in ("", "walle.v1.DeviceService", "walle.v1.TunnelService", "walle.v1.AdminService"):
+        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} (port in use?)")
+    server.start()
+
+    def stop(grace: float = 1.0) -> None:
+        health_servicer.enter_graceful_shutdown()
+        watcher.stop()
+        server.stop(grace).wait()
+        platform.flush_seen()
+
+    return server, bound, stop

@@ -1,0 +1,287 @@
+"""The platform as one object over a data folder. Its methods are the AdminService RPCs (request
+proto in, reply proto out), so the CLI drives a local data folder and a remote server alike.
+
+Data folder layout:
+  state.sqlite3     releases, devices, audit trail, reports, resources (PlatformState)
+  tasks/            the task git repository and the bundle cache (TaskRepository)
+  blobs/sha256/     published resources, content-addressed
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+import time
+import zlib
+from typing import Callable
+
+from google.protobuf import json_format
+
+from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
+
+from .auth import DeviceCredentials
+from .errors import InvalidArgument, NotFound
+from .releases import ReleaseManager, device_attrs, release_to_proto
+from .state import PlatformState
+from .taskrepo import TaskRepository, TaskVersion
+
+log = logging.getLogger("walle.platform")
+
+MAX_UPLOAD_RECORDS = 10_000
+MAX_UPLOAD_BYTES = 16 << 20
+RESOURCE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-./")
+
+# (device_id, [(seq, ts_ms, payload bytes)]) -> (accepted, duplicates)
+UploadHandler = Callable[[str, list[tuple[int, int, bytes]]], tuple[int, int]]
+
+
+def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
+    return admin_pb2.TaskVersion(name=tv.name, version=tv.version, message=tv.message, author=tv.author,
+                                 created_at=tv.created_at, bundle_digest=tv.bundle_digest,
+                                 bundle_size=tv.bundle_size, manifest=tv.manifest.to_proto(), created=tv.created)
+
+
+class Platform:
+    def __init__(self, data_dir: str | os.PathLike, *, signer=None):
+        self.data_dir = pathlib.Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state = PlatformState(self.data_dir / "state.sqlite3")
+        self.repo = TaskRepository(self.data_dir / "tasks")
+        self.credentials = DeviceCredentials(self.state)
+        self.releases = ReleaseManager(self.state, self.repo, signer=signer)
+        self.blob_dir = self.data_dir / "blobs" / "sha256"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.upload_handlers: dict[str, UploadHandler] = {}
+        self._seen: dict[str, tuple[int, str, dict]] = {}
+        self._seen_lock = threading.Lock()
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def SubmitTask(self, req: admin_pb2.SubmitTaskRequest) -> admin_pb2.TaskVersion:
+        try:
+            files = bundle.unpack(req.archive, bundle.digest(req.archive))
+        except bundle.BundleError as e:
+            raise InvalidArgument(f"task archive refused: {e}") from None
+        tv = self.repo.submit_files(files, message=req.message or None, author=req.author or "walle")
+        if tv.created:
+            with self.state.transaction() as db:
+                self.state.audit(db, req.author or "walle", "task.submit", f"{tv.name}@{tv.version}",
+                                 {"message": tv.message, "digest": tv.bundle_digest})
+        return task_version_to_proto(tv)
+
+    def ListTasks(self, req: admin_pb2.Empty | None = None) -> admin_pb2.TaskList:
+        return admin_pb2.TaskList(tasks=[task_version_to_proto(t) for t in self.repo.list_tasks()])
+
+    def GetTaskHistory(self, req: admin_pb2.TaskRef) -> admin_pb2.TaskHistory:
+        return admin_pb2.TaskHistory(versions=[task_version_to_proto(t) for t in self.repo.history(req.name)])
+
+    def DiffTask(self, req: admin_pb2.DiffRequest) -> admin_pb2.DiffReply:
+        return admin_pb2.DiffReply(unified_diff=self.repo.diff(req.name, req.v1, req.v2))
+
+    def ShowTask(self, req: admin_pb2.TaskRef) -> admin_pb2.TaskFiles:
+        tv = self.repo.get(req.name, req.version)
+        files = {}
+        for path, data in self.repo.files(req.name, tv.version).items():
+            try:
+                files[path] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                files[path] = f"<binary {len(data)} bytes>"
+        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files)
+
+    # -- releases -------------------------------------------------------------------------------
+    def _release(self, row: dict) -> admin_pb2.Release:
+        return release_to_proto(row, self.state.release_stats(row["id"]))
+
+    def CreateRelease(self, req: admin_pb2.CreateReleaseRequest) -> admin_pb2.Release:
+        rollout = req.rollout if (req.has_rollout or req.rollout) else None
+        row = self.releases.create(req.task, req.version, rule=req.rule, rollout=rollout, stage=req.stage,
+                                   channel=req.channel, allow=list(req.allow), deny=list(req.deny),
+                                   actor=req.actor or "operator")
+        return self._release(row)
+
+    def ListReleases(self, req: admin_pb2.ReleaseFilter) -> admin_pb2.ReleaseList:
+        rows = self.state.releases(task=req.task, channel=req.channel, active_only=req.active_only)
+        return admin_pb2.ReleaseList(releases=[self._release(r) for r in rows])
+
+    def GetRelease(self, req: admin_pb2.ReleaseRef) -> admin_pb2.Release:
+        return self._release(self.releases.get(req.id))
+
+    def SetRollout(self, req: admin_pb2.SetRolloutRequest) -> admin_pb2.Release:
+        return self._release(self.releases.set_rollout(req.id, req.rollout, req.stage, actor=req.actor or "operator"))
+
+    def PauseRelease(self, req: admin_pb2.ReleaseRef) -> admin_pb2.Release:
+        return self._release(self.releases.pause(req.id, actor=req.actor or "operator"))
+
+    def ResumeRelease(self, req: admin_pb2.ReleaseRef) -> admin_pb2.Release:
+        return self._release(self.releases.resume(req.id, actor=req.actor or "operator"))
+
+    def RevokeRelease(self, req: admin_pb2.ReleaseRef) -> admin_pb2.Release:
+        return self._release(self.releases.revoke(req.id, actor=req.actor or "operator"))
+
+    def Rollback(self, req: admin_pb2.RollbackRequest) -> admin_pb2.Release:
+        return self._release(self.releases.rollback(req.task, req.to_version, req.channel,
+                                                    actor=req.actor or "operator"))
+
+    # -- devices --------------------------------------------------------------------------------
+    def EnrollDevice(self, req: admin_pb2.EnrollRequest) -> admin_pb2.EnrollReply:
+        device_id, token = self.credentials.enroll(req.device_id, ttl_seconds=req.ttl_seconds,
+                                                   actor=req.actor or "operator")
+        return admin_pb2.EnrollReply(device_id=device_id, token=token)
+
+    def RevokeDevice(self, req: admin_pb2.DeviceRef) -> admin_pb2.Device:
+        return _device_proto(self.credentials.revoke(req.device_id, actor=req.actor or "operator"))
+
+    def ListDevices(self, req: admin_pb2.Empty | None = None) -> admin_pb2.DeviceList:
+        self.flush_seen()
+        return admin_pb2.DeviceList(devices=[_device_proto(d) for d in self.credentials.devices()])
+
+    def Preview(self, info: device_pb2.DeviceInfo) -> admin_pb2.PreviewReply:
+        tasks, why = self.releases.resolve(info, explain=True)
+        return admin_pb2.PreviewReply(tasks=tasks, explanation=why)
+
+    def GetAudit(self, req: admin_pb2.AuditRequest) -> admin_pb2.AuditLog:
+        limit = req.limit if req.limit > 0 else 100
+        return admin_pb2.AuditLog(entries=[admin_pb2.AuditEntry(**e) for e in self.state.audit_entries(limit)])
+
+    # -- resources (down tunnel) ----------------------------------------------------------------
+    def PublishResource(self, req: admin_pb2.PublishResourceRequest) -> admin_pb2.ResourceInfoRef:
+        name = req.name
+        if not name or len(name) > 128 or not set(name) <= RESOURCE_NAME_CHARS or ".." in name or name.startswith("/"):
+            raise InvalidArgument(f"resource name {name!r} is invalid: lower-case letters, digits, '_-./', no '..'")
+        try:
+            json.loads(req.metadata_json or "{}")
+        except ValueError as e:
+            raise InvalidArgument(f"resource metadata is not JSON: {e}") from None
+        digest = self.put_blob(req.data)
+        with self.state.transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM resources WHERE name=?", [name]).fetchone()[0]
+            version = f"v{seq}"
+            db.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [name, version, seq, digest, len(req.data), req.metadata_json or "{}", int(time.time())])
+            self.state.audit(db, req.actor or "operator", "resource.publish", f"{name}@{version}", {"digest": digest})
+        return admin_pb2.ResourceInfoRef(name=name, version=version, digest=digest, size=len(req.data))
+
+    def resource(self, name: str, version: str = "") -> tunnel_pb2.ResourceInfo:
+        sql = "SELECT * FROM resources WHERE name=? " + ("AND version=? " if version else "") + "ORDER BY seq DESC LIMIT 1"
+        rows = self.state.db.execute_returning_dicts(sql, [name, version] if version else [name])
+        if not rows:
+            raise NotFound(f"unknown resource {name!r}" + (f" version {version!r}" if version else ""))
+        r = rows[0]
+        return tunnel_pb2.ResourceInfo(name=r["name"], version=r["version"], digest=r["digest"], size=r["size"],
+                                       metadata_json=r["metadata"])
+
+    def put_blob(self, data: bytes) -> str:
+        digest = bundle.digest(data)
+        path = self.blob_dir / digest.split(":", 1)[1]
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.blob_dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return digest
+
+    def blob(self, digest: str) -> bytes:
+        """A bundle or resource by digest, re-verified on read."""
+        if digest.startswith("sha256:") and (self.blob_dir / digest[7:]).is_file() and len(digest) == 71:
+            data = (self.blob_dir / digest[7:]).read_bytes()
+            bundle.verify(data, digest)
+            return data
+        return self.repo.bundle_by_digest(digest)
+
+    # -- device-facing --------------------------------------------------------------------------
+    def active_tasks(self, device_id: str, info: device_pb2.DeviceInfo) -> device_pb2.ActiveTasks:
+        info.device_id = device_id  # the credential, not the request, says who the device is
+        tasks, _ = self.releases.resolve(info)
+        h = hashlib.sha256()
+        for t in tasks:
+            h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
+        with self._seen_lock:
+            self._seen[device_id] = (int(time.time()), info.app_version, device_attrs(info))
+        return device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
+
+    def flush_seen(self) -> None:
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+        self.credentials.touch(seen)
+
+    def upload(self, device_id: str, batch: tunnel_pb2.UpBatch) -> tuple[int, int, int]:
+        """Store one up-tunnel batch; returns (accepted, duplicates, max_seq)."""
+        try:
+            raw = zlib.decompressobj().decompress(batch.zlib_records, MAX_UPLOAD_BYTES + 1)
+        except zlib.error as e:
+            raise InvalidArgument(f"upload batch is not valid zlib data: {e}") from None
+        if len(raw) > MAX_UPLOAD_BYTES:
+            raise InvalidArgument(f"upload batch decompresses to more than {MAX_UPLOAD_BYTES} bytes")
+        records = tunnel_pb2.UpRecords()
+        try:
+            records.ParseFromString(raw)
+        except Exception:
+            raise InvalidArgument("upload batch does not contain an UpRecords message") from None
+        if len(records.records) != batch.count:
+            raise InvalidArgument(f"upload batch says {batch.count} records but holds {len(records.records)}")
+        if len(records.records) > MAX_UPLOAD_RECORDS:
+            raise InvalidArgument(f"upload batch has {len(records.records)} records; at most {MAX_UPLOAD_RECORDS}")
+        by_topic: dict[str, list[tuple[int, int, bytes]]] = {}
+        for r in records.records:
+            if r.seq <= 0:
+                raise InvalidArgument(f"upload record has seq {r.seq}; sequence numbers start at 1")
+            by_topic.setdefault(r.topic, []).append((r.seq, r.ts_ms, r.payload))
+        for topic in by_topic:
+            if topic not in self.upload_handlers and topic not in ("run_report", "delivery") \
+                    and not topic.startswith(("event", "task.", "log")):
+                raise InvalidArgument(f"unknown upload topic {topic!r}")
+        accepted = dups = 0
+        for topic, recs in by_topic.items():
+            if topic in self.upload_handlers:
+                a, d = self.upload_handlers[topic](device_id, recs)
+            else:
+                a, d = self._store_platform_records(device_id, topic, recs)
+            accepted, dups = accepted + a, dups + d
+        max_seq = max((r.seq for r in records.records), default=0)
+        return accepted, dups, max_seq
+
+    def _store_platform_records(self, device_id: str, topic: str, recs) -> tuple[int, int]:
+        accepted = 0
+        parsed = []
+        for seq, ts_ms, payload in recs:
+            if topic == "run_report":
+                m = tunnel_pb2.RunReport()
+            elif topic == "delivery":
+                m = tunnel_pb2.DeliveryReport()
+            else:
+                m = None
+            if m is not None:
+                try:
+                    m.ParseFromString(payload)
+                except Exception:
+                    raise InvalidArgument(f"{topic} record seq {seq} is not a valid {type(m).__name__}") from None
+            parsed.append((seq, ts_ms, payload, m))
+        with self.state.transaction() as db:
+            for seq, ts_ms, payload, m in parsed:
+                ts = int(ts_ms / 1000) or int(time.time())
+                if topic == "run_report":
+                    cur = db.execute("INSERT OR IGNORE INTO run_reports VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                     [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.duration_s,
+                                      m.peak_memory_kb, m.error[:2000], m.trigger])
+                elif topic == "delivery":
+                    cur = db.execute("INSERT OR IGNORE INTO deliveries VALUES (?,?,?,?,?,?,?,?)",
+                                     [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.error[:2000]])
+                else:
+                    cur = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
+                                     [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
+                accepted += cur.rowcount
+        return accepted, len(parsed) - accepted
+
+
+def _device_proto(d: dict) -> admin_pb2.Device:
+    return admin_pb2.Device(device_id=d["device_id"], enrolled_at=d["enrolled_at"], revoked=bool(d["revoked"]),
+                            last_seen=d["last_seen"], app_version=d["app_version"], attrs_json=d["attrs"])
+
+
+def to_dict(msg) -> dict:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)

@@ -1,0 +1,173 @@
+"""The platform's durable state in one SQLite file (through sqlite-utils): releases and their change
+log, enrolled devices, the audit trail, device reports and published resources.
+
+A `meta.revision` counter grows on every change that can alter what a device receives; servers
+compare it on each request, so a CLI working on the same data folder is seen at once."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+class PlatformState:
+    def __init__(self, db_path: str | pathlib.Path):
+        self.path = pathlib.Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._init_schema()
+
+    # One connection per thread: sqlite3 connections are not shared across threads safely.
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            db = self._local.db = sqlite_utils.Database(conn)
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction (BEGIN IMMEDIATE: writers queue instead of failing mid-way)."""
+        with self._write_lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+
+    def _init_schema(self) -> None:
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", [str(SCHEMA_VERSION)])
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('release_seq', '0')")
+            db.execute("""CREATE TABLE IF NOT EXISTS releases (
+                id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, task TEXT NOT NULL, version TEXT NOT NULL,
+                rule TEXT NOT NULL, rollout REAL NOT NULL, stage TEXT NOT NULL, channel TEXT NOT NULL,
+                state TEXT NOT NULL, created_at INTEGER NOT NULL, created_by TEXT NOT NULL, note TEXT NOT NULL,
+                bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL)""")
+            db.execute("CREATE INDEX IF NOT EXISTS releases_task ON releases(task, channel, seq)")
+            # Append-only: every change to a release (its creation, rollout, pause, ...).
+            db.execute("""CREATE TABLE IF NOT EXISTS release_log (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, release_id TEXT NOT NULL, ts INTEGER NOT NULL,
+                actor TEXT NOT NULL, change TEXT NOT NULL)""")
+            db.execute("""CREATE TABLE IF NOT EXISTS devices (
+                device_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, enrolled_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, last_seen INTEGER NOT NULL DEFAULT 0,
+                app_version TEXT NOT NULL DEFAULT '', attrs TEXT NOT NULL DEFAULT '{}')""")
+            db.execute("""CREATE TABLE IF NOT EXISTS audit (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, actor TEXT NOT NULL,
+                action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL)""")
+            db.execute("""CREATE TABLE IF NOT EXISTS run_reports (
+                device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, task TEXT NOT NULL,
+                version TEXT NOT NULL, release_id TEXT NOT NULL, status TEXT NOT NULL, duration_s REAL NOT NULL,
+                peak_memory_kb INTEGER NOT NULL, error TEXT NOT NULL, trigger TEXT NOT NULL,
+                PRIMARY KEY (device_id, seq))""")
+            db.execute("CREATE INDEX IF NOT EXISTS run_reports_release ON run_reports(release_id)")
+            db.execute("""CREATE TABLE IF NOT EXISTS deliveries (
+                device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, task TEXT NOT NULL,
+                version TEXT NOT NULL, release_id TEXT NOT NULL, status TEXT NOT NULL, error TEXT NOT NULL,
+                PRIMARY KEY (device_id, seq))""")
+            db.execute("CREATE INDEX IF NOT EXISTS deliveries_release ON deliveries(release_id)")
+            db.execute("""CREATE TABLE IF NOT EXISTS events (
+                device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, topic TEXT NOT NULL,
+                payload TEXT NOT NULL, PRIMARY KEY (device_id, seq))""")
+            db.execute("""CREATE TABLE IF NOT EXISTS resources (
+                name TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
+                size INTEGER NOT NULL, metadata TEXT NOT NULL, created_at INTEGER NOT NULL,
+                PRIMARY KEY (name, version))""")
+
+    # -- revision -------------------------------------------------------------------------------
+    def revision(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+
+    @staticmethod
+    def bump_revision(db: sqlite_utils.Database) -> None:
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+
+    @staticmethod
+    def next_release_id(db: sqlite_utils.Database) -> tuple[str, int]:
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='release_seq'")
+        seq = int(db.execute("SELECT value FROM meta WHERE key='release_seq'").fetchone()[0])
+        return f"r{seq}", seq
+
+    # -- audit ----------------------------------------------------------------------------------
+    @staticmethod
+    def audit(db: sqlite_utils.Database, actor: str, action: str, target: str, detail: dict | str = "") -> None:
+        if not isinstance(detail, str):
+            detail = json.dumps(detail, sort_keys=True)
+        db.execute("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                   [int(time.time()), actor or "unknown", action, target, detail])
+
+    def audit_entries(self, limit: int = 100) -> list[dict]:
+        rows = self.db.execute_returning_dicts(
+            "SELECT ts, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?", [limit])
+        return rows
+
+    # -- releases -------------------------------------------------------------------------------
+    @staticmethod
+    def _release_row(row: dict) -> dict:
+        row = dict(row)
+        row["allow"] = json.loads(row["allow"])
+        row["deny"] = json.loads(row["deny"])
+        return row
+
+    def release(self, release_id: str) -> dict | None:
+        rows = self.db.execute_returning_dicts("SELECT * FROM releases WHERE id = ?", [release_id])
+        return self._release_row(rows[0]) if rows else None
+
+    def releases(self, task: str = "", channel: str = "", active_only: bool = False) -> list[dict]:
+        sql, args = "SELECT * FROM releases WHERE 1=1", []
+        if task:
+            sql += " AND task = ?"
+            args.append(task)
+        if channel:
+            sql += " AND channel = ?"
+            args.append(channel)
+        if active_only:
+            sql += " AND state IN ('active', 'paused')"
+        sql += " ORDER BY seq DESC"
+        return [self._release_row(r) for r in self.db.execute_returning_dicts(sql, args)]
+
+    def release_log(self, release_id: str) -> list[dict]:
+        return self.db.execute_returning_dicts(
+            "SELECT ts, actor, change FROM release_log WHERE release_id = ? ORDER BY id", [release_id])
+
+    @staticmethod
+    def log_release_change(db, release_id: str, actor: str, change: dict) -> None:
+        db.execute("INSERT INTO release_log (release_id, ts, actor, change) VALUES (?, ?, ?, ?)",
+                   [release_id, int(time.time()), actor or "unknown", json.dumps(change, sort_keys=True)])
+
+    # -- reports --------------------------------------------------------------------------------
+    def release_stats(self, release_id: str) -> dict:
+        db = self.db
+        delivered, rejected, rolled_back = db.execute(
+            """SELECT COUNT(DISTINCT CASE WHEN status='installed' THEN device_id END),
+                      COUNT(DISTINCT CASE WHEN status='rejected' THEN device_id END),
+                      COUNT(DISTINCT CASE WHEN status='rolled_back' THEN device_id END)
+               FROM deliveries WHERE release_id = ?""", [release_id]).fetchone()
+        ran, runs, failed = db.execute(
+            """SELECT COUNT(DISTINCT device_id), COUNT(*), SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END)
+               FROM run_reports WHERE release_id = ?""", [release_id]).fetchone()
+        durations = [r[0] for r in db.execute(
+            "SELECT duration_s FROM run_reports WHERE release_id = ? ORDER BY duration_s", [release_id])]
+        p50 = durations[(len(durations) - 1) // 2] if durations else 0.0
+        return {"delivered": delivered or 0, "ran": ran or 0, "runs": runs or 0, "failed": failed or 0,
+                "p50_duration_s": p50, "rejected": rejected or 0, "rolled_back": rolled_back or 0}
