@@ -76,7 +76,7 @@ class DeviceCredentials:
         if not token:
             raise Unauthenticated("missing device credential (authorization: Bearer <token>)")
         h = _hash(token)
-        rev = self.state.revision()
+        rev = self.state.cached_revision()
         with self._lock:
             if rev != self._cache_rev:  # enrollments and revocations bump the revision
                 self._cache.clear()

@@ -98,7 +98,20 @@ def _ts(t: int) -> str:
 
 
 class WalleGroup(click.Group):
-    """Turns platform errors into one red line and a meaningful exit code."""
+    """Turns platform errors into one red line and a meaningful exit code, and mounts commands
+    that live in other modules (the device host, the CoDA cloud) only when they are asked for."""
+
+    lazy: dict[str, str] = {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            import importlib
+            module, _, attr = self.lazy[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -106,6 +119,12 @@ class WalleGroup(click.Group):
         except WalleError as e:
             err_console.print(f"[red]error:[/red] {e.message}", highlight=False)
             sys.exit(e.exit_code)
+
+
+class LazyGroup(WalleGroup):
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
 
 
 @click.group(cls=WalleGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -349,7 +368,7 @@ def release_rollback(obj: Ctx, name, to_version, channel):
 
 
 # -- devices ----------------------------------------------------------------------------------------
-@main.group("device")
+@main.group("device", cls=LazyGroup, lazy={"run": "walle.device_host.cli:device_run"})
 def device_group():
     """Enroll devices, preview what they receive, run a device host."""
 
@@ -409,6 +428,11 @@ def device_preview(obj: Ctx, attrs):
         for line in reply.explanation:
             console.print(f"  {line}", highlight=False)
     emit(obj, obj.api().Preview(parse_attrs(attrs)), human)
+
+
+@main.group("fleet", cls=LazyGroup, lazy={"run": "walle.device_host.cli:fleet_run"})
+def fleet_group():
+    """Run many emulated devices on this machine."""
 
 
 # -- audit ------------------------------------------------------------------------------------------

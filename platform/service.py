@@ -56,7 +56,8 @@ class Platform:
         self.blob_dir = self.data_dir / "blobs" / "sha256"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.upload_handlers: dict[str, UploadHandler] = {}
-        self._seen: dict[str, tuple[int, str, dict]] = {}
+        self._seen: dict[str, tuple[int, str, bytes]] = {}  # device -> (time, app version, DeviceInfo bytes)
+        self._memo: tuple[int, dict] = (-1, {})
         self._seen_lock = threading.Lock()
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -196,18 +197,29 @@ class Platform:
     # -- device-facing --------------------------------------------------------------------------
     def active_tasks(self, device_id: str, info: device_pb2.DeviceInfo) -> device_pb2.ActiveTasks:
         info.device_id = device_id  # the credential, not the request, says who the device is
-        tasks, _ = self.releases.resolve(info)
-        h = hashlib.sha256()
-        for t in tasks:
-            h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
-        with self._seen_lock:
-            self._seen[device_id] = (int(time.time()), info.app_version, device_attrs(info))
-        return device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
+        # Devices poll with unchanged attributes and the decision is a pure function of them and
+        # the release state, so replies are memoised per revision (the whole memo goes on a change).
+        key = info.SerializeToString(deterministic=True)
+        rev = self.state.cached_revision()
+        memo = self._memo
+        if memo[0] != rev or len(memo[1]) > 200_000:
+            memo = self._memo = (rev, {})
+        reply = memo[1].get(key)
+        if reply is None:
+            tasks, _ = self.releases.resolve(info)
+            h = hashlib.sha256()
+            for t in tasks:
+                h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
+            reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
+            memo[1][key] = reply
+        self._seen[device_id] = (int(time.time()), info.app_version, key)
+        return reply
 
     def flush_seen(self) -> None:
         with self._seen_lock:
             seen, self._seen = self._seen, {}
-        self.credentials.touch(seen)
+        self.credentials.touch({d: (ts, app, device_attrs(device_pb2.DeviceInfo.FromString(raw)))
+                                for d, (ts, app, raw) in seen.items()})
 
     def upload(self, device_id: str, batch: tunnel_pb2.UpBatch) -> tuple[int, int, int]:
         """Store one up-tunnel batch; returns (accepted, duplicates, max_seq)."""

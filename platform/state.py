@@ -24,6 +24,7 @@ class PlatformState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.RLock()
+        self._rev_cache = (-1, 0.0)  # (revision, monotonic time read)
         self._init_schema()
 
     # One connection per thread: sqlite3 connections are not shared across threads safely.
@@ -51,6 +52,7 @@ class PlatformState:
                 raise
             else:
                 db.execute("COMMIT")
+                self._rev_cache = (-1, 0.0)  # after COMMIT, so no reader caches the old revision
 
     def _init_schema(self) -> None:
         with self.transaction() as db:
@@ -98,8 +100,17 @@ class PlatformState:
     def revision(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
 
-    @staticmethod
-    def bump_revision(db: sqlite_utils.Database) -> None:
+    def cached_revision(self, max_age: float = 0.2) -> int:
+        """The revision, read from the database at most every `max_age` seconds. Changes made
+        through this object are seen at once; other processes' changes within `max_age`."""
+        rev, at = self._rev_cache
+        now = time.monotonic()
+        if now - at > max_age:
+            rev = self.revision()
+            self._rev_cache = (rev, now)
+        return rev
+
+    def bump_revision(self, db: sqlite_utils.Database) -> None:
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
 
     @staticmethod

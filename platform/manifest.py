@@ -1,0 +1,408 @@
+"""Task manifests (`task.toml`) and task folder validation.
+
+A task is a folder holding a `task.toml` manifest and Python scripts. Everything a device will run passes
+through here first, so the checks are strict: unknown keys are errors (a typo must not silently fall
+back to a default), every script must compile, and the folder must be plain files with clean names.
+Scripts are only compiled, never executed: their `from walle import ...` exists only inside the sandbox.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from walle.platform.errors import InvalidArgument
+from walle.protos import bundle as _bundle
+from walle.protos import device_pb2
+
+MANIFEST_FILE = "task.toml"
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+EVENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}([-+][0-9A-Za-z.-]+)?$")
+APIS = ("storage", "model", "tunnel", "events", "log")
+TRIGGER_KINDS = {"event": ("event",), "table_rows": ("table", "min_rows"), "schedule": ("every_seconds",)}
+MAX_TRIGGERS = 32
+MAX_DESCRIPTION = 4096
+
+MAX_TASK_FILES = 200
+MAX_TASK_FILE_SIZE = 1024 * 1024
+MAX_TASK_TOTAL_SIZE = 8 * 1024 * 1024
+IGNORED_DIRS = {"__pycache__", ".git"}
+IGNORED_FILES = {".DS_Store"}
+# A task folder is stored inside a git repository: these names would change how git stores it.
+RESERVED_NAMES = {".git", ".gitattributes"}
+
+_TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "limits", "triggers")
+_LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds")
+
+
+class ManifestError(InvalidArgument):
+    """task.toml is malformed or breaks a rule; the message names the field."""
+
+
+class TaskFolderError(InvalidArgument):
+    """A task folder breaks a rule (missing entry, bad script, unsafe path, too big); names the file."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 256
+    cpu_seconds: float = 10.0
+    wall_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Trigger:
+    kind: str                     # "event" | "table_rows" | "schedule"
+    event: str = ""
+    table: str = ""
+    min_rows: int = 0
+    every_seconds: float = 0.0
+
+    def to_proto(self) -> device_pb2.Trigger:
+        return device_pb2.Trigger(kind=self.kind, event=self.event, table=self.table,
+                                  min_rows=self.min_rows, every_seconds=self.every_seconds)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    entry: str
+    description: str = ""
+    apis: tuple[str, ...] = ()
+    min_host_version: str = ""
+    limits: Limits = field(default_factory=Limits)
+    triggers: tuple[Trigger, ...] = ()
+
+    def to_proto(self) -> device_pb2.TaskManifest:
+        return device_pb2.TaskManifest(
+            name=self.name, entry=self.entry, description=self.description,
+            triggers=[t.to_proto() for t in self.triggers],
+            limits=device_pb2.Limits(memory_mb=self.limits.memory_mb, cpu_seconds=self.limits.cpu_seconds,
+                                     wall_seconds=self.limits.wall_seconds),
+            apis=list(self.apis), min_host_version=self.min_host_version)
+
+    @classmethod
+    def from_proto(cls, pb: device_pb2.TaskManifest) -> "Manifest":
+        """Rebuild (and re-validate) a manifest received over the wire."""
+        data: dict[str, Any] = {"name": pb.name, "entry": pb.entry, "apis": list(pb.apis)}
+        if pb.description:
+            data["description"] = pb.description
+        if pb.min_host_version:
+            data["min_host_version"] = pb.min_host_version
+        if pb.HasField("limits"):
+            data["limits"] = {"memory_mb": pb.limits.memory_mb, "cpu_seconds": pb.limits.cpu_seconds,
+                              "wall_seconds": pb.limits.wall_seconds}
+        triggers = []
+        for t in pb.triggers:
+            d: dict[str, Any] = {"kind": t.kind}
+            for key in TRIGGER_KINDS.get(t.kind, ()):
+                d[key] = getattr(t, key)
+            triggers.append(d)
+        data["triggers"] = triggers
+        return _from_dict(data, "task manifest")
+
+    def to_toml(self) -> str:
+        """TOML text that parses back to this manifest."""
+        lines = [f"name = {_toml_str(self.name)}", f"entry = {_toml_str(self.entry)}"]
+        if self.description:
+            lines.append(f"description = {_toml_str(self.description)}")
+        lines.append("apis = [" + ", ".join(_toml_str(a) for a in self.apis) + "]")
+        if self.min_host_version:
+            lines.append(f"min_host_version = {_toml_str(self.min_host_version)}")
+        lines += ["", "[limits]", f"memory_mb = {self.limits.memory_mb}",
+                  f"cpu_seconds = {self.limits.cpu_seconds!r}", f"wall_seconds = {self.limits.wall_seconds!r}"]
+        for t in self.triggers:
+            lines += ["", "[[triggers]]", f"kind = {_toml_str(t.kind)}"]
+            if t.kind == "event":
+                lines.append(f"event = {_toml_str(t.event)}")
+            elif t.kind == "table_rows":
+                lines += [f"table = {_toml_str(t.table)}", f"min_rows = {t.min_rows}"]
+            else:
+                lines.append(f"every_seconds = {t.every_seconds!r}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def parse_manifest(text: str) -> Manifest:
+    """Parse and validate task.toml text; raises ManifestError naming the field and the problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ManifestError(f"{MANIFEST_FILE}: invalid TOML: {e}") from None
+    return _from_dict(data, MANIFEST_FILE)
+
+
+# --- validation of the parsed table -------------------------------------------------------------
+
+def _unknown_keys(table: dict, allowed: tuple[str, ...], where: str, src: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+            raise ManifestError(f"{src}: unknown key '{where}{key}'{hint}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _string(data: dict, key: str, src: str, label: str | None = None, required: bool = False) -> str:
+    label = label or key
+    if key not in data:
+        if required:
+            raise ManifestError(f"{src}: {label} is required")
+        return ""
+    v = data[key]
+    if not isinstance(v, str):
+        raise ManifestError(f"{src}: {label} must be a string (got {v!r})")
+    return v
+
+
+def _from_dict(data: dict, src: str) -> Manifest:
+    _unknown_keys(data, _TOP_KEYS, "", src)
+
+    name = _string(data, "name", src, required=True)
+    if not NAME_RE.match(name):
+        raise ManifestError(f"{src}: name must be a lowercase letter followed by up to 63 of a-z 0-9 _ - "
+                            f"(got {name!r})")
+
+    entry = _string(data, "entry", src, required=True)
+    problem = _bundle.path_problem(entry)
+    if problem or not entry.endswith(".py"):
+        why = problem or "it does not end in .py"
+        raise ManifestError(f"{src}: entry must be the relative path of a .py file in the task folder "
+                            f"(got {entry!r}: {why})")
+
+    description = _string(data, "description", src)
+    if len(description) > MAX_DESCRIPTION:
+        raise ManifestError(f"{src}: description must be at most {MAX_DESCRIPTION} characters "
+                            f"(got {len(description)})")
+
+    apis_raw = data.get("apis", [])
+    if not isinstance(apis_raw, list):
+        raise ManifestError(f"{src}: apis must be a list of strings (got {apis_raw!r})")
+    apis: list[str] = []
+    for i, api in enumerate(apis_raw):
+        if api not in APIS:
+            raise ManifestError(f"{src}: apis[{i}] must be one of {', '.join(APIS)} (got {api!r})")
+        if api in apis:
+            raise ManifestError(f"{src}: apis lists {api!r} twice")
+        apis.append(api)
+
+    min_host_version = _string(data, "min_host_version", src)
+    if min_host_version and not VERSION_RE.match(min_host_version):
+        raise ManifestError(f"{src}: min_host_version must be a version like '0.1.0' (got {min_host_version!r})")
+
+    limits = _limits(data.get("limits", {}), src)
+    triggers = _triggers(data.get("triggers", []), src)
+    return Manifest(name=name, entry=entry, description=description, apis=tuple(apis),
+                    min_host_version=min_host_version, limits=limits, triggers=triggers)
+
+
+def _limits(raw: Any, src: str) -> Limits:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{src}: limits must be a table (got {raw!r})")
+    _unknown_keys(raw, _LIMIT_KEYS, "limits.", src)
+    d = Limits()
+    memory_mb = raw.get("memory_mb", d.memory_mb)
+    if not _is_int(memory_mb) or not 16 <= memory_mb <= 4096:
+        raise ManifestError(f"{src}: limits.memory_mb must be an integer between 16 and 4096 (got {memory_mb!r})")
+    cpu = raw.get("cpu_seconds", d.cpu_seconds)
+    if not _is_number(cpu) or not 0 < cpu <= 3600:
+        raise ManifestError(f"{src}: limits.cpu_seconds must be a number above 0 and at most 3600 (got {cpu!r})")
+    wall = raw.get("wall_seconds", d.wall_seconds)
+    if not _is_number(wall) or not 0 < wall <= 7200:
+        raise ManifestError(f"{src}: limits.wall_seconds must be a number above 0 and at most 7200 (got {wall!r})")
+    return Limits(memory_mb=memory_mb, cpu_seconds=float(cpu), wall_seconds=float(wall))
+
+
+def _triggers(raw: Any, src: str) -> tuple[Trigger, ...]:
+    if not isinstance(raw, list):
+        raise ManifestError(f"{src}: triggers must be an array of tables ([[triggers]]) (got {raw!r})")
+    if len(raw) > MAX_TRIGGERS:
+        raise ManifestError(f"{src}: at most {MAX_TRIGGERS} triggers are allowed (got {len(raw)})")
+    all_keys = ("kind",) + tuple(k for keys in TRIGGER_KINDS.values() for k in keys)
+    out: list[Trigger] = []
+    for i, t in enumerate(raw):
+        at = f"triggers[{i}]"
+        if not isinstance(t, dict):
+            raise ManifestError(f"{src}: {at} must be a table (got {t!r})")
+        _unknown_keys(t, all_keys, at + ".", src)
+        kind = _string(t, "kind", src, label=f"{at}.kind", required=True)
+        if kind not in TRIGGER_KINDS:
+            raise ManifestError(f"{src}: {at}.kind must be one of {', '.join(TRIGGER_KINDS)} (got {kind!r})")
+        for key in t:
+            if key != "kind" and key not in TRIGGER_KINDS[kind]:
+                raise ManifestError(f"{src}: {at}.{key} is not allowed for kind '{kind}' "
+                                    f"(it takes: {', '.join(TRIGGER_KINDS[kind])})")
+        if kind == "event":
+            event = _string(t, "event", src, label=f"{at}.event", required=True)
+            if not EVENT_RE.match(event):
+                raise ManifestError(f"{src}: {at}.event must be an event name like 'batch_received' or "
+                                    f"'page_view:home' (got {event!r})")
+            trig = Trigger(kind=kind, event=event)
+        elif kind == "table_rows":
+            table = _string(t, "table", src, label=f"{at}.table", required=True)
+            if not TABLE_RE.match(table):
+                raise ManifestError(f"{src}: {at}.table must be a table name of letters, digits and _ "
+                                    f"(got {table!r})")
+            if "min_rows" not in t:
+                raise ManifestError(f"{src}: {at}.min_rows is required for kind 'table_rows'")
+            min_rows = t["min_rows"]
+            if not _is_int(min_rows) or not 1 <= min_rows <= 10**9:
+                raise ManifestError(f"{src}: {at}.min_rows must be an integer between 1 and 1000000000 "
+                                    f"(got {min_rows!r})")
+            trig = Trigger(kind=kind, table=table, min_rows=min_rows)
+        else:
+            if "every_seconds" not in t:
+                raise ManifestError(f"{src}: {at}.every_seconds is required for kind 'schedule'")
+            every = t["every_seconds"]
+            if not _is_number(every) or not 1 <= every <= 31_536_000:
+                raise ManifestError(f"{src}: {at}.every_seconds must be a number between 1 and 31536000 "
+                                    f"(got {every!r})")
+            trig = Trigger(kind=kind, every_seconds=float(every))
+        if trig in out:
+            raise ManifestError(f"{src}: {at} duplicates triggers[{out.index(trig)}]")
+        out.append(trig)
+    return tuple(out)
+
+
+# --- task folders ---------------------------------------------------------------------------------
+
+def is_ignored(path: str) -> bool:
+    """Editor/interpreter litter that is never part of a task (caches, .DS_Store, a nested .git)."""
+    parts = path.split("/")
+    return (any(p in IGNORED_DIRS for p in parts[:-1]) or parts[-1] in IGNORED_FILES
+            or parts[-1].endswith(".pyc"))
+
+
+def strip_ignored(files: dict[str, bytes]) -> dict[str, bytes]:
+    """`files` without the ignored entries (see is_ignored)."""
+    return {p: d for p, d in files.items() if not (isinstance(p, str) and is_ignored(p))}
+
+
+def validate_task_files(files: dict[str, bytes]) -> Manifest:
+    """Check a task's files (relative path -> content); return its manifest or raise TaskFolderError/ManifestError."""
+    if len(files) > MAX_TASK_FILES:
+        raise TaskFolderError(f"task folder has {len(files)} files; at most {MAX_TASK_FILES} are allowed")
+    total = 0
+    for path in sorted(files, key=str):
+        problem = _bundle.path_problem(path)
+        if problem:
+            raise TaskFolderError(f"task file {path!r}: {problem}")
+        if any(p.lower() in RESERVED_NAMES for p in path.split("/")):
+            raise TaskFolderError(f"task file {path!r}: names .git and .gitattributes are reserved")
+        data = files[path]
+        if not isinstance(data, bytes):
+            raise TaskFolderError(f"task file {path!r}: content must be bytes (got {type(data).__name__})")
+        if len(data) > MAX_TASK_FILE_SIZE:
+            raise TaskFolderError(f"task file {path!r} is {len(data)} bytes; at most {MAX_TASK_FILE_SIZE} "
+                                  f"are allowed per file")
+        total += len(data)
+    if total > MAX_TASK_TOTAL_SIZE:
+        raise TaskFolderError(f"task files total {total} bytes; at most {MAX_TASK_TOTAL_SIZE} are allowed")
+    for path in files:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise TaskFolderError(f"task file {'/'.join(parts[:i])!r} is both a file and a folder")
+
+    if MANIFEST_FILE not in files:
+        raise TaskFolderError(f"task folder has no {MANIFEST_FILE}")
+    try:
+        text = files[MANIFEST_FILE].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{MANIFEST_FILE}: not valid UTF-8 (byte {e.start})") from None
+    manifest = parse_manifest(text)
+    if manifest.entry not in files:
+        raise TaskFolderError(f"task entry {manifest.entry!r} (from {MANIFEST_FILE}) is not in the task folder")
+
+    for path in sorted(files):
+        if path.endswith(".py"):
+            _compile_check(path, files[path])
+    return manifest
+
+
+def _compile_check(path: str, source: bytes) -> None:
+    # Compile only: executing would run imports that exist only inside the device sandbox.
+    try:
+        compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        where = f"{path}:{e.lineno}" if e.lineno else path
+        raise TaskFolderError(f"{where}: {e.msg}") from None
+    except ValueError as e:  # e.g. source with NUL bytes
+        raise TaskFolderError(f"{path}: cannot compile: {e}") from None
+
+
+def read_task_dir(path: str | os.PathLike) -> dict[str, bytes]:
+    """Read a task folder's files, refusing symlinks and special files, skipping ignored litter."""
+    root = Path(path)
+    if not root.is_dir():
+        raise TaskFolderError(f"task folder {str(root)!r} does not exist or is not a folder")
+    files: dict[str, bytes] = {}
+    total = 0
+
+    def walk(folder: Path, prefix: str) -> None:
+        nonlocal total
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = prefix + entry.name
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise TaskFolderError(f"task file {rel!r} is a symlink; only plain files are allowed")
+            if stat.S_ISDIR(st.st_mode):
+                if entry.name not in IGNORED_DIRS:
+                    walk(Path(entry.path), rel + "/")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise TaskFolderError(f"task file {rel!r} is a special file; only plain files are allowed")
+            if is_ignored(rel):
+                continue
+            if len(files) >= MAX_TASK_FILES:
+                raise TaskFolderError(f"task folder has more than {MAX_TASK_FILES} files")
+            if st.st_size > MAX_TASK_FILE_SIZE:
+                raise TaskFolderError(f"task file {rel!r} is {st.st_size} bytes; at most {MAX_TASK_FILE_SIZE} "
+                                      f"are allowed per file")
+            total += st.st_size
+            if total > MAX_TASK_TOTAL_SIZE:
+                raise TaskFolderError(f"task files total more than {MAX_TASK_TOTAL_SIZE} bytes")
+            # O_NOFOLLOW: the file cannot be swapped for a symlink between the check and the read.
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                files[rel] = f.read(MAX_TASK_FILE_SIZE + 1)
+
+    walk(root, "")
+    return files
+
+
+def validate_task_dir(path: str | os.PathLike) -> tuple[Manifest, dict[str, bytes]]:
+    """Read and validate a task folder; return its manifest and files (relative path -> content)."""
+    files = read_task_dir(path)
+    return validate_task_files(files), files
