@@ -212,8 +212,18 @@ class Platform:
                 h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
             reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
             memo[1][key] = reply
-        self._seen[device_id] = (int(time.time()), info.app_version, key)
+        with self._seen_lock:
+            self._seen[device_id] = (int(time.time()), info.app_version, key)
         return reply
+
+    def device_user(self, device_id: str) -> str:
+        """The user_id a device last reported ("" if none yet)."""
+        with self._seen_lock:
+            hit = self._seen.get(device_id)
+        if hit is not None:
+            return device_pb2.DeviceInfo.FromString(hit[2]).user_id
+        rows = self.state.db.execute("SELECT attrs FROM devices WHERE device_id = ?", [device_id]).fetchall()
+        return json.loads(rows[0][0]).get("user_id", "") if rows else ""
 
     def flush_seen(self) -> None:
         with self._seen_lock:
