@@ -39,7 +39,9 @@ IGNORED_FILES = {".DS_Store"}
 # A task folder is stored inside a git repository: these names would change how git stores it.
 RESERVED_NAMES = {".git", ".gitattributes"}
 
-_TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "limits", "triggers")
+_TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "namespace", "limits", "triggers")
+# Storage namespaces: what the device storage accepts as a task name (no "-", no "__").
+NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds")
 
 
@@ -80,6 +82,13 @@ class Manifest:
     min_host_version: str = ""
     limits: Limits = field(default_factory=Limits)
     triggers: tuple[Trigger, ...] = ()
+    namespace: str = ""
+
+    @property
+    def storage_namespace(self) -> str:
+        """Where the task's storage lives: its declared namespace, shared by cooperating tasks
+        (the CoDA tasks and their app share "coda"), else one derived from its name."""
+        return self.namespace or re.sub(r"[-_]+", "_", self.name).strip("_")
 
     def to_proto(self) -> device_pb2.TaskManifest:
         return device_pb2.TaskManifest(
@@ -87,7 +96,7 @@ class Manifest:
             triggers=[t.to_proto() for t in self.triggers],
             limits=device_pb2.Limits(memory_mb=self.limits.memory_mb, cpu_seconds=self.limits.cpu_seconds,
                                      wall_seconds=self.limits.wall_seconds),
-            apis=list(self.apis), min_host_version=self.min_host_version)
+            apis=list(self.apis), min_host_version=self.min_host_version, namespace=self.namespace)
 
     @classmethod
     def from_proto(cls, pb: device_pb2.TaskManifest) -> "Manifest":
@@ -97,6 +106,8 @@ class Manifest:
             data["description"] = pb.description
         if pb.min_host_version:
             data["min_host_version"] = pb.min_host_version
+        if pb.namespace:
+            data["namespace"] = pb.namespace
         if pb.HasField("limits"):
             data["limits"] = {"memory_mb": pb.limits.memory_mb, "cpu_seconds": pb.limits.cpu_seconds,
                               "wall_seconds": pb.limits.wall_seconds}
@@ -117,6 +128,8 @@ class Manifest:
         lines.append("apis = [" + ", ".join(_toml_str(a) for a in self.apis) + "]")
         if self.min_host_version:
             lines.append(f"min_host_version = {_toml_str(self.min_host_version)}")
+        if self.namespace:
+            lines.append(f"namespace = {_toml_str(self.namespace)}")
         lines += ["", "[limits]", f"memory_mb = {self.limits.memory_mb}",
                   f"cpu_seconds = {self.limits.cpu_seconds!r}", f"wall_seconds = {self.limits.wall_seconds!r}"]
         for t in self.triggers:
@@ -219,10 +232,15 @@ def _from_dict(data: dict, src: str) -> Manifest:
     if min_host_version and not VERSION_RE.match(min_host_version):
         raise ManifestError(f"{src}: min_host_version must be a version like '0.1.0' (got {min_host_version!r})")
 
+    namespace = _string(data, "namespace", src)
+    if namespace and (not NAMESPACE_RE.match(namespace) or len(namespace) > 48):
+        raise ManifestError(f"{src}: namespace must be lowercase letters and digits in words joined by single "
+                            f"'_', at most 48 characters (got {namespace!r})")
+
     limits = _limits(data.get("limits", {}), src)
     triggers = _triggers(data.get("triggers", []), src)
     return Manifest(name=name, entry=entry, description=description, apis=tuple(apis),
-                    min_host_version=min_host_version, limits=limits, triggers=triggers)
+                    min_host_version=min_host_version, limits=limits, triggers=triggers, namespace=namespace)
 
 
 def _limits(raw: Any, src: str) -> Limits:

@@ -208,3 +208,16 @@ def test_dir_refuses_oversized_file(tmp_path):
 def test_dir_missing(tmp_path):
     with pytest.raises(TaskFolderError, match="does not exist"):
         validate_task_dir(tmp_path / "nope")
+
+
+def test_namespace_is_optional_validated_and_round_trips():
+    from walle.platform.manifest import Manifest, ManifestError, parse_manifest
+    base = 'name = "coda-filter"\nentry = "main.py"\n'
+    m = parse_manifest(base)
+    assert m.namespace == "" and m.storage_namespace == "coda_filter"
+    m = parse_manifest(base + 'namespace = "coda"\n')
+    assert m.storage_namespace == "coda"
+    assert Manifest.from_proto(m.to_proto()) == m and parse_manifest(m.to_toml()) == m
+    for bad in ("Coda", "co__da", "1coda", "co-da", "../x"):
+        with pytest.raises(ManifestError, match="namespace"):
+            parse_manifest(base + f'namespace = "{bad}"\n')
