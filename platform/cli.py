@@ -121,13 +121,17 @@ class WalleGroup(click.Group):
             sys.exit(e.exit_code)
 
 
+class RootGroup(WalleGroup):
+    lazy = {"cloud": "walle.platform.coda.cli:cloud"}
+
+
 class LazyGroup(WalleGroup):
     def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lazy = lazy or {}
 
 
-@click.group(cls=WalleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
               help="Talk to a running platform server (default: work on --data-dir directly).")
 @click.option("--data-dir", envvar="WALLE_DATA_DIR", type=click.Path(file_okay=False),
