@@ -129,7 +129,8 @@ def main() -> None:
         print(f"rule evaluation (resolve, in-process): {per_device * 1e6:.1f} us per device for {args.rules} releases")
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "walle.platform.cli", "--data-dir", str(tmp / "data"),
-                                   "platform", "serve", "--port", str(port), "--workers", str(args.server_workers)],
+                                   "platform", "serve", "--insecure", "--no-coda", "--port", str(port),
+                                   "--workers", str(args.server_workers)],
                                   stderr=subprocess.PIPE, text=True)
         try:
             server.stderr.readline()  # "serving on ..."

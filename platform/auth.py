@@ -115,3 +115,49 @@ class DeviceCredentials:
             for device_id, (ts, app_version, attrs) in seen.items():
                 db.execute("UPDATE devices SET last_seen = ?, app_version = ?, attrs = ? WHERE device_id = ?",
                            [ts, app_version, json.dumps(attrs, sort_keys=True), device_id])
+
+
+OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+OPERATOR_PREFIX = "wot1"
+
+
+class OperatorCredentials:
+    """Operator tokens for the admin API and the dashboard; separate from device credentials and,
+    like them, stored only hashed. The operator's name is the actor in the audit trail."""
+
+    def __init__(self, state: PlatformState):
+        self.state = state
+        with state.transaction() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS operators (
+                name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL,
+                revoked INTEGER NOT NULL DEFAULT 0)""")
+
+    def create(self, name: str, *, actor: str = "bootstrap") -> str:
+        if not OPERATOR_RE.match(name or ""):
+            raise InvalidArgument(f"operator name {name!r} is invalid: 1-64 letters, digits, '.', '_', '@' or '-'")
+        token = f"{OPERATOR_PREFIX}.{secrets.token_urlsafe(32)}"
+        with self.state.transaction() as db:
+            db.execute("""INSERT INTO operators (name, token_hash, created_at) VALUES (?, ?, ?)
+                          ON CONFLICT(name) DO UPDATE SET token_hash=excluded.token_hash, revoked=0""",
+                       [name, _hash(token), int(time.time())])
+            self.state.audit(db, actor, "operator.create", name)
+        return token
+
+    def revoke(self, name: str, *, actor: str) -> None:
+        with self.state.transaction() as db:
+            if db.execute("UPDATE operators SET revoked = 1 WHERE name = ?", [name]).rowcount == 0:
+                raise NotFound(f"unknown operator {name!r}")
+            self.state.audit(db, actor, "operator.revoke", name)
+
+    def any(self) -> bool:
+        return bool(self.state.db.execute("SELECT 1 FROM operators WHERE revoked = 0 LIMIT 1").fetchall())
+
+    def verify(self, token: str) -> str:
+        """The operator's name, or Unauthenticated."""
+        if not token:
+            raise Unauthenticated("missing operator credential (authorization: Bearer <operator token>)")
+        rows = self.state.db.execute("SELECT name, revoked FROM operators WHERE token_hash = ?",
+                                     [_hash(token)]).fetchall()
+        if not rows or rows[0][1]:
+            raise Unauthenticated("unknown or revoked operator credential")
+        return rows[0][0]

@@ -29,21 +29,39 @@ DEFAULT_DATA_DIR = "walle-data"
 
 # -- plumbing ---------------------------------------------------------------------------------------
 class Ctx:
-    def __init__(self, platform: str | None, data_dir: str | None, as_json: bool, actor: str | None):
+    def __init__(self, platform: str | None, data_dir: str | None, as_json: bool, actor: str | None,
+                 ca: str | None = None, insecure: bool = False):
         self.cfg = config_mod.load()
         self.platform_addr = platform or self.cfg.get("platform")
         self.data_dir = data_dir or self.cfg.get("data_dir") or DEFAULT_DATA_DIR
         self.as_json = as_json
         self.actor = actor or self.cfg.get("actor", "operator")
+        self.ca = ca or self.cfg.get("ca")
+        self.insecure = insecure or str(self.cfg.get("insecure", "")).lower() in ("1", "true", "yes")
         self._api = None
+
+    def channel(self):
+        """A channel to --platform: TLS checked against the platform CA unless --insecure."""
+        import grpc
+        if self.insecure:
+            err_console.print("[bold red]WARNING: --insecure: plaintext gRPC, no server authentication[/bold red]")
+            return grpc.insecure_channel(self.platform_addr)
+        ca = self.ca or (pathlib.Path(self.data_dir) / "pki" / "ca.pem")
+        try:
+            root = pathlib.Path(ca).read_bytes()
+        except OSError:
+            raise InvalidArgument(f"no platform CA certificate at {ca}: pass --ca FILE (from `walle platform init`) "
+                                  f"or --insecure for a plaintext server") from None
+        return grpc.secure_channel(self.platform_addr, grpc.ssl_channel_credentials(root_certificates=root))
 
     def api(self):
         """The AdminService: remote when --platform is given, else the local data folder."""
         if self._api is None:
             if self.platform_addr:
-                import grpc
                 from .client import RemoteAdmin
-                self._api = RemoteAdmin(grpc.insecure_channel(self.platform_addr))
+                token = self.cfg.get("operator_token", "")
+                md = (("authorization", f"Bearer {token}"),) if token else ()
+                self._api = RemoteAdmin(self.channel(), metadata=md)
             else:
                 from .service import Platform
                 self._api = Platform(self.data_dir)
@@ -138,14 +156,20 @@ class LazyGroup(WalleGroup):
               help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR}).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--actor", envvar="WALLE_ACTOR", help="Who is acting, for the audit trail (default: login name).")
+@click.option("--ca", envvar="WALLE_CA", type=click.Path(dir_okay=False),
+              help="The platform's CA certificate for TLS (default: <data-dir>/pki/ca.pem).")
+@click.option("--insecure", is_flag=True, help="Plaintext gRPC without server authentication (debugging only).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="walle")
 @click.pass_context
-def main(ctx, platform_addr, data_dir, as_json, actor, verbose):
-    """walle: device-cloud collaborative machine learning."""
+def main(ctx, platform_addr, data_dir, as_json, actor, ca, insecure, verbose):
+    """walle: device-cloud collaborative machine learning.
+
+    Remote commands authenticate with an operator token: WALLE_OPERATOR_TOKEN or operator_token
+    in the config file."""
     logging.basicConfig(level=logging.WARNING - 10 * verbose,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Ctx(platform_addr, data_dir, as_json, actor)
+    ctx.obj = Ctx(platform_addr, data_dir, as_json, actor, ca, insecure)
 
 
 # -- platform ---------------------------------------------------------------------------------------
@@ -154,26 +178,112 @@ def platform_group():
     """Run the cloud platform."""
 
 
+@platform_group.command("init")
+@click.option("--data-dir", "init_dir", type=click.Path(file_okay=False), help="Data folder (default: global --data-dir).")
+@click.option("--host", "hosts", multiple=True, help="Name or address the server certificate is for (repeatable; "
+              "default: localhost, 127.0.0.1, ::1 and this machine's name).")
+@click.option("--operator", default="admin", show_default=True, help="Name of the first operator.")
+@click.option("--force", is_flag=True, help="Replace existing keys (enrolled devices must enroll again).")
+@json_option
+@click.pass_obj
+def platform_init(obj: Ctx, init_dir, hosts, operator, force):
+    """Create the platform's CA, server certificate, bundle-signing key and a first operator token."""
+    from . import pki
+    from .service import Platform
+    data_dir = init_dir or obj.data_dir
+    keys = pki.init(data_dir, list(hosts) or None, force=force)
+    token = Platform(data_dir, keys=keys).operators.create(operator, actor=obj.actor)
+    out = {"data_dir": str(data_dir), "ca": str(pathlib.Path(data_dir) / "pki" / "ca.pem"), "operator": operator,
+           "operator_token": token, "bundle_public_key": keys.bundle_public_key.hex()}
+
+    def human(d):
+        console.print(f"keys written to {d['data_dir']}/pki (private keys mode 0600)", highlight=False)
+        console.print(f"operator {d['operator']} token (shown once): {d['operator_token']}", highlight=False)
+        console.print(f"  export WALLE_OPERATOR_TOKEN={d['operator_token']} WALLE_CA={d['ca']}", highlight=False)
+    emit(obj, out, human)
+
+
 @platform_group.command("serve")
 @click.option("--data-dir", "serve_dir", type=click.Path(file_okay=False), help="Data folder (default: global --data-dir).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
 @click.option("--workers", default=32, show_default=True, type=int, help="RPC worker threads.")
+@click.option("--insecure", "serve_insecure", is_flag=True,
+              help="Serve plaintext gRPC and unsigned bundles (debugging only; devices cannot trust it).")
+@click.option("--coda/--no-coda", default=True, show_default=True,
+              help="Also serve the CoDA behaviour upload and sample-query service (MovieLens catalogue).")
+@click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
 @click.pass_obj
-def platform_serve(obj: Ctx, serve_dir, host, port, workers):
-    """Serve the device, tunnel and admin gRPC APIs (with gRPC health checking)."""
-    from .server import build_server
+def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, coda, dashboard_port):
+    """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
+    from . import pki
+    from .server import build_server, operator_authorizer, tls_credentials
     from .service import Platform
     logging.getLogger("walle").setLevel(min(logging.getLogger().level, logging.INFO))
-    platform = Platform(serve_dir or obj.data_dir)
-    _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers)
-    err_console.print(f"walle platform serving on {host}:{bound} (data: {platform.data_dir})")
+    data_dir = serve_dir or obj.data_dir
+    insecure = serve_insecure or obj.insecure
+    keys = None
+    if insecure:
+        err_console.print("[bold red]WARNING: --insecure: plaintext gRPC and UNSIGNED bundles. Anyone on the "
+                          "network can read device traffic; devices that pinned keys will refuse these bundles."
+                          "[/bold red]")
+    else:
+        keys = pki.load(data_dir)
+    platform = Platform(data_dir, keys=keys)
+    if not platform.operators.any():
+        err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
+                          "`walle platform init` (or `walle operator create`)[/yellow]")
+    extra = None
+    if coda:
+        from .coda import movielens
+        from .coda.cloud import CodaCloud
+        ml = movielens.load()
+        extra = CodaCloud(platform, items=ml.items, users=ml.users).add_services
+    _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
+                                        authorize_admin=operator_authorizer(platform),
+                                        credentials=None if insecure else tls_credentials(platform))
+    err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
+                      f"data: {platform.data_dir})")
+    stop_dashboard = None
+    if dashboard_port is not None:
+        from .dashboard import start_dashboard
+        dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port)
+        err_console.print(f"dashboard on http://{host}:{dport}/")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     err_console.print("shutting down")
+    if stop_dashboard:
+        stop_dashboard()
     stop(2.0)
+
+
+@main.group("operator")
+def operator_group():
+    """Operator credentials for the admin API and dashboard (works on the local data folder)."""
+
+
+@operator_group.command("create")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def operator_create(obj: Ctx, name):
+    """Create (or re-issue) an operator token; shown once."""
+    from .service import Platform
+    token = Platform(obj.data_dir).operators.create(name, actor=obj.actor)
+    emit(obj, {"operator": name, "token": token}, lambda d: console.print(f"operator {name} token: {token}",
+                                                                          highlight=False))
+
+
+@operator_group.command("revoke")
+@click.argument("name")
+@click.pass_obj
+def operator_revoke(obj: Ctx, name):
+    """Revoke an operator token."""
+    from .service import Platform
+    Platform(obj.data_dir).operators.revoke(name, actor=obj.actor)
+    console.print(f"operator {name} revoked", highlight=False)
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -456,13 +566,21 @@ def audit(obj: Ctx, limit):
 
 # -- demo -------------------------------------------------------------------------------------------
 @main.command("demo")
-@click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False), help="Keep the demo's data here (default: a temporary folder).")
-@json_option
+@click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False), help="Keep part 1's platform data here (default: a temporary folder).")
+@click.option("--users", default=0, show_default=True, type=int, help="MovieLens users to emulate (0 = all 943).")
+@click.option("--days", default=4, show_default=True, type=int, help="Simulated days (day 1 trains the global model).")
+@click.option("--seeds", default=1, show_default=True, type=int, help="Repeat the experiment with this many seeds.")
+@click.option("--out", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Where results.json and results.png go.")
+@click.option("--workers", default=4, show_default=True, type=int, help="Device threads in the emulated fleet.")
+@click.option("--skip-coda", is_flag=True, help="Only part 1 (release rules), no CoDA experiment.")
 @click.pass_obj
-def demo(obj: Ctx, demo_dir):
-    """The end-to-end demo on embedded defaults."""
+def demo(obj: Ctx, demo_dir, users, days, seeds, out_dir, workers, skip_coda):
+    """The end-to-end demo on embedded defaults: releases, then the CoDA work cycle on MovieLens-100k."""
     from .demo import run_demo
-    run_demo(obj, demo_dir)
+    if days < 2:
+        raise click.BadParameter("needs at least 2 days (day 1 trains the global model)", param_hint="--days")
+    run_demo(obj, demo_dir, users=users, days=days, seeds=seeds, out_dir=out_dir, workers=workers,
+             coda=not skip_coda)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""`walle demo`: the platform end to end on a temporary data folder, over real gRPC.
+"""`walle demo`: walle end to end on embedded defaults, over real gRPC on 127.0.0.1.
 
-Starts a platform server on 127.0.0.1, submits the example task, releases it to Android devices on
-app 2.x, enrolls two devices with different attributes and shows what each one receives."""
+Part 1 (seconds): a platform server on a temporary folder; the example task is submitted, released
+to Android devices on app 2.x, and two devices with different attributes show what they receive.
+Part 2 (minutes): the CoDA work cycle on MovieLens-100k with every user as an emulated device,
+ending with Cloud vs Local vs CoDA test metrics, the per-device cost, results.json and a plot."""
 from __future__ import annotations
 
 import importlib.resources
@@ -31,16 +33,30 @@ def tasks_dir() -> pathlib.Path:
     return pathlib.Path(str(marker)).resolve().parent.parent
 
 
-def run_demo(obj, data_dir: str | None = None) -> dict:
+def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 4, seeds: int = 1,
+             out_dir: str = "demo-output", workers: int = 4, coda: bool = True) -> dict:
     tmp = None
     if not data_dir:
         tmp = tempfile.TemporaryDirectory(prefix="walle-demo-")
         data_dir = tmp.name
     try:
-        return _run(pathlib.Path(data_dir), obj.actor if obj else "demo")
+        result = {"rules": _run(pathlib.Path(data_dir), obj.actor if obj else "demo")}
     finally:
         if tmp:
             tmp.cleanup()
+    if coda:
+        from .coda.experiment import Config, Experiment, print_results
+        console.rule("[bold]CoDA on MovieLens-100k[/bold]")
+        exp = Experiment(Config(users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
+                                workers=workers), console)
+        console.print(f"{len(exp.user_ids)} users as emulated devices, {days} days; "
+                      f"train {len(exp.train)} / held-out test {len(exp.test)} interactions", highlight=False)
+        res = exp.run()
+        print_results(res, console)
+        console.print(f"results: {out_dir}/results.json, plot: {out_dir}/results.png "
+                      f"({res['elapsed_s']:.0f} s)", highlight=False)
+        result["coda"] = res
+    return result
 
 
 def _run(data_dir: pathlib.Path, actor: str) -> dict:

@@ -165,8 +165,9 @@ def _admin_servicer(platform: Platform, authorize: Callable | None):
         def make(name=name):
             def method(self, request, context):
                 actor = authorize(context, name) if authorize else ""
-                if actor and hasattr(request, "actor"):
-                    request.actor = actor  # the authenticated operator, not what the client claims
+                for field in ("actor", "author"):  # the authenticated operator, not what the client claims
+                    if actor and field in request.DESCRIPTOR.fields_by_name:
+                        setattr(request, field, actor)
                 return getattr(platform, name)(request)
             method.__name__ = name
             return rpc(method)
@@ -174,10 +175,31 @@ def _admin_servicer(platform: Platform, authorize: Callable | None):
     return AdminServicer()
 
 
+def operator_authorizer(platform: Platform) -> Callable:
+    """Admin RPCs need an operator credential; the operator's name becomes the audit actor."""
+    def authorize(context: grpc.ServicerContext, method: str) -> str:
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                token = value[len("Bearer "):].strip()
+        try:
+            return platform.operators.verify(token)
+        except WalleError as e:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {e.message}")
+    return authorize
+
+
+def tls_credentials(platform: Platform) -> grpc.ServerCredentials:
+    keys = platform.keys
+    return grpc.ssl_server_credentials([(keys.server_key_pem, keys.server_cert_pem)])
+
+
 def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                  extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
                  credentials: grpc.ServerCredentials | None = None):
-    """Create and start a server; returns (server, bound port, stop function)."""
+    """Create and start a server; returns (server, bound port, stop function). Pass
+    `credentials=tls_credentials(platform)` for TLS and `authorize_admin=operator_authorizer(platform)`
+    to require operator credentials on the admin API (`walle platform serve` does both)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="walle-rpc"),
                          options=[("grpc.so_reuseport", 0),  # never share a port with a stale server
                                   ("grpc.max_receive_message_length", MAX_MESSAGE),

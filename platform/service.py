@@ -23,7 +23,7 @@ from google.protobuf import json_format
 
 from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 
-from .auth import DeviceCredentials
+from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound
 from .releases import ReleaseManager, device_attrs, release_to_proto
 from .state import PlatformState
@@ -46,12 +46,17 @@ def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
 
 
 class Platform:
-    def __init__(self, data_dir: str | os.PathLike, *, signer=None):
+    def __init__(self, data_dir: str | os.PathLike, *, keys=None):
+        """`keys`: the platform's PlatformKeys (walle.platform.pki); they sign every released bundle
+        and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure)."""
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = keys
+        signer = keys.sign if keys is not None else None
         self.state = PlatformState(self.data_dir / "state.sqlite3")
         self.repo = TaskRepository(self.data_dir / "tasks")
         self.credentials = DeviceCredentials(self.state)
+        self.operators = OperatorCredentials(self.state)
         self.releases = ReleaseManager(self.state, self.repo, signer=signer)
         self.blob_dir = self.data_dir / "blobs" / "sha256"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,11 @@ class Platform:
     def EnrollDevice(self, req: admin_pb2.EnrollRequest) -> admin_pb2.EnrollReply:
         device_id, token = self.credentials.enroll(req.device_id, ttl_seconds=req.ttl_seconds,
                                                    actor=req.actor or "operator")
-        return admin_pb2.EnrollReply(device_id=device_id, token=token)
+        reply = admin_pb2.EnrollReply(device_id=device_id, token=token)
+        if self.keys is not None:  # what the device pins: the CA for TLS, the key for bundle signatures
+            reply.platform_ca_pem = self.keys.ca_pem.decode()
+            reply.bundle_public_key = self.keys.bundle_public_key
+        return reply
 
     def RevokeDevice(self, req: admin_pb2.DeviceRef) -> admin_pb2.Device:
         return _device_proto(self.credentials.revoke(req.device_id, actor=req.actor or "operator"))

@@ -195,3 +195,15 @@ def extract_to(files: dict[str, bytes], dest_dir: str | os.PathLike) -> Path:
         with os.fdopen(fd, "wb") as out:
             out.write(files[name])
     return dest
+
+
+def verify_signature(public_key: bytes, digest: str, signature: bytes) -> bool:
+    """True when `signature` is a valid Ed25519 signature by `public_key` (32 raw bytes) over the
+    bundle digest string ("sha256:<hex>"): how a device knows its platform released this bundle."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, digest.encode())
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False

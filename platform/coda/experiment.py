@@ -1,0 +1,358 @@
+"""The CoDA work cycle end to end (paper Figure 1) on MovieLens-100k, and its evaluation.
+
+This is a harness: it plays the operator (submit and release the three CoDA tasks), the cloud
+(the platform server with the CoDA services, the daily pipeline, the global model) and the app on
+every emulated device (upload the day's behaviour, record the user's own samples, pull matched
+batches, raise the events that trigger the tasks). Everything between them goes over real gRPC on
+127.0.0.1, and every task runs in the device host's sandbox.
+
+Evaluation: each user's last 10% of interactions is held out (never uploaded, never matched,
+never trained on) and scored at the end by three models that start from the same global model:
+Cloud (the global model only), Local (fine-tuned on the user's own samples, same Algorithm 3 gate)
+and CoDA (local + filtered outside samples)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import pathlib
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from walle.protos import admin_pb2, bundle, coda_pb2
+
+from .. import manifest as manifest_mod
+from ..server import build_server
+from ..service import Platform
+from . import movielens
+from . import samples as samplegen
+from .cloud import CodaCloud
+
+TASKS = ("coda_filter", "coda_train", "coda_infer")
+MAX_OUTSIDE = 200          # the outside table's size limit (paper 5.2)
+PAPER_COST = {"wall_s": 0.7, "memory_mb": 120, "kb_per_trigger": 19.4}
+
+
+@dataclass
+class Config:
+    users: int = 0            # 0 = every MovieLens user
+    days: int = 4             # simulated work cycles; day 1 only feeds the global model
+    seeds: tuple[int, ...] = (0,)
+    k: int = 100
+    t: int = 1                # validation window in days (the paper's t = 3, compressed with time)
+    t_prime: int = 3          # local samples older than this are dropped (the paper's t' = 7)
+    global_epochs: int = 2
+    workers: int = 4          # device threads in the emulated fleet
+    out_dir: str = "demo-output"
+
+
+@dataclass
+class DeviceLog:
+    rounds: list = field(default_factory=list)   # per device-day: wall, filter/train results
+    bytes_down: int = 0
+    batches: int = 0
+    filter_runs: int = 0
+
+
+def tasks_dir() -> pathlib.Path:
+    from ..demo import tasks_dir as td
+    return td()
+
+
+class Experiment:
+    def __init__(self, cfg: Config, console: Console | None = None):
+        self.cfg = cfg
+        self.console = console or Console()
+        self.ml = movielens.load()
+        inter = self.ml.inter
+        if cfg.users:
+            inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
+        self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
+        self.train, self.test = movielens.assign_days(inter, cfg.days)
+
+    # -- one seed -------------------------------------------------------------------------------
+    def run_seed(self, seed: int, work: pathlib.Path) -> dict:
+        from walle.device_host.fleet import Fleet
+        from walle.device_host.models import core
+        from walle.device_host.models.api import make_model_ops
+        from walle.device_host.sandbox import Sandbox
+
+        cfg, con = self.cfg, self.console
+        platform = Platform(work / "platform")
+        coda = CodaCloud(platform, items=self.ml.items, users=self.ml.users, k=cfg.k)
+        _server, port, stop = build_server(platform, port=0, extra=coda.add_services)
+        address = f"127.0.0.1:{port}"
+        sandbox = Sandbox(workers=2)
+        fleet = None
+        try:
+            for name in TASKS:  # the operator: submit and release
+                _m, files = manifest_mod.validate_task_dir(tasks_dir() / name)
+                tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
+                                                                     message=f"{name} for the demo"))
+                platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version,
+                                                                      rule='app_version >= "1.0"', actor="demo"))
+            profile = work / "devices.jsonl"
+            with profile.open("w") as f:
+                for u in self.user_ids:
+                    f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
+                                        "app_version": "2.3.0", "region": "cn"}) + "\n")
+            enroll = lambda did: platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo")).token
+            fleet = Fleet(len(self.user_ids), address, work / "devices", profile_file=profile, sandbox=sandbox,
+                          enroll=enroll, workers=cfg.workers, seed=seed)
+            devices = {movielens.device_id(u): d for u, d in zip(self.user_ids, fleet.devices)}
+            stats = fleet.sync_all()
+            logs = {did: DeviceLog() for did in devices}
+            installed = fleet.installed_counts()
+            con.print(f"seed {seed}: {len(devices)} devices synced; installed "
+                      f"{', '.join(f'{k.split('@')[0]}×{v}' for k, v in sorted(installed.items()))}", highlight=False)
+            global_npz = b""
+            for day in range(1, cfg.days + 1):
+                coda.today = day
+                self._each(fleet, f"day {day}: upload logs", lambda did, d: self._upload(d, did, day))
+                res = coda.run_day(day)
+                con.print(f"  day {day}: cloud {res.samples} samples, {res.matched_users} users matched, "
+                          f"{res.batches} batches ({sum(res.seconds.values()):.1f}s)", highlight=False)
+                todays = coda.day_samples[day]
+                if day == 1:
+                    global_npz = self._global_model(platform, todays, seed)
+                    self._each(fleet, "install global model", lambda did, d: self._init_models(d, make_model_ops))
+                self._each(fleet, f"day {day}: devices", lambda did, d: self._device_day(
+                    d, logs[did], day, todays.get(coda.pseudonym_of_device(did), []), seed))
+            fleet.flush_all()
+            metrics = self._evaluate(coda, devices, global_npz, core)
+            metrics["cost"] = self._cost(logs)
+            metrics["release_stats"] = {r.task: {"delivered": r.stats.delivered, "ran": r.stats.ran,
+                                                 "runs": r.stats.runs, "failed": r.stats.failed}
+                                        for r in platform.ListReleases(admin_pb2.ReleaseFilter()).releases}
+            metrics["sync"] = {"p50_s": getattr(stats, "p50", None)}
+            return metrics
+        finally:
+            if fleet is not None:
+                fleet.close()
+            sandbox.close()
+            stop(0)
+
+    def _each(self, fleet, label: str, fn) -> None:
+        items = [(d.device_id, d) for d in fleet.devices]
+        errors = []
+        with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True) as prog:
+            bar = prog.add_task(label, total=len(items))
+            futs = [fleet.pool.submit(fn, did, d) for did, d in items]
+            for f in futs:
+                try:
+                    f.result()
+                except Exception as e:  # one device failing must not stop the fleet; it is reported
+                    errors.append(e)
+                prog.advance(bar)
+        if errors:
+            self.console.print(f"  [yellow]{label}: {len(errors)} device(s) failed; first: {errors[0]!r}[/yellow]")
+
+    # -- the app on a device ----------------------------------------------------------------------
+    def _upload(self, dev, did: str, day: int) -> None:
+        uid = int(did.rsplit("-", 1)[1])
+        for _seq, log in movielens.replay_logs(self.train, uid, day):
+            dev.up.send("behavior", log.SerializeToString())
+        dev.up.flush(timeout=30)
+
+    def _init_models(self, dev, make_model_ops) -> None:
+        info, data = dev.down.fetch_resource("coda/global_model")  # the down tunnel, digest-verified
+        ops = make_model_ops(dev.models)
+        b64 = base64.b64encode(data).decode()
+        for name in ("ctr", "ctr_local"):
+            ops["model.create"](name=name, arch="din", params_b64=b64, exist_ok=True)
+
+    def _device_day(self, dev, log: DeviceLog, day: int, own: list, seed: int) -> None:
+        from walle.device_host.coda_rows import sample_to_row
+        from walle.device_host.sample_client import SampleClient
+        st = dev.storage
+        st.put("coda", "today", day)
+        st.put("coda", "config", {"T": self.cfg.t, "T_PRIME": self.cfg.t_prime, "seed": seed})
+        st.put("coda", "experiment.local_arm", True)
+        if own:
+            st.insert("coda", "local", [sample_to_row(s) for s in own])
+        if day == 1:
+            return  # the first day's data trains the global model; devices start the next day
+        t0 = time.perf_counter()
+        runs = []
+        dev.on_run = lambda name, result: runs.append((name, result))
+        client = SampleClient(dev.channel, dev.credentials.metadata)
+        while True:
+            have = st.count("coda", "outside") if "outside" in st.table_names("coda") else 0
+            room = (MAX_OUTSIDE - have) // 40  # whole batches that fit (a merged batch holds up to 40)
+            pulled = client.pull(day, max_batches=min(room, 12)) if room > 0 else []
+            for b in pulled:
+                st.insert("coda", "outside", [sample_to_row(s, batch_id=b.batch_id, state="new") for s in b.samples])
+                log.bytes_down += b.wire_bytes
+                log.batches += 1
+            if not pulled:
+                break
+            dev.emit("batch_received", {"day": day, "batches": [b.batch_id for b in pulled]})
+            log.filter_runs += 1
+            dev.triggers.drain()
+            dev.triggers.check_tables()  # coda_train fires at 100 filtered samples
+            dev.triggers.drain()
+        dev.emit("batches_exhausted", {"day": day})
+        dev.triggers.drain()
+        dev.on_run = None
+        log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0,
+                           "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-300:] if r.error else "")
+                                    for n, r in runs]})
+
+    # -- the cloud's global model -----------------------------------------------------------------
+    def _global_model(self, platform: Platform, todays: dict, seed: int) -> bytes:
+        from .global_model import train_global
+        pool = [s for ss in todays.values() for s in ss]
+        npz, graph, metrics = train_global(pool, epochs=self.cfg.global_epochs, seed=seed)
+        platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name="coda/global_model", data=npz, metadata_json=json.dumps({"metrics": metrics, "seed": seed}),
+            actor="demo"))
+        platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model.mnn", data=graph,
+                                                                  actor="demo"))
+        self.console.print(f"  global model: {metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}, "
+                           f"published as coda/global_model ({len(npz) / 1024:.0f} KB)", highlight=False)
+        return npz
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def test_samples(self, key: bytes) -> dict[str, list[coda_pb2.Sample]]:
+        """Held-out samples: the test tail of each user, with histories of everything before it."""
+        import pandas as pd
+        test = self.test.copy()
+        test["day"] = self.cfg.days + 1
+        both = pd.concat([self.train, test], ignore_index=True)
+        raw = movielens.as_raw_frame(both)
+        gen = samplegen.generate(raw, self.ml.items, self.ml.users, key=key, day=self.cfg.days + 1)
+        return gen.samples
+
+    def _evaluate(self, coda: CodaCloud, devices: dict, global_npz: bytes, core) -> dict:
+        from walle.device_host.models.core import auc, logloss
+        from walle.device_host.models.features import SampleArrays
+        tests = self.test_samples(coda.key)
+        glob = core.Model.from_npz_bytes(global_npz)
+        arms = {"cloud": [], "local": [], "coda": []}
+        per_user = {a: [] for a in arms}
+        for did, dev in devices.items():
+            user = coda.pseudonym_of_device(did)
+            samples = tests.get(user)
+            if not samples:
+                continue
+            arr = SampleArrays.from_samples(samples, glob.config["hist_len"], glob.config["profile_dim"])
+            y = arr.label.astype(float)
+            for arm, model in (("cloud", glob), ("local", dev.models.load("ctr_local")),
+                               ("coda", dev.models.load("ctr"))):
+                p = core.predict(model, arr)
+                arms[arm].append((y, p))
+                per_user[arm].append((auc(y, p), logloss(y, p)))
+        out = {}
+        for arm in arms:
+            y = np.concatenate([a for a, _ in arms[arm]])
+            p = np.concatenate([b for _, b in arms[arm]])
+            aucs = [a for a, _ in per_user[arm] if a is not None]
+            out[arm] = {"user_auc_mean": float(np.mean(aucs)), "users_with_auc": len(aucs),
+                        "pooled_auc": auc(y, p), "user_logloss_mean": float(np.mean([l for _, l in per_user[arm]])),
+                        "pooled_logloss": logloss(y, p), "test_samples": int(len(y))}
+        return out
+
+    def _cost(self, logs: dict[str, DeviceLog]) -> dict:
+        walls = [r["wall_s"] for lg in logs.values() for r in lg.rounds]
+        runs = [x for lg in logs.values() for r in lg.rounds for x in r["runs"]]
+        failed = [x for x in runs if x[1] != "ok"]
+        triggers = sum(lg.filter_runs for lg in logs.values())
+        peak_child = max((x[3] for x in runs), default=0)
+        return {"round_wall_s_p50": float(np.median(walls)) if walls else None,
+                "round_wall_s_p90": float(np.percentile(walls, 90)) if walls else None,
+                "task_runs": len(runs), "task_runs_failed": len(failed),
+                "first_failure": failed[0] if failed else None,
+                "sandbox_peak_memory_mb": peak_child / 1024,
+                "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "kb_per_trigger": (sum(lg.bytes_down for lg in logs.values()) / 1024 / triggers) if triggers else None,
+                "batches_pulled": sum(lg.batches for lg in logs.values())}
+
+    # -- all seeds ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        out_dir = pathlib.Path(cfg.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = {"config": asdict(cfg), "users": len(self.user_ids),
+                   "split": movielens.split_stats(self.train, self.test), "seeds": {}}
+        t0 = time.perf_counter()
+        for seed in cfg.seeds:
+            with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-") as tmp:
+                results["seeds"][str(seed)] = self.run_seed(seed, pathlib.Path(tmp))
+        results["elapsed_s"] = time.perf_counter() - t0
+        results["summary"] = summarize(results["seeds"])
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        plot(results, out_dir / "results.png")
+        return results
+
+
+def summarize(seeds: dict) -> dict:
+    out = {}
+    for arm in ("cloud", "local", "coda"):
+        out[arm] = {}
+        for metric in ("user_auc_mean", "pooled_auc", "user_logloss_mean", "pooled_logloss"):
+            vals = [s[arm][metric] for s in seeds.values() if s[arm][metric] is not None]
+            out[arm][metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)) if len(vals) > 1 else 0.0}
+    return out
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = results["summary"]
+    arms = ["cloud", "local", "coda"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, title in ((axes[0], "user_auc_mean", "mean per-user test AUC"),
+                              (axes[1], "pooled_logloss", "pooled test logloss")):
+        means = [s[a][metric]["mean"] for a in arms]
+        stds = [s[a][metric]["std"] for a in arms]
+        ax.bar(arms, means, yerr=stds, color=["#888", "#5a9", "#36c"], capsize=4)
+        lo = min(means) - 3 * max(max(stds), 0.005)
+        ax.set_ylim(max(0.0, lo), max(means) + 3 * max(max(stds), 0.005))
+        ax.set_title(title)
+        for i, m in enumerate(means):
+            ax.text(i, m, f"{m:.4f}", ha="center", va="bottom", fontsize=8)
+    n = results["users"]
+    fig.suptitle(f"CoDA on MovieLens-100k: {n} users, {results['config']['days']} days, "
+                 f"{len(results['seeds'])} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_results(results: dict, console: Console) -> None:
+    s = results["summary"]
+    t = Table(title=f"Held-out test metrics ({results['users']} users, mean ± std over "
+                    f"{len(results['seeds'])} seed(s))")
+    for col in ("arm", "per-user AUC", "pooled AUC", "per-user logloss", "pooled logloss"):
+        t.add_column(col)
+    for arm in ("cloud", "local", "coda"):
+        row = [arm.capitalize() if arm != "coda" else "CoDA"]
+        for metric in ("user_auc_mean", "pooled_auc", "user_logloss_mean", "pooled_logloss"):
+            m = s[arm][metric]
+            row.append(f"{m['mean']:.4f} ± {m['std']:.4f}")
+        t.add_row(*row)
+    console.print(t)
+    cost = next(iter(results["seeds"].values()))["cost"]
+    c = Table(title="Per-device cost of one round (filter + train)")
+    c.add_column("measure")
+    c.add_column("walle (this machine)")
+    c.add_column("paper (Taobao, phone)")
+    c.add_row("wall time, p50", _fmt(cost["round_wall_s_p50"], "s"), f"{PAPER_COST['wall_s']} s")
+    c.add_row("peak memory", f"sandbox {cost['sandbox_peak_memory_mb']:.0f} MB; host process "
+              f"{cost['host_peak_rss_mb']:.0f} MB for the whole fleet", f"{PAPER_COST['memory_mb']} MB")
+    c.add_row("downloaded per trigger", _fmt(cost["kb_per_trigger"], "KB"), f"{PAPER_COST['kb_per_trigger']} KB")
+    c.add_row("task runs (failed)", f"{cost['task_runs']} ({cost['task_runs_failed']})", "")
+    console.print(c)
+
+
+def _fmt(v, unit: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f} {unit}"
