@@ -1,0 +1,127 @@
+"""The host API: the fixed table of operations a sandboxed task may call, run in the host process.
+
+Use one HostAPI per task run::
+
+    api = HostAPI(storage, "hello", extra_ops={"model.train": train_fn})
+    result = sandbox.run(files, "main.py", event, limits=Limits(), api_handler=api, allowed_apis=api.allowed_apis())
+    api.events, api.logs   # what the task emitted
+
+Built-in ops (the task name is bound here, never passed by the task):
+  storage.get(key, default=None)        storage.put(key, value)         storage.delete(key)
+  storage.keys(prefix="")               storage.insert(table, rows)     storage.tables()
+  storage.query(table, where=None, order_by=None, limit=100, offset=0)
+  storage.count(table, where=None)      storage.delete_rows(table, where)
+  log.info(message)  log.warning(message)  events.emit(name, payload=None)
+
+Other components register ops through `extra_ops`: a dict of "group.name" -> callable taking exactly the
+task-visible arguments (bind the task or device yourself, e.g. with functools.partial or a closure). The
+arguments arrive JSON-decoded (numpy arrays sent by the task arrive as numpy arrays); the return value
+must be JSON-able (arrays allowed). Raise walle.platform.errors types for bad input: the task sees
+`HostAPIError("host API model.train failed: InvalidArgument: <message>")`.
+Calls are checked against inspect.signature before running: unknown ops, unknown or missing arguments
+are refused with InvalidArgument naming the op.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from typing import Callable, Mapping
+
+from walle.platform.errors import InvalidArgument, ResourceExhausted
+
+from .storage import TaskStorage
+
+OP_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
+EVENT_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
+MAX_EVENTS = 1000
+MAX_LOG_LINES = 1000
+MAX_EVENT_BYTES = 64 * 1024
+MAX_LOG_CHARS = 4096
+
+
+class HostAPI:
+    """Callable as `api_handler(op, args, kwargs)` for Sandbox.run."""
+
+    def __init__(self, storage: TaskStorage, task_name: str, extra_ops: Mapping[str, Callable] | None = None):
+        self.storage, self.task = storage, task_name
+        self.events: list[dict] = []
+        self.logs: list[dict] = []
+        s, t = storage, task_name
+
+        def get(key: str, default: object = None) -> object:
+            return s.get(t, key, default)
+
+        def put(key: str, value: object) -> None:
+            s.put(t, key, value)
+
+        def delete(key: str) -> bool:
+            return s.delete(t, key)
+
+        def keys(prefix: str = "") -> list[str]:
+            return s.keys(t, prefix)
+
+        def insert(table: str, rows: list) -> int:
+            return s.insert(t, table, rows)
+
+        def query(table: str, where: dict | None = None, order_by: str | None = None, limit: int = 100,
+                  offset: int = 0) -> list[dict]:
+            return s.query(t, table, where, order_by, limit, offset)
+
+        def count(table: str, where: dict | None = None) -> int:
+            return s.count(t, table, where)
+
+        def delete_rows(table: str, where: dict) -> int:
+            return s.delete_rows(t, table, where)
+
+        def tables() -> list[str]:
+            return s.table_names(t)
+
+        self.ops: dict[str, Callable] = {
+            "storage.get": get, "storage.put": put, "storage.delete": delete, "storage.keys": keys,
+            "storage.insert": insert, "storage.query": query, "storage.count": count,
+            "storage.delete_rows": delete_rows, "storage.tables": tables,
+            "log.info": lambda message: self._log("info", message),
+            "log.warning": lambda message: self._log("warning", message),
+            "events.emit": self._emit,
+        }
+        for op, fn in (extra_ops or {}).items():
+            if not isinstance(op, str) or not OP_RE.match(op):
+                raise InvalidArgument(f"extra op name {op!r} must look like 'group.name' (lowercase)")
+            if op in self.ops:
+                raise InvalidArgument(f"extra op {op!r} would replace a built-in op")
+            if not callable(fn):
+                raise InvalidArgument(f"extra op {op!r} is not callable")
+            self.ops[op] = fn
+        self._signatures = {op: inspect.signature(fn) for op, fn in self.ops.items()}
+
+    def allowed_apis(self) -> set[str]:
+        return set(self.ops)
+
+    def __call__(self, op: str, args: list, kwargs: dict) -> object:
+        fn = self.ops.get(op)
+        if fn is None:
+            raise InvalidArgument(f"unknown host API op {op!r} (known: {', '.join(sorted(self.ops))})")
+        try:
+            self._signatures[op].bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArgument(f"bad arguments for {op}: {exc} (signature {op}{self._signatures[op]})") from None
+        return fn(*args, **kwargs)
+
+    def _log(self, level: str, message: object) -> None:
+        if len(self.logs) >= MAX_LOG_LINES:
+            raise ResourceExhausted(f"more than {MAX_LOG_LINES} log lines in one run")
+        self.logs.append({"level": level, "message": str(message)[:MAX_LOG_CHARS]})
+
+    def _emit(self, name: str, payload: object = None) -> None:
+        if not isinstance(name, str) or not EVENT_RE.match(name):
+            raise InvalidArgument(f"event name {name!r} must be lowercase letters, digits, '_', '.', '-' (max 64)")
+        try:
+            size = len(json.dumps(payload, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"event {name!r} payload is not JSON: {exc}") from None
+        if size > MAX_EVENT_BYTES:
+            raise ResourceExhausted(f"event {name!r} payload is {size} bytes (limit {MAX_EVENT_BYTES})")
+        if len(self.events) >= MAX_EVENTS:
+            raise ResourceExhausted(f"more than {MAX_EVENTS} events in one run")
+        self.events.append({"name": name, "payload": payload})

@@ -1,0 +1,131 @@
+"""Length-prefixed JSON framing between the host and a sandboxed child (never pickle).
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. The receiver refuses
+frames over MAX_MESSAGE before reading them, so a child cannot make the host buffer an unbounded reply.
+
+numpy arrays travel as a tagged object ``{"__ndarray__": <base64>, "dtype": "float32", "shape": [..]}``
+(numeric dtypes only) and numpy scalars as plain numbers; both directions decode the tag back into an
+array. NaN and infinity are not JSON and are refused.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import sys
+import time
+
+MAX_MESSAGE = 8 * 1024 * 1024  # bytes per frame, both directions
+MAX_LOGS = 64 * 1024  # characters of captured print output per run
+_HEADER = struct.Struct(">I")
+# Numeric dtypes only: an object dtype built from bytes would hand out raw pointers.
+_DTYPES = frozenset(
+    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
+)
+_TAG_KEYS = frozenset(("__ndarray__", "dtype", "shape"))
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing rules (oversized frame, bad JSON, unexpected message)."""
+
+
+class PeerClosed(Exception):
+    """The peer closed its end (usually: the child died)."""
+
+
+class DeadlineExceeded(Exception):
+    """The wall-clock deadline passed while waiting for the peer."""
+
+
+def _default(obj: object) -> object:
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.name not in _DTYPES:
+                raise TypeError(f"numpy array of dtype {obj.dtype.name} cannot cross the sandbox boundary")
+            data = base64.b64encode(np.ascontiguousarray(obj).tobytes()).decode("ascii")
+            return {"__ndarray__": data, "dtype": obj.dtype.name, "shape": list(obj.shape)}
+        if isinstance(obj, np.generic):
+            return obj.item()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _hook(obj: dict) -> object:
+    if obj.keys() == _TAG_KEYS:
+        dtype, shape = obj["dtype"], obj["shape"]
+        if dtype not in _DTYPES or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ProtocolError(f"bad ndarray encoding (dtype={dtype!r}, shape={shape!r})")
+        import numpy as np
+
+        raw = base64.b64decode(obj["__ndarray__"], validate=True)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    return obj
+
+
+def encode(obj: object) -> bytes:
+    """Serialise one message; raises TypeError/ValueError for values that are not JSON."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_default).encode("utf-8")
+
+
+def decode(data: bytes) -> object:
+    try:
+        return json.loads(data.decode("utf-8"), object_hook=_hook)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"bad json: {exc}") from None
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+class Channel:
+    """One end of a SOCK_STREAM socket speaking framed JSON. `deadline` is a time.monotonic() value."""
+
+    def __init__(self, sock: socket.socket, max_message: int = MAX_MESSAGE):
+        self.sock = sock
+        self.max_message = max_message
+
+    def send(self, obj: object, deadline: float | None = None) -> None:
+        self.send_bytes(encode(obj), deadline)
+
+    def send_bytes(self, payload: bytes, deadline: float | None = None) -> None:
+        self._settimeout(deadline)
+        try:
+            self.sock.sendall(frame(payload))
+        except socket.timeout:
+            raise DeadlineExceeded("deadline passed while sending") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise PeerClosed("peer closed the channel") from None
+
+    def recv(self, deadline: float | None = None) -> object:
+        (size,) = _HEADER.unpack(self._recv_exact(_HEADER.size, deadline))
+        if size > self.max_message:
+            raise ProtocolError(f"message too large: {size} bytes exceeds the {self.max_message}-byte cap")
+        return decode(self._recv_exact(size, deadline))
+
+    def _settimeout(self, deadline: float | None) -> None:
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline passed")
+            self.sock.settimeout(remaining)
+
+    def _recv_exact(self, n: int, deadline: float | None) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            self._settimeout(deadline)
+            try:
+                k = self.sock.recv_into(view[got:])
+            except socket.timeout:
+                raise DeadlineExceeded("deadline passed while receiving") from None
+            except ConnectionResetError:
+                k = 0
+            if k == 0:
+                raise PeerClosed("peer closed the channel" + (" mid-message" if got else ""))
+            got += k
+        return bytes(buf)
