@@ -1,0 +1,215 @@
+"""The device host: one device's runtime, tying together task sync, the tunnel, triggers, the sandbox,
+on-device storage and the model store.
+
+Data folder layout:
+  credentials.json   device id, token, platform address (mode 0600; identity.py)
+  tasks/             installed task versions and their `current.json` pointers (sync.TaskStore)
+  tunnel.sqlite3     the up-tunnel queue (tunnel.UpTunnel)
+  resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
+  storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
+  models/            on-device models (walle.device_host.models.store.ModelStore)
+
+`run_task` always runs the INSTALLED version at the moment the run starts, so a newly synced version is
+picked up by the next run with nothing restarted (hot deploy). Each run sends a RunReport up the tunnel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import grpc
+
+from walle.protos import device_pb2, tunnel_pb2
+
+from .identity import Credentials, IdentityError, credentials_path, device_info
+from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
+from .triggers import TriggerEngine
+from .tunnel import DownTunnel, UpTunnel, tunnel_ops
+
+log = logging.getLogger("walle.device.host")
+
+DEFAULT_LIMITS = {"memory_mb": 256, "cpu_seconds": 10.0, "wall_seconds": 30.0}
+MAX_LOG_LINES = 200
+
+
+class TaskNotInstalled(LookupError):
+    """run_task was asked for a task this device does not have installed."""
+
+
+def mnn_available() -> bool:
+    return importlib.util.find_spec("MNN") is not None
+
+
+class DeviceHost:
+    def __init__(self, data_dir: str | os.PathLike, platform_address: str = "", *, attrs: Mapping[str, Any] | None = None,
+                 sandbox: Any = None, credentials: Credentials | None = None, channel: grpc.Channel | None = None,
+                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
+        self.data_dir = pathlib.Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
+        self.platform_address = platform_address or self.credentials.platform
+        if channel is None and not self.platform_address:
+            raise IdentityError("no platform address: pass --platform HOST:PORT or put 'platform' in the credential file")
+        self._own_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(self.platform_address)
+        self.attrs = dict(attrs or {})
+        self.sandbox = sandbox
+        md = self.credentials.metadata
+        self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
+        self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
+        self.down = DownTunnel(self.data_dir / "resources", self.channel, md)
+        self._storage = None
+        self._models = None
+        self._storage_lock = threading.Lock()
+        self.sync = TaskSync(self.store, self.channel, md, self.device_info, report=self.up.send,
+                             on_change=self._on_change, accept=self._accept, bundle_cache=bundle_cache)
+        self.triggers = TriggerEngine(self._triggered_run, self._count_rows, workers=trigger_workers)
+        self.triggers.set_tasks({n: t.manifest for n, t in self.store.installed().items()})
+        self.stats = {"runs": 0, "ok": 0, "failed": 0}
+        self._stats_lock = threading.Lock()
+        self.on_run: Callable[[str, Any], None] | None = None  # observer (tests, fleet summary)
+
+    @property
+    def device_id(self) -> str:
+        return self.credentials.device_id
+
+    def device_info(self) -> device_pb2.DeviceInfo:
+        return device_info(self.attrs, self.device_id, (t.ref for t in self.store.installed().values()))
+
+    # -- storage and models, opened on first use --------------------------------------------------
+    @property
+    def storage(self):
+        with self._storage_lock:
+            if self._storage is None:
+                from .storage import TaskStorage
+                self._storage = TaskStorage(self.data_dir / "storage.sqlite3")
+            return self._storage
+
+    @property
+    def models(self):
+        with self._storage_lock:
+            if self._models is None:
+                from .models.store import ModelStore
+                self._models = ModelStore(self.data_dir / "models")
+            return self._models
+
+    def _accept(self, task: device_pb2.ActiveTask) -> str | None:
+        if "model" in task.manifest.apis and not mnn_available():
+            return ("task needs the 'model' API, which needs MNN; MNN is not installed on this device "
+                    "(no MNN wheel for this platform)")
+        return None
+
+    def _count_rows(self, task: str, table: str) -> int:
+        return self.storage.count(task, table)
+
+    def _on_change(self, result: SyncResult) -> None:
+        self.triggers.set_tasks({n: t.manifest for n, t in self.store.installed().items()})
+
+    # -- running tasks ----------------------------------------------------------------------------
+    def installed(self) -> dict[str, InstalledTask]:
+        return self.store.installed()
+
+    def _limits(self, manifest: device_pb2.TaskManifest):
+        from .sandbox import Limits
+        m = manifest.limits
+        return Limits(memory_mb=m.memory_mb or DEFAULT_LIMITS["memory_mb"],
+                      cpu_seconds=m.cpu_seconds or DEFAULT_LIMITS["cpu_seconds"],
+                      wall_seconds=m.wall_seconds or DEFAULT_LIMITS["wall_seconds"])
+
+    def _host_api(self, task: InstalledTask):
+        from .hostapi import HostAPI
+        apis = set(task.manifest.apis)
+        extra: dict[str, Callable] = {}
+        if "tunnel" in apis:
+            extra.update(tunnel_ops(task.name, self.up, self.down))
+        if "model" in apis:
+            from .models.api import make_model_ops
+            extra.update(make_model_ops(self.models))
+        return HostAPI(self.storage, task.name, extra_ops=extra)
+
+    def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
+        """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""
+        return self._run(name, event, trigger)[0]
+
+    def _run(self, name: str, event: dict | None, trigger: str) -> tuple[Any, list]:
+        if self.sandbox is None:
+            raise RuntimeError("this device host has no sandbox; pass sandbox=Sandbox(...)")
+        task = self.store.get(name)
+        if task is None:
+            raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
+                                   f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
+        api = self._host_api(task)
+        # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
+        groups = set(task.manifest.apis)
+        allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
+        result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=self._limits(task.manifest),
+                                  api_handler=api, allowed_apis=allowed)
+        self._report_run(task, result, trigger, api.logs)
+        with self._stats_lock:
+            self.stats["runs"] += 1
+            self.stats["ok" if result.status == "ok" else "failed"] += 1
+        if self.on_run is not None:
+            self.on_run(name, result)
+        return result, [(e["name"], e["payload"]) for e in api.events]
+
+    def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
+        rep = tunnel_pb2.RunReport(task=task.name, version=task.version, release_id=task.release_id,
+                                   status=result.status, duration_s=float(result.duration_s or 0.0),
+                                   peak_memory_kb=int(result.peak_memory_kb or 0), error=(result.error or "")[:2000],
+                                   trigger=trigger)
+        self.up.send("run_report", rep.SerializeToString())
+        logs = [f"{e['level']}: {e['message']}" for e in api_logs] + list(result.logs or [])
+        if logs:
+            self.up.send("log", {"task": task.name, "version": task.version, "lines": logs[-MAX_LOG_LINES:]})
+        if result.status == "ok":
+            log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
+        else:
+            log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
+                        (result.error or "").strip().splitlines()[-1:] or "")
+
+    def _triggered_run(self, name: str, event: dict, trigger: str) -> list:
+        try:
+            return self._run(name, event, trigger)[1]
+        except TaskNotInstalled:
+            return []  # dropped between queueing and running
+
+    def emit(self, event_name: str, payload: Any = None) -> list[str]:
+        """An app event (e.g. "page_view:home"): queue the tasks it triggers; returns their names."""
+        return self.triggers.emit(event_name, payload)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def sync_now(self) -> SyncResult:
+        return self.sync.sync_once()
+
+    def rollback_local(self, name: str) -> InstalledTask:
+        return self.sync.rollback_local(name)
+
+    def start(self, *, watch: bool = True) -> None:
+        """Background sync (periodic + WatchTasks), up-tunnel flusher and trigger workers."""
+        self.sync.start(watch=watch)
+        self.up.start()
+        self.triggers.start()
+
+    def stop(self, flush_timeout: float = 2.0) -> None:
+        self.triggers.stop()
+        self.sync.stop()
+        self.up.stop(flush_timeout=flush_timeout)
+
+    def close(self) -> None:
+        self.stop(flush_timeout=0)
+        self.up.close()
+        if self._storage is not None and hasattr(self._storage, "close"):
+            self._storage.close()
+        if self._own_channel:
+            self.channel.close()
+
+    def status(self) -> dict:
+        return {"device_id": self.device_id, "installed": sorted(t.ref for t in self.store.installed().values()),
+                "revision": self.sync.revision, "last_sync": self.sync.last_sync, "sync_error": self.sync.last_error,
+                "unauthenticated": self.sync.unauthenticated or (self.up.last_error if self.up.unauthenticated else ""),
+                "up_tunnel": self.up.stats(), "runs": dict(self.stats), "time": time.time()}

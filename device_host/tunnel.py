@@ -1,0 +1,392 @@
+"""The device's tunnel to the cloud.
+
+Up (`UpTunnel`): an on-disk queue in SQLite (WAL). `send()` gives each record the next per-device
+sequence number and commits it before returning, so a record survives a crash or a restart. A flusher
+uploads the queue in order, in batches of at most 500 records or 1 MiB (zlib-compressed), and deletes
+records only after the cloud's ack: delivery is at-least-once, and the cloud drops records it already
+holds by (device_id, seq). While offline it retries with exponential backoff and jitter.
+
+Queue cap: at most `max_records` records are kept. When a send would go over, the oldest records of
+the lowest priority class are dropped first: "log" (0), then "event" and task topics "task.*" (1),
+then "behavior" (2); "run_report" and "delivery" (3) are dropped only if nothing else is left. Dropped
+records are counted in `stats()["dropped"]`.
+
+Down (`DownTunnel`): versioned resources by name (e.g. "coda/global_model"), verified against their
+sha256 digest and cached on disk by digest, so an unchanged resource is never downloaded twice.
+
+Tasks reach both through host-API ops (`tunnel_ops`): `tunnel.up(topic, data)` may only use the task's
+own topics "task.<taskname>" / "task.<taskname>.<sub>" or the shared topics in TASK_SHARED_TOPICS;
+`tunnel.down(name, version="", format="auto")` returns a resource as parsed JSON or base64 text.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import random
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+import zlib
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import json_format
+
+from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
+
+log = logging.getLogger("walle.device.tunnel")
+
+MAX_BATCH_RECORDS = 500
+MAX_BATCH_BYTES = 1 << 20
+MAX_BATCHES_PER_UPLOAD = 8
+MAX_RECORD_BYTES = 256 * 1024
+DEFAULT_MAX_RECORDS = 100_000
+TOPIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
+TASK_SHARED_TOPICS = frozenset({"behavior"})
+DOWN_MAX_BYTES = 4 << 20
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+class TunnelError(ValueError):
+    """A record or resource request is refused; the message names why."""
+
+
+def priority(topic: str) -> int:
+    if topic in ("run_report", "delivery"):
+        return 3
+    if topic == "behavior":
+        return 2
+    if topic == "log":
+        return 0
+    return 1
+
+
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter in [d/2, d]: many devices do not retry in lockstep."""
+    d = min(cap, base * (2 ** min(attempt, 20)))
+    return random.uniform(d / 2, d)
+
+
+class UpTunnel:
+    def __init__(self, db_path: str | os.PathLike, channel: grpc.Channel | None, metadata: tuple = (), *,
+                 max_records: int = DEFAULT_MAX_RECORDS, durable: bool = True, timeout: float = 30.0):
+        self.path = pathlib.Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stub = tunnel_pb2_grpc.TunnelServiceStub(channel) if channel is not None else None
+        self.metadata = tuple(metadata)
+        self.max_records = max_records
+        self.timeout = timeout
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed send() survives power loss, not only a process crash.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
+        self._db.execute("""CREATE TABLE IF NOT EXISTS up_queue (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+            prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
+        self._db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+        self._lock = threading.Lock()        # guards the connection
+        self._upload_lock = threading.Lock()  # one upload at a time keeps order
+        self._stats = {"sent": 0, "acked": 0, "duplicates": 0, "dropped": 0, "rejected": 0, "errors": 0}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.unauthenticated = False
+        self.last_error = ""
+
+    # -- queue ----------------------------------------------------------------------------------
+    def send(self, topic: str, payload: bytes | dict | list | str) -> int:
+        """Queue one record durably; returns its seq."""
+        if not isinstance(topic, str) or not TOPIC_RE.match(topic) or len(topic) > 128:
+            raise TunnelError(f"up-tunnel topic {topic!r} is invalid: lower-case words separated by '.'")
+        if isinstance(payload, (dict, list, str)):
+            payload = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        if not isinstance(payload, (bytes, bytearray)):
+            raise TunnelError(f"up-tunnel payload must be bytes or JSON-able (got {type(payload).__name__})")
+        if len(payload) > MAX_RECORD_BYTES:
+            raise TunnelError(f"up-tunnel record of {len(payload)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute("INSERT INTO up_queue (topic, ts_ms, prio, payload) VALUES (?, ?, ?, ?)",
+                                       [topic, int(time.time() * 1000), priority(topic), bytes(payload)])
+                seq = cur.lastrowid
+                self._enforce_cap()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._wake.set()
+        return seq
+
+    def _enforce_cap(self) -> None:
+        over = self._db.execute("SELECT COUNT(*) FROM up_queue").fetchone()[0] - self.max_records
+        while over > 0:
+            victims = self._db.execute("SELECT seq FROM up_queue ORDER BY prio, seq LIMIT ?", [over]).fetchall()
+            self._db.executemany("DELETE FROM up_queue WHERE seq = ?", victims)
+            self._stats["dropped"] += len(victims)
+            over -= len(victims)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM up_queue").fetchone()[0]
+
+    def pending_records(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return self._db.execute("SELECT seq, topic FROM up_queue ORDER BY seq").fetchall()
+
+    def stats(self) -> dict:
+        return dict(self._stats, pending=self.pending())
+
+    # -- upload ---------------------------------------------------------------------------------
+    def _batches(self) -> list[tuple[tunnel_pb2.UpBatch, int]]:
+        """Up to MAX_BATCHES_PER_UPLOAD batches from the head of the queue, with their last seq."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, topic, ts_ms, payload FROM up_queue ORDER BY seq LIMIT ?",
+                                    [MAX_BATCH_RECORDS * MAX_BATCHES_PER_UPLOAD]).fetchall()
+        out, cur, size = [], [], 0
+        for seq, topic, ts_ms, payload in rows:
+            if cur and (len(cur) >= MAX_BATCH_RECORDS or size + len(payload) > MAX_BATCH_BYTES):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(tunnel_pb2.UpRecord(seq=seq, topic=topic, ts_ms=ts_ms, payload=payload))
+            size += len(payload) + len(topic) + 16
+        if cur:
+            out.append(cur)
+        return [(tunnel_pb2.UpBatch(zlib_records=zlib.compress(tunnel_pb2.UpRecords(records=recs).SerializeToString(), 6),
+                                    count=len(recs)), recs[-1].seq) for recs in out]
+
+    def flush_once(self) -> int:
+        """One Upload call for the head of the queue; returns how many records were acked.
+
+        Raises grpc.RpcError when the cloud cannot be reached; records stay queued."""
+        if self.stub is None:
+            raise TunnelError("up tunnel has no channel")
+        with self._upload_lock:
+            batches = self._batches()
+            if not batches:
+                return 0
+            last_seq = batches[-1][1]
+            n = sum(b.count for b, _ in batches)
+            try:
+                ack = self.stub.Upload(iter([b for b, _ in batches]), metadata=self.metadata, timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    return self._isolate(batches, e.details())
+                self._stats["errors"] += 1
+                raise
+            # Deleting only after the ack is what makes delivery at-least-once.
+            self._delete_through(last_seq)
+            self._stats["sent"] += n
+            self._stats["acked"] += ack.accepted
+            self._stats["duplicates"] += ack.duplicates
+            return n
+
+    def _isolate(self, batches: list[tuple[tunnel_pb2.UpBatch, int]], why: str) -> int:
+        """The cloud refused a batch: send its records one by one and drop only those it refuses,
+        so one bad record (e.g. a topic the cloud has no handler for) cannot block or sink the rest."""
+        log.warning("cloud refused an upload (%s); retrying its records one by one", why)
+        sent = 0
+        for b, _ in batches:
+            for rec in tunnel_pb2.UpRecords.FromString(zlib.decompress(b.zlib_records)).records:
+                one = tunnel_pb2.UpBatch(zlib_records=zlib.compress(
+                    tunnel_pb2.UpRecords(records=[rec]).SerializeToString()), count=1)
+                try:
+                    ack = self.stub.Upload(iter([one]), metadata=self.metadata, timeout=self.timeout)
+                    self._stats["acked"] += ack.accepted
+                    self._stats["duplicates"] += ack.duplicates
+                    self._stats["sent"] += 1
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        self._stats["errors"] += 1
+                        raise  # offline again: what is left stays queued
+                    # The cloud will never take this record; keeping it would block the queue forever.
+                    log.error("cloud refused up-tunnel record seq %d (topic %r), dropped: %s", rec.seq, rec.topic,
+                              e.details())
+                    self._stats["rejected"] += 1
+                self._delete_through(rec.seq)
+                sent += 1
+        return sent
+
+    def _delete_through(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM up_queue WHERE seq <= ?", [seq])
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Upload until the queue is empty; False if it is not empty by the deadline."""
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            try:
+                if self.flush_once() == 0 and self.pending() == 0:
+                    return True
+                attempt = 0
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self.unauthenticated = True
+                    self.last_error = e.details() or "unauthenticated"
+                    return False
+                attempt += 1
+                delay = min(backoff_delay(attempt, base=0.1, cap=2.0), deadline - time.monotonic())
+                if delay <= 0:
+                    return False
+                time.sleep(delay)
+            if time.monotonic() >= deadline:
+                return self.pending() == 0
+
+    # -- background flusher -------------------------------------------------------------------
+    def start(self, interval: float = 1.0) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, args=(interval,), name="walle-up-tunnel", daemon=True)
+            self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            delay = interval if attempt == 0 else backoff_delay(attempt)
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                while self.flush_once():
+                    pass
+                if attempt:
+                    log.info("up tunnel reconnected; queue drained")
+                attempt = 0
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self.unauthenticated = True
+                    self.last_error = e.details() or "unauthenticated"
+                    log.error("up tunnel stopped: the platform refused this device's credential (%s); "
+                              "%d records stay queued until the device is enrolled again", e.details(), self.pending())
+                    return
+                attempt += 1
+                self.last_error = f"{e.code().name}: {e.details()}"
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("up tunnel offline (%s); %d records queued, retrying with backoff",
+                                self.last_error, self.pending())
+
+    def stop(self, flush_timeout: float = 0.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if flush_timeout > 0 and self.stub is not None and self.pending():
+            self.flush(flush_timeout)
+
+    def close(self) -> None:
+        self.stop()
+        with self._lock:
+            self._db.close()
+
+
+class DownTunnel:
+    def __init__(self, cache_dir: str | os.PathLike, channel: grpc.Channel, metadata: tuple = (), timeout: float = 60.0):
+        self.cache_dir = pathlib.Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.stub = tunnel_pb2_grpc.TunnelServiceStub(channel)
+        self.metadata = tuple(metadata)
+        self.timeout = timeout
+
+    def _cached(self, digest: str) -> bytes | None:
+        path = self.cache_dir / digest.replace(":", "-")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            path.unlink(missing_ok=True)  # corrupted on disk: fetch again
+            return None
+        return data
+
+    def fetch_resource(self, name: str, version: str = "") -> tuple[tunnel_pb2.ResourceInfo, bytes]:
+        """The resource's info and verified bytes (latest version when `version` is "")."""
+        req = tunnel_pb2.ResourceRequest(name=name, version=version)
+        info = self.stub.GetResource(req, metadata=self.metadata, timeout=self.timeout)
+        data = self._cached(info.digest)
+        if data is not None:
+            return info, data
+        req.version = info.version  # the version just resolved, even if a newer one lands meanwhile
+        parts = [c.data for c in self.stub.FetchResource(req, metadata=self.metadata, timeout=self.timeout)]
+        data = b"".join(parts)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != info.digest:
+            raise TunnelError(f"resource {name}@{info.version} digest mismatch: expected {info.digest}, got {actual}")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.cache_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.cache_dir / info.digest.replace(":", "-"))
+        return info, data
+
+
+def _up_payload(topic: str, data: Any) -> bytes | dict | list | str:
+    if topic == "behavior":
+        # The cloud's behavior handler expects a coda BehaviorLog protobuf; tasks pass its fields.
+        if not isinstance(data, dict):
+            raise TunnelError("tunnel.up('behavior', data): data must be a dict of BehaviorLog fields "
+                              "(ts, item_id, event, value)")
+        try:
+            return json_format.ParseDict(data, coda_pb2.BehaviorLog()).SerializeToString()
+        except json_format.ParseError as e:
+            raise TunnelError(f"tunnel.up('behavior'): {e}") from None
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    try:
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TunnelError(f"tunnel.up({topic!r}): data is not JSON-able: {e}") from None
+
+
+def tunnel_ops(task_name: str, up: UpTunnel, down: DownTunnel | None) -> dict[str, Callable]:
+    """Host-API ops a task granted the "tunnel" API may call."""
+    own = f"task.{task_name}"
+
+    def up_op(topic: str, data: Any = None) -> dict:
+        if not isinstance(topic, str) or not (topic == own or topic.startswith(own + ".") or topic in TASK_SHARED_TOPICS):
+            raise TunnelError(f"task {task_name!r} may only send to topics {own!r}, {own + '.<name>'!r} or "
+                              f"{sorted(TASK_SHARED_TOPICS)} (got {topic!r})")
+        payload = _up_payload(topic, data)
+        if isinstance(payload, str):
+            payload = payload.encode()
+        return {"seq": up.send(topic, payload)}
+
+    def down_op(name: str, version: str = "", format: str = "auto") -> dict:
+        if down is None:
+            raise TunnelError("this device has no down tunnel")
+        if format not in ("auto", "json", "base64"):
+            raise TunnelError(f"tunnel.down format must be 'auto', 'json' or 'base64' (got {format!r})")
+        try:
+            info, data = down.fetch_resource(name, version)
+        except grpc.RpcError as e:
+            raise TunnelError(f"tunnel.down({name!r}): {e.code().name}: {e.details()}") from None
+        if len(data) > DOWN_MAX_BYTES:
+            raise TunnelError(f"resource {name}@{info.version} is {len(data)} bytes; tasks may read at most "
+                              f"{DOWN_MAX_BYTES} through tunnel.down")
+        out = {"name": info.name, "version": info.version, "digest": info.digest,
+               "metadata": json.loads(info.metadata_json or "{}")}
+        if format in ("auto", "json"):
+            try:
+                out.update(encoding="json", data=json.loads(data.decode("utf-8")))
+                return out
+            except (UnicodeDecodeError, ValueError):
+                if format == "json":
+                    raise TunnelError(f"resource {name}@{info.version} is not UTF-8 JSON; use format='base64'") from None
+        out.update(encoding="base64", data=base64.b64encode(data).decode())
+        return out
+
+    return {"tunnel.up": up_op, "tunnel.down": down_op}
+
+
+__all__ = ["UpTunnel", "DownTunnel", "TunnelError", "tunnel_ops", "backoff_delay", "priority"]
