@@ -2,6 +2,7 @@
 `walle fleet run` (N emulated devices in one process)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -74,12 +75,14 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
         attributes = parse_attrs(attrs)
         if token_file:
             cred = Credentials.load(token_file)
-            cred = Credentials(cred.device_id, cred.token, platform_addr or cred.platform)
+            cred = dataclasses.replace(cred, platform=platform_addr or cred.platform)
             cred.save(credentials_path(data))
         elif token:
             if not device_id:
                 _fail("--token needs --device-id (or use --token-file)")
             cred = Credentials(device_id, token, platform_addr or "")
+            log.warning("--token: no platform CA or bundle key pinned; plaintext gRPC and unsigned bundles "
+                        "(use --token-file from `walle device enroll --out` for TLS and signature checks)")
             cred.save(credentials_path(data))
         else:
             cred = Credentials.load(credentials_path(data))
@@ -150,12 +153,14 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
 @click.option("--base-dir", type=click.Path(file_okay=False), help="Devices' folders (default: a temporary folder).")
 @click.option("--credentials-file", type=click.Path(dir_okay=False, exists=True),
               help="JSONL of {device_id, token}, one per device (default: enroll through the admin API).")
-@click.option("--admin-token", envvar="WALLE_ADMIN_TOKEN", default="", help="Operator token for enrolling devices.")
+@click.option("--admin-token", envvar="WALLE_OPERATOR_TOKEN", default="", help="Operator token for enrolling devices.")
+@click.option("--ca", envvar="WALLE_CA", type=click.Path(dir_okay=False, exists=True),
+              help="The platform's CA certificate (TLS); without it the fleet uses plaintext (--insecure servers).")
 @click.option("--event", "event", default="", metavar="NAME[=JSON]", help="Emit this app event on every device each round.")
 @click.option("--allow-unconfined-tasks", is_flag=True, help="See `walle device run`.")
 @click.option("--workers", default=32, show_default=True, type=click.IntRange(1, 256), help="Thread pool size.")
 @click.option("-v", "--verbose", count=True)
-def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credentials_file, admin_token, event,
+def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credentials_file, admin_token, ca, event,
               allow_unconfined_tasks, workers, verbose):
     """Emulate N devices in one process: sync them after every release, run their tasks, print a summary."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
@@ -167,13 +172,15 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     from .fleet import Fleet
     console = Console(stderr=True)
     base = pathlib.Path(base_dir or tempfile.mkdtemp(prefix="walle-fleet-"))
-    channel = grpc.insecure_channel(platform_addr)
+    ca_pem = pathlib.Path(ca).read_bytes() if ca else b""
+    channel = Credentials("fleet", "-", platform_addr, ca_pem.decode()).channel(
+        options=[("grpc.max_receive_message_length", 32 << 20)])
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
 
-    def enroll(device_id: str) -> str:
-        return admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet"), metadata=md,
-                                  timeout=30).token
+    def enroll(device_id: str) -> Credentials:
+        reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet"), metadata=md, timeout=30)
+        return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex())
 
     event_name, _, raw = event.partition("=")
     try:

@@ -18,13 +18,14 @@ import importlib.util
 import logging
 import os
 import pathlib
+import re
 import threading
 import time
 from typing import Any, Callable, Mapping
 
 import grpc
 
-from walle.protos import device_pb2, tunnel_pb2
+from walle.protos import bundle, device_pb2, tunnel_pb2
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
@@ -56,7 +57,7 @@ class DeviceHost:
         if channel is None and not self.platform_address:
             raise IdentityError("no platform address: pass --platform HOST:PORT or put 'platform' in the credential file")
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(self.platform_address)
+        self.channel = channel or self.credentials.channel(self.platform_address)
         self.attrs = dict(attrs or {})
         self.sandbox = sandbox
         md = self.credentials.metadata
@@ -99,13 +100,27 @@ class DeviceHost:
             return self._models
 
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
+        key = self.credentials.bundle_public_key
+        if key and not bundle.verify_signature(bytes.fromhex(key), task.bundle_digest, task.signature):
+            # "bundle ..." reasons are retried on later pulls (the platform may re-sign and re-release)
+            return ("bundle signature invalid: not signed by the platform key this device pinned at enrollment"
+                    if task.signature else "bundle signature missing: this device only installs signed bundles")
         if "model" in task.manifest.apis and not mnn_available():
             return ("task needs the 'model' API, which needs MNN; MNN is not installed on this device "
                     "(no MNN wheel for this platform)")
         return None
 
+    @staticmethod
+    def namespace(manifest: device_pb2.TaskManifest) -> str:
+        """Storage namespace: the manifest's (shared by cooperating tasks), else one from the name."""
+        return manifest.namespace or re.sub(r"[-_]+", "_", manifest.name).strip("_")
+
     def _count_rows(self, task: str, table: str) -> int:
-        return self.storage.count(task, table)
+        installed = self.store.get(task)
+        ns = self.namespace(installed.manifest) if installed else task
+        if table not in self.storage.table_names(ns):
+            return 0
+        return self.storage.count(ns, table)
 
     def _on_change(self, result: SyncResult) -> None:
         self.triggers.set_tasks({n: t.manifest for n, t in self.store.installed().items()})
@@ -130,7 +145,7 @@ class DeviceHost:
         if "model" in apis:
             from .models.api import make_model_ops
             extra.update(make_model_ops(self.models))
-        return HostAPI(self.storage, task.name, extra_ops=extra)
+        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
         """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""

@@ -16,7 +16,7 @@ Built-in ops (the task name is bound here, never passed by the task):
 Other components register ops through `extra_ops`: a dict of "group.name" -> callable taking exactly the
 task-visible arguments (bind the task or device yourself, e.g. with functools.partial or a closure). The
 arguments arrive JSON-decoded (numpy arrays sent by the task arrive as numpy arrays); the return value
-must be JSON-able (arrays allowed). Raise walle.platform.errors types for bad input: the task sees
+must be JSON-able (arrays allowed). Raise walle.protos.errors types for bad input: the task sees
 `HostAPIError("host API model.train failed: InvalidArgument: <message>")`.
 Calls are checked against inspect.signature before running: unknown ops, unknown or missing arguments
 are refused with InvalidArgument naming the op.
@@ -28,7 +28,7 @@ import json
 import re
 from typing import Callable, Mapping
 
-from walle.platform.errors import InvalidArgument, ResourceExhausted
+from walle.protos.errors import InvalidArgument, ResourceExhausted
 
 from .storage import TaskStorage
 

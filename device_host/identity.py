@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import grpc
+
 from walle.protos import device_pb2
 
 HOST_VERSION = "0.1.0"
@@ -40,6 +42,8 @@ class Credentials:
     device_id: str
     token: str
     platform: str = ""
+    ca_pem: str = ""             # the platform CA pinned at enrollment: TLS is checked against it
+    bundle_public_key: str = ""  # hex Ed25519 key pinned at enrollment: bundles must be signed by it
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -53,7 +57,8 @@ class Credentials:
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"device_id": self.device_id, "token": self.token, "platform": self.platform}, f)
+                json.dump({"device_id": self.device_id, "token": self.token, "platform": self.platform,
+                           "ca_pem": self.ca_pem, "bundle_public_key": self.bundle_public_key}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -85,7 +90,28 @@ class Credentials:
         platform = data.get("platform") or ""
         if not isinstance(platform, str):
             raise IdentityError(f"{source}: field 'platform' must be a string")
-        return cls(data["device_id"], data["token"].strip(), platform)
+        pinned = {}
+        for key in ("ca_pem", "bundle_public_key"):
+            value = data.get(key) or ""
+            if not isinstance(value, str):
+                raise IdentityError(f"{source}: field {key!r} must be a string")
+            pinned[key] = value
+        if pinned["bundle_public_key"]:
+            try:
+                if len(bytes.fromhex(pinned["bundle_public_key"])) != 32:
+                    raise ValueError
+            except ValueError:
+                raise IdentityError(f"{source}: bundle_public_key must be 64 hex characters (an Ed25519 key)") from None
+        return cls(data["device_id"], data["token"].strip(), platform, **pinned)
+
+    def channel(self, address: str = "", options: list | None = None) -> grpc.Channel:
+        """A channel to the platform: TLS checked against the pinned CA; plaintext only for a device
+        enrolled with a platform that had no keys (--insecure)."""
+        address = address or self.platform
+        if self.ca_pem:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem.encode())
+            return grpc.secure_channel(address, creds, options=options)
+        return grpc.insecure_channel(address, options=options)
 
 
 def credentials_path(data_dir: str | os.PathLike) -> pathlib.Path:

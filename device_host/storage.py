@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from walle.platform.errors import InvalidArgument, NotFound, ResourceExhausted
+from walle.protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
 TASK_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")

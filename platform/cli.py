@@ -499,8 +499,8 @@ def device_enroll(obj: Ctx, device_id, ttl, out):
     if out:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"device_id": reply.device_id, "token": reply.token,
-                       "platform": obj.platform_addr or ""}, f)
+            json.dump({"device_id": reply.device_id, "token": reply.token, "platform": obj.platform_addr or "",
+                       "ca_pem": reply.platform_ca_pem, "bundle_public_key": reply.bundle_public_key.hex()}, f)
     emit(obj, reply, lambda r: console.print(f"device {r.device_id}\ntoken {r.token}", highlight=False))
 
 

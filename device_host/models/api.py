@@ -12,7 +12,7 @@ import binascii
 import math
 from typing import Any, Callable
 
-from walle.platform.errors import FailedPrecondition, InvalidArgument
+from walle.protos.errors import FailedPrecondition, InvalidArgument
 
 from . import core
 from .features import SampleArrays

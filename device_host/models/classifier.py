@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from walle.platform.errors import InvalidArgument
+from walle.protos.errors import InvalidArgument
 
 from .core import ARCHS, F, Net, _F, check_int, dense, embedding, glorot
 

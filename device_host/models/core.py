@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from walle.platform.errors import InvalidArgument
+from walle.protos.errors import InvalidArgument
 
 from .features import SampleArrays
 

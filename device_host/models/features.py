@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from walle.platform.errors import InvalidArgument
+from walle.protos.errors import InvalidArgument
 
 HIST_LEN = 50
 _INT32_MAX = 2**31 - 1

@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any, Iterator
 
-from walle.platform.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from walle.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 from . import core
 from .core import Model

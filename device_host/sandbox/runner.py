@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from walle.platform.errors import FailedPrecondition, InvalidArgument
+from walle.protos.errors import FailedPrecondition, InvalidArgument
 
 from . import protocol
 
