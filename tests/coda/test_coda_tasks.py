@@ -1,0 +1,480 @@
+"""The three CoDA task scripts (tasks/coda_filter, coda_train, coda_infer) run through the REAL sandbox,
+with the real HostAPI over a SQLite TaskStorage, a real ModelStore and its model ops, on samples
+generated from real MovieLens-100k users (one user is the device's owner, the others are "outside").
+
+Each task folder is validated with the platform's manifest checks and run from the validated files,
+with the manifest's limits and only the host APIs its manifest grants."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from walle.device_host.coda_rows import row_to_sample_dict, sample_to_row
+from walle.device_host.hostapi import HostAPI
+from walle.device_host.models import core
+from walle.device_host.models.api import make_model_ops
+from walle.device_host.models.features import SampleArrays
+from walle.device_host.models.store import ModelStore
+from walle.device_host.sandbox import Limits, Sandbox
+from walle.device_host.storage import TaskStorage
+from walle.platform.coda import movielens
+from walle.platform.coda import samples as gen
+from walle.platform.manifest import validate_task_dir
+from walle.protos import coda_pb2
+
+TASKS = pathlib.Path(__file__).resolve().parents[2] / "tasks"
+NS = "coda"
+USERS = (13, 450, 276, 416)  # heavy MovieLens raters: ~400-650 samples each
+N_DAYS = 10
+TODAY = 10
+
+
+# --- fixtures -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    """Real samples: the owner's (local) and the other users' (outside), each in time order."""
+    ml = movielens.load()
+    train, _test = movielens.assign_days(ml.inter[ml.inter["user_id"].isin(USERS)], N_DAYS)
+    day = gen.generate(movielens.as_raw_frame(train), ml.items, None, key=b"coda-task-tests-key", scheduler="sync")
+    users = sorted(day.samples, key=lambda u: -len(day.samples[u]))
+    local = day.samples[users[0]]
+    outside = [s for u in users[1:] for s in day.samples[u]]
+    rng = np.random.default_rng(3)
+    outside = [outside[i] for i in rng.permutation(len(outside))]  # batches mix the matched users
+    return {"local": local, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(workers=1) as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def tasks() -> dict:
+    out = {}
+    for name in ("coda_filter", "coda_train", "coda_infer"):
+        manifest, files = validate_task_dir(TASKS / name)
+        out[name] = (manifest, {p: b.decode() for p, b in files.items() if p.endswith(".py")})
+    return out
+
+
+class Device:
+    """One device's storage, model store and host API, as the host wires them for the "coda" namespace."""
+
+    def __init__(self, root: pathlib.Path, sandbox: Sandbox, tasks: dict, extra_ops: dict | None = None):
+        self.storage = TaskStorage(root / "storage.sqlite3")
+        self.models = ModelStore(root / "models")
+        self.ops = make_model_ops(self.models)
+        self.api = HostAPI(self.storage, NS, extra_ops={**self.ops, **(extra_ops or {})})
+        self.sandbox, self.tasks = sandbox, tasks
+
+    def run(self, task: str, event: object):
+        manifest, files = self.tasks[task]
+        allowed = {op for op in self.api.allowed_apis() if op.split(".", 1)[0] in manifest.apis}
+        lim = manifest.limits
+        limits = Limits(memory_mb=lim.memory_mb, cpu_seconds=lim.cpu_seconds, wall_seconds=lim.wall_seconds)
+        return self.sandbox.run(files, manifest.entry, event, limits=limits, api_handler=self.api,
+                                allowed_apis=allowed)
+
+    def rows(self, table: str, where: dict | None = None) -> list[dict]:
+        if table not in self.storage.table_names(NS):
+            return []
+        return self.storage.query(NS, table, where, "ts", limit=10_000)
+
+    def put(self, key: str, value: object) -> None:
+        self.storage.put(NS, key, value)
+
+    def insert_local(self, samples, **overrides) -> list[dict]:
+        rows = [{**sample_to_row(s), **overrides} for s in samples]
+        self.storage.insert(NS, "local", rows)
+        return rows
+
+    def insert_outside(self, samples, batch_id="b1", state="new", scores=None) -> list[dict]:
+        rows = [sample_to_row(s, batch_id=batch_id, state=state, score=None if scores is None else float(scores[i]))
+                for i, s in enumerate(samples)]
+        self.storage.insert(NS, "outside", rows)
+        return rows
+
+    def snapshot(self) -> dict:
+        return {t: self.rows(t) for t in ("local", "outside")}
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+@pytest.fixture
+def device(tmp_path, sandbox, tasks):
+    dev = Device(tmp_path, sandbox, tasks)
+    dev.put("today", TODAY)
+    yield dev
+    dev.close()
+
+
+BATCH = {"name": "batch_received", "payload": {"batch_id": "b1"}}
+EXHAUSTED = {"name": "batches_exhausted", "payload": {}}
+
+
+def fnv1a(text: str) -> int:
+    h = 2166136261
+    for ch in text:
+        h = ((h ^ ord(ch)) * 16777619) % 2**32
+    return h
+
+
+def classifier_third(ids: list[str]) -> set[str]:
+    """The documented 1/3 : 2/3 split: sort by (FNV-1a of sample_id, sample_id), the first (n+1)//3."""
+    ranked = sorted(ids, key=lambda s: (fnv1a(s), s))
+    return set(ranked[:(len(ids) + 1) // 3])
+
+
+def copies(samples, *, day: int, flip: bool = False, tag: str = "c") -> list[coda_pb2.Sample]:
+    """Copies of samples under new ids (and a new day), optionally with the click label flipped."""
+    out = []
+    for s in samples:
+        c = coda_pb2.Sample()
+        c.CopyFrom(s)
+        c.sample_id = f"{tag}-{s.sample_id}"
+        c.day = day
+        if flip:
+            c.label = 1.0 - s.label
+        out.append(c)
+    return out
+
+
+def as_dicts(samples) -> list[dict]:
+    return [row_to_sample_dict(sample_to_row(s)) for s in samples]
+
+
+# --- manifests and rows -------------------------------------------------------------------------------
+
+def test_manifests_share_the_coda_namespace_and_declare_their_triggers(tasks):
+    triggers = {}
+    for name, (m, _files) in tasks.items():
+        assert m.namespace == "coda" and m.storage_namespace == "coda" and m.min_host_version == "0.1.0"
+        triggers[name] = {(t.kind, t.event, t.table, t.min_rows) for t in m.triggers}
+    assert triggers["coda_filter"] == {("event", "batch_received", "", 0)}
+    assert triggers["coda_train"] == {("table_rows", "", "outside", 100), ("event", "batches_exhausted", "", 0)}
+    assert ("event", "page_view:home", "", 0) in triggers["coda_infer"]
+    assert "tunnel" in tasks["coda_train"][0].apis and "storage" not in tasks["coda_infer"][0].apis
+
+
+def test_rows_round_trip_real_samples(data):
+    s = data["local"][-1]
+    row = sample_to_row(s, batch_id="b7", state="new", score=None)
+    assert all(not isinstance(v, (list, dict)) for v in row.values())
+    assert row["batch_id"] == "b7" and row["state"] == "new" and row["score"] is None
+    back = row_to_sample_dict(row)
+    assert back["hist_items"] == list(s.hist_items) and back["item_cats"] == list(s.item_cats)
+    assert back["item_id"] == s.item_id and back["label"] == s.label and back["sample_id"] == s.sample_id
+    assert "batch_id" not in back and "state" not in back
+    with pytest.raises(ValueError, match="state"):
+        sample_to_row(s, state="maybe")
+    with pytest.raises(ValueError, match="item_id"):
+        sample_to_row(s, item_id=3)
+    with pytest.raises(ValueError, match="score"):
+        sample_to_row(s, score=[0.5])
+    with pytest.raises(ValueError, match="hist_items"):
+        row_to_sample_dict({**row, "hist_items": "[1, 2"})
+    with pytest.raises(TypeError):
+        sample_to_row({"sample_id": "x"})
+
+
+# --- coda_filter --------------------------------------------------------------------------------------
+
+def test_filter_keeps_only_samples_scoring_at_least_sigma(device, data):
+    sigma = 0.5
+    device.put("config", {"SIGMA": sigma})
+    device.insert_local(data["local"][-150:])
+    batch = data["outside"][:60]
+    device.insert_outside(batch)
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "ok", res.error
+    counts = res.value
+
+    ids = [s.sample_id for s in batch]
+    third = classifier_third(ids)
+    scored = [s for s in batch if s.sample_id not in third]
+    assert counts["received"] == 60 and counts["trained_on"] == len(third) == 20
+    assert counts["scored"] == len(scored) == 40 and counts["kept"] + counts["dropped"] == 40
+    assert counts["kept"] > 0 and counts["dropped"] > 0  # both branches of the threshold are exercised
+
+    # Rescore with the classifier the run left behind: kept = exactly the 2/3 scoring >= sigma.
+    probs = device.ops["model.predict"](name="clf", samples=as_dicts(scored))["probs"]
+    want = {s.sample_id: p for s, p in zip(scored, probs) if p >= sigma}
+    rows = device.rows("outside")
+    assert {r["state"] for r in rows} == {"kept"}
+    assert {r["sample_id"]: r["score"] for r in rows} == pytest.approx(want, abs=1e-6)
+    assert not third & {r["sample_id"] for r in rows}  # the classifier's 1/3 were deleted after use
+    assert device.models.info("clf")["arch"] == "classifier" and device.models.info("clf")["M"]["version"] == 2
+    assert len(device.rows("local")) == 150  # the filter never touches local samples
+
+
+def test_filter_with_no_new_rows_or_no_local_samples_changes_nothing(device, data):
+    res = device.run("coda_filter", BATCH)  # no tables at all yet
+    assert res.status == "ok" and res.value["received"] == 0
+    device.insert_outside(data["outside"][:30])
+    before = device.snapshot()
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "ok" and res.value["received"] == 30 and "no local samples" in res.value["skipped"]
+    assert device.snapshot() == before and not device.models.exists("clf")
+
+
+def test_filter_forced_cleanup_halves_outside_lowest_score_first(device, data):
+    kept = data["outside"][:150]
+    scores = np.linspace(0.01, 0.99, 150)[np.random.default_rng(0).permutation(150)]
+    device.insert_outside(kept, state="kept", scores=scores)
+    device.insert_outside(data["outside"][150:220], batch_id="b2")  # 70 unscored rows count as score 0
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "ok", res.error
+    assert res.value["cleaned"] == 110 and res.value["received"] == 0
+    rows = device.rows("outside")
+    top = {s.sample_id for s, _ in sorted(zip(kept, scores), key=lambda p: -p[1])[:110]}
+    assert {r["sample_id"] for r in rows} == top and {r["state"] for r in rows} == {"kept"}
+
+
+def test_filter_drops_new_rows_already_kept(device, data):
+    device.insert_local(data["local"][-50:])
+    device.insert_outside(data["outside"][:10], state="kept", scores=[0.9] * 10)
+    device.insert_outside(data["outside"][:10])  # the same samples again, e.g. re-sent on another day
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "ok", res.error
+    assert res.value["duplicates"] == 10 and res.value["received"] == 0
+    assert len(device.rows("outside")) == 10
+
+
+# --- coda_train ---------------------------------------------------------------------------------------
+
+def test_train_lifecycle_and_split_t_tprime(device, data):
+    device.put("config", {"MAX_ROWS": 5000})
+    local = data["local"]
+    device.insert_local(local)
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    kept = data["outside"][:40]
+    device.insert_outside(kept, state="kept", scores=np.linspace(0.3, 0.9, 40))
+    fresh = device.insert_outside(data["outside"][40:50], batch_id="b9")  # not filtered yet: must stay
+    val = [s for s in local if s.day >= TODAY - 3]
+    train_local = [s for s in local if TODAY - 7 <= s.day < TODAY - 3]
+    expected_before = device.ops["model.evaluate"](name="ctr", samples=as_dicts(val))["auc"]
+
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    ctr = res.value["ctr"]
+    assert ctr["n_val"] == len(val) and ctr["n_train"] == len(train_local) + 40
+    assert ctr["metric"] == "auc" and ctr["before"] == pytest.approx(expected_before, abs=1e-9)
+    left = {r["sample_id"] for r in device.rows("local")}
+    assert left == {s.sample_id for s in local if s.day >= TODAY - 7}  # older than t' days: removed
+    assert len(left) < len(local)
+    assert {r["sample_id"] for r in device.rows("outside")} == {r["sample_id"] for r in fresh}
+    assert set(res.value) == {"ctr"}  # the Local arm runs only when the experiment asks for it
+
+
+def test_train_forced_cleanup_halves_local_oldest_first(device, data):
+    local = [s for s in data["local"] if s.day >= TODAY - 7]  # nothing expires: only the size rule acts
+    assert len(local) >= 400
+    device.insert_local(local)
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    keep = len(local)
+    while keep >= 200:
+        keep //= 2
+    oldest_first = sorted(range(len(local)), key=lambda i: (local[i].ts, i))  # ties: insertion order
+    survivors = {local[i].sample_id for i in oldest_first[len(local) - keep:]}
+    assert {r["sample_id"] for r in device.rows("local")} == survivors and keep < 200
+
+
+def test_train_gate_rejects_a_worse_update(device, data):
+    """Training data = the validation samples with flipped labels: the update can only get worse."""
+    device.put("config", {"lr": 0.05, "epochs": 3, "MAX_ROWS": 1000})
+    val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+    device.insert_local(val)
+    device.insert_local(copies(val, day=TODAY - 5, flip=True, tag="flip"))
+    device.insert_outside(copies(val[:60], day=TODAY, flip=True, tag="out"), state="kept", scores=[0.8] * 60)
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    probe = as_dicts(val[:30])
+    before = device.ops["model.predict"](name="ctr", samples=probe)
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    ctr = res.value["ctr"]
+    assert ctr["committed"] is False and ctr["after"] == ctr["before"] and ctr["n_train"] == 180
+    assert device.models.info("ctr")["M"]["version"] == 1 == ctr["version"]
+    assert device.ops["model.predict"](name="ctr", samples=probe)["probs"] == before["probs"]
+    assert device.rows("outside") == []  # used samples are removed whether or not M was updated
+
+
+def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
+    device.put("experiment.local_arm", True)
+    device.put("config", {"MAX_ROWS": 1000})
+    val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+    device.insert_local(val)
+    device.insert_local(copies(val, day=TODAY - 5, tag="same"))
+    device.insert_outside(copies(val[:50], day=TODAY, tag="out"), state="kept", scores=[0.8] * 50)
+    for name in ("ctr", "ctr_local"):
+        device.ops["model.create"](name=name, arch="din", seed=1)
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    ctr, loc = res.value["ctr"], res.value["ctr_local"]
+    assert ctr["committed"] is True and ctr["after"] > ctr["before"] and ctr["version"] == 2
+    assert device.models.info("ctr")["M"]["version"] == 2
+    assert ctr["n_train"] == 170 and loc["n_train"] == 120 and loc["n_val"] == ctr["n_val"] == 120
+    assert loc["version"] == device.models.info("ctr_local")["M"]["version"] == (2 if loc["committed"] else 1)
+    assert device.rows("outside") == []
+
+
+def test_train_table_rows_trigger_waits_for_train_at_kept_samples(device, data):
+    device.insert_local(data["local"][-100:])
+    device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
+    device.insert_outside(data["outside"][20:120], batch_id="b2")  # 120 rows, but only 20 are filtered
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    res = device.run("coda_train", {"name": "table_rows", "table": "outside", "rows": 120, "min_rows": 100})
+    assert res.status == "ok", res.error
+    assert "TRAIN_AT" in res.value["ctr"]["skipped"] and res.value["ctr"]["committed"] is False
+    assert len(device.rows("outside")) == 120 and device.models.info("ctr")["M"]["version"] == 1
+
+
+def test_train_without_validation_samples_skips_and_says_why(device, data):
+    device.insert_local([s for s in data["local"] if s.day <= 6][-50:])  # nothing within the last t days
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert "validate" in res.value["ctr"]["skipped"] and res.value["ctr"]["n_val"] == 0
+
+
+def test_train_without_model_or_tunnel_fails_clearly(device, data):
+    device.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::4])  # validation and training days
+    device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "error"
+    assert "'ctr' does not exist" in res.error and "tunnel" in res.error
+    assert len(device.rows("outside")) == 20 and not device.models.exists("ctr")
+
+
+def test_train_creates_ctr_from_the_global_model_over_the_real_tunnel(tmp_path, sandbox, tasks, data):
+    import grpc
+
+    from walle.device_host.tunnel import DownTunnel, UpTunnel, tunnel_ops
+    from walle.platform.auth import bearer_metadata
+    from walle.platform.coda.global_model import train_global
+    from walle.platform.server import build_server
+    from walle.platform.service import Platform
+    from walle.protos import admin_pb2
+
+    platform = Platform(tmp_path / "platform")
+    _server, port, stop = build_server(platform, port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        params, _graph, _metrics = train_global(data["outside"][:300], epochs=1, seed=5)
+        platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=params))
+        md = bearer_metadata(platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="dev-coda")).token)
+        up = UpTunnel(tmp_path / "dev" / "tunnel.sqlite3", channel, md)
+        down = DownTunnel(tmp_path / "dev" / "resources", channel, md)
+        dev = Device(tmp_path / "dev", sandbox, tasks, extra_ops=tunnel_ops(NS, up, down))
+        dev.put("today", TODAY)
+        dev.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::3])
+        res = dev.run("coda_train", EXHAUSTED)
+        assert res.status == "ok", res.error
+        info = dev.models.info("ctr")
+        assert info["arch"] == "din" and info["M0"]["source"] == "file"
+        # M0 is the cloud's model: it scores exactly like the published parameter file.
+        got = dev.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][:20]), which="M0")["probs"]
+        ref = core.predict(core.from_npz_bytes(params), SampleArrays.from_samples(data["local"][:20], 50, 0))
+        assert got == pytest.approx([float(x) for x in ref], abs=1e-6)
+        assert res.value["ctr"]["n_val"] > 0
+        up.close()
+        dev.close()
+    finally:
+        channel.close()
+        stop(0)
+
+
+# --- coda_infer ---------------------------------------------------------------------------------------
+
+def test_infer_ranks_candidates_by_the_models_scores(device, data):
+    device.ops["model.create"](name="ctr", arch="din", seed=4)
+    device.ops["model.train"](name="ctr", samples=as_dicts(data["outside"][:300]), epochs=1, lr=0.01)
+    cands = as_dicts(data["local"][-25:])
+    cands[0] = sample_to_row(data["local"][-25])  # list fields as stored JSON text are accepted too
+    res = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": cands}})
+    assert res.status == "ok", res.error
+    probs = device.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][-25:]))["probs"]
+    order = sorted(range(25), key=lambda i: (-probs[i], i))
+    assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in order]
+    assert res.value["scores"] == pytest.approx([probs[i] for i in order], abs=1e-7)
+    assert res.value["scores"] == sorted(res.value["scores"], reverse=True)
+    assert res.value["served_from"] == "M" and res.value["version"] == 2
+    # While M is being replaced (write lock held), the backup M0 serves the page (paper Figure 6, step 5).
+    with device.models.write_lock("ctr"):
+        res = device.run("coda_infer", {"name": "page_view:detail", "payload": {"candidates": cands}})
+    assert res.status == "ok" and res.value["served_from"] == "M0" and res.value["version"] == 1
+    m0 = device.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][-25:]), which="M0")["probs"]
+    assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
+
+
+# --- hostile input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload, words", [
+    (None, ["payload", "candidates"]),
+    ({}, ["candidates is missing"]),
+    ({"candidates": "item 5"}, ["candidates must be a list"]),
+    ({"candidates": []}, ["candidates is empty"]),
+    ({"candidates": [7, 8]}, ["candidates[0]", "object"]),
+    ({"candidates": [{"item_id": "5"}]}, ["candidates[0].item_id", "integer"]),
+    ({"candidates": [{"item_id": 5, "hist_items": "[1, 2"}]}, ["candidates[0].hist_items", "JSON"]),
+    ({"candidates": [{"item_id": 5, "hist_items": [1, 2], "hist_cats": [3]}]}, ["hist_items", "hist_cats"]),
+    ({"candidates": [{"item_id": 5}], "model": 3}, ["payload.model"]),
+    ({"candidates": [{"item_id": 5}], "model": "nope"}, ["nope", "does not exist"]),
+])
+def test_infer_hostile_payloads_end_in_clear_errors(device, payload, words):
+    device.ops["model.create"](name="ctr", arch="din", seed=4)
+    res = device.run("coda_infer", {"name": "page_view:home", "payload": payload})
+    assert res.status == "error"
+    for w in words:
+        assert w in res.error
+
+
+def test_hostile_config_rows_and_events_change_nothing(device, data):
+    device.insert_local(data["local"][-60:])
+    device.insert_outside(data["outside"][:30])
+    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    before = device.snapshot()
+    cases = [
+        ("coda_filter", BATCH, {"config": "fast"}, ["KV 'config'"]),
+        ("coda_filter", BATCH, {"config": {"SIGMA": "high"}}, ["SIGMA"]),
+        ("coda_filter", BATCH, {"config": {"sigma": 0.3}}, ["unknown keys", "sigma"]),
+        ("coda_train", EXHAUSTED, {"config": {"T": 9, "T_PRIME": 3}}, ["T_PRIME"]),
+        ("coda_train", EXHAUSTED, {"today": "monday"}, ["today"]),
+        ("coda_train", EXHAUSTED, {"experiment.local_arm": "yes"}, ["experiment.local_arm"]),
+        ("coda_train", "not an event", {}, ["event must be an object"]),
+        ("coda_filter", ["x"], {}, ["event must be an object"]),
+    ]
+    for task, event, kv, words in cases:
+        for k, v in kv.items():
+            device.put(k, v)
+        res = device.run(task, event)
+        assert res.status == "error", (task, kv, res.value)
+        for w in words:
+            assert w in res.error, (w, res.error)
+        for k in kv:
+            device.storage.delete(NS, k)
+        device.put("today", TODAY)
+        assert device.snapshot() == before
+    # A malformed stored row is named, and nothing is written.
+    device.storage.insert(NS, "outside", [{**sample_to_row(data["outside"][40], batch_id="b2", state="new",
+                                                          score=None), "hist_items": "not json"}])
+    before = device.snapshot()
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "error" and "hist_items" in res.error and data["outside"][40].sample_id in res.error
+    assert device.snapshot() == before and not device.models.exists("clf")
+    device.storage.insert(NS, "local", [{**sample_to_row(data["local"][0]), "day": "Tuesday"}])
+    before = device.snapshot()
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "error" and "'day' must be an integer" in res.error and device.snapshot() == before
+    device.storage.delete_rows(NS, "local", {"day": "Tuesday"})
+    # The host is fine: once the row is gone, the same task runs normally.
+    device.storage.delete_rows(NS, "outside", {"sample_id": data["outside"][40].sample_id})
+    res = device.run("coda_filter", BATCH)
+    assert res.status == "ok" and res.value["received"] == 30
