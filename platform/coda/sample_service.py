@@ -1,0 +1,203 @@
+"""The CoDA sample-query gRPC service (paper section 4.2.1 "Sample Query", section 5.2): a device lists
+its user's matched-sample batches for a day and pulls them over one server stream, at most
+`daily_limit` (12) batches per device per day, each batch sent as zlib(SampleList) in a gRPC `bytes`
+field (no base64: the transport is binary).
+
+Pulls are resumable: with no batch ids the stream carries the batches this device has not pulled yet.
+A batch counts as pulled once gRPC has finished sending it with the stream still up. The batch being
+sent when a stream breaks is given back (not counted, not marked), so a resume may send that one batch
+again (the client drops it by batch id) rather than lose it. The protocol has no client
+acknowledgements, so a batch fully sent but still unread in the client's buffers when it disconnected
+counts as pulled; a careful client compares ListBatches with the ids it holds and re-pulls missing ones
+by id (counted again).
+
+Store writes are per stream, not per batch: the stream reserves its batches from the daily allowance
+in one atomic step up front, and records which batches went out (and gives back the rest) when it ends.
+If the server process dies mid-stream, that stream's batches stay counted but unmarked: the limit is
+never exceeded, and a resume sends them again within what is left of the allowance.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterator
+
+import grpc
+
+from walle.protos import coda_pb2, coda_pb2_grpc
+
+from walle.platform.errors import (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
+                                   WalleError)
+
+from .mappings import Mappings
+
+Authenticate = Callable[[grpc.ServicerContext], str]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_FIELD1 = [b"\x0a" + _varint(n) for n in range(1 << 14)]  # tag + length prefix for samples < 16 KB
+
+
+def sample_list_bytes(samples: list[bytes]) -> bytes:
+    """A serialized SampleList built from serialized Samples without re-parsing them
+    (field 1, length-delimited: tag 0x0A, varint length, bytes)."""
+    parts = []
+    for s in samples:
+        n = len(s)
+        parts.append(_FIELD1[n] if n < 16384 else b"\x0a" + _varint(n))
+        parts.append(s)
+    return b"".join(parts)
+
+
+def samples_from_batch(batch: coda_pb2.SampleBatch) -> list[coda_pb2.Sample]:
+    """Decode a pulled batch (the device side of the wire format); checks the announced count."""
+    samples = list(coda_pb2.SampleList.FromString(zlib.decompress(batch.zlib_samples)).samples)
+    if len(samples) != batch.count:
+        raise InvalidArgument(f"batch {batch.batch_id!r} announces {batch.count} samples but holds {len(samples)}")
+    return samples
+
+
+def _abort(context: grpc.ServicerContext, err: WalleError) -> None:
+    context.abort(getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL), err.message)
+
+
+class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
+    def __init__(self, mappings: Mappings, authenticate: Authenticate,
+                 user_for_device: Callable[[str], str | None], today: Callable[[], int] | None = None,
+                 daily_limit: int = 12, zlib_level: int = 6):
+        """`today` (a day number) enables the kept-days window and counts the daily limit per calendar
+        day; without it the limit is counted per requested day."""
+        if daily_limit < 1:
+            raise InvalidArgument(f"daily_limit must be >= 1 (got {daily_limit})")
+        if not 0 <= zlib_level <= 9:
+            raise InvalidArgument(f"zlib_level must be in 0..9 (got {zlib_level})")
+        self.mappings = mappings
+        self.authenticate = authenticate
+        self.user_for_device = user_for_device
+        self.today = today
+        self.daily_limit = daily_limit
+        self.zlib_level = zlib_level
+
+    # ---- shared checks ------------------------------------------------------------------------
+
+    def _device(self, context: grpc.ServicerContext) -> str:
+        try:
+            return self.authenticate(context)  # aborts with UNAUTHENTICATED itself
+        except Unauthenticated as e:
+            _abort(context, e)
+            raise
+
+    def _user_and_limit_day(self, device: str, day: int) -> tuple[str, int]:
+        """The device's user and the day its pulls count against; raises for an unserved day."""
+        if day < 0:
+            raise InvalidArgument(f"day must be >= 0 (got {day})")
+        user = self.user_for_device(device)
+        if not user:
+            raise NotFound(f"device {device!r} is not linked to a user")
+        limit_day = day
+        if self.today is not None:
+            limit_day = self.today()
+            first = limit_day - self.mappings.keep_days + 1
+            if not first <= day <= limit_day:
+                raise NotFound(f"day {day} is not served: only days {max(first, 0)}..{limit_day} are kept")
+        if not self.mappings.has_day(day):
+            raise NotFound(f"no samples were prepared for day {day}")
+        return user, limit_day
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+
+    def ListBatches(self, request: coda_pb2.ListBatchesRequest, context: grpc.ServicerContext) -> coda_pb2.BatchList:
+        device = self._device(context)
+        try:
+            user, limit_day = self._user_and_limit_day(device, request.day)
+            batches = self.mappings.list_batches(user, request.day)
+            pulled = self.mappings.pulls(device, limit_day)
+        except WalleError as e:
+            _abort(context, e)
+        return coda_pb2.BatchList(day=request.day,
+                                  batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
+                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit)
+
+    def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[int, list[tuple[str, list[str]]]]:
+        """(limit day, the batches to send in order); raises before anything is sent or counted."""
+        day = request.day
+        if request.max_batches < 0:
+            raise InvalidArgument(f"max_batches must be >= 0, 0 meaning up to the daily limit (got {request.max_batches})")
+        wanted = list(request.batch_ids)
+        if any(not b for b in wanted):
+            raise InvalidArgument("batch_ids contains an empty batch id")
+        if len(set(wanted)) != len(wanted):
+            repeated = sorted({b for b in wanted if wanted.count(b) > 1})
+            raise InvalidArgument(f"batch_ids repeats batch ids {repeated[:10]}")
+        if request.max_batches and len(wanted) > request.max_batches:
+            raise InvalidArgument(f"batch_ids lists {len(wanted)} batches but max_batches is {request.max_batches}")
+        user, limit_day = self._user_and_limit_day(device, day)
+        batches = self.mappings.user_batches(user, day)
+        allowance = self.daily_limit - self.mappings.pulls(device, limit_day)
+        if wanted:
+            by_id = dict(batches)
+            unknown = [b for b in wanted if b not in by_id]
+            if unknown:
+                raise NotFound(f"unknown batch ids {unknown[:10]} for day {day}")
+            chosen = [(b, by_id[b]) for b in wanted]
+        else:
+            done = self.mappings.pulled(device, day, [b for b, _ in batches])
+            chosen = [(b, ids) for b, ids in batches if b not in done]
+            if request.max_batches:
+                chosen = chosen[:request.max_batches]
+            if allowance > 0:
+                chosen = chosen[:allowance]  # "the next batches": as many as the limit still allows
+        if chosen and allowance < len(chosen):
+            raise ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance))
+        return limit_day, chosen
+
+    def _limit_message(self, limit_day: int, requested: int, allowance: int) -> str:
+        if allowance <= 0:
+            return f"daily limit of {self.daily_limit} batches reached for day {limit_day}"
+        return (f"requested {requested} batches but only {allowance} of the daily limit of "
+                f"{self.daily_limit} remain for day {limit_day}")
+
+    def PullBatches(self, request: coda_pb2.PullBatchesRequest,
+                    context: grpc.ServicerContext) -> Iterator[coda_pb2.SampleBatch]:
+        device = self._device(context)
+        try:
+            limit_day, chosen = self._select(device, request)
+        except WalleError as e:
+            _abort(context, e)
+        if not chosen:
+            return
+        day = request.day
+        # One atomic reservation for the whole stream keeps store writes per stream, not per batch.
+        granted = self.mappings.reserve_pulls(device, limit_day, len(chosen), self.daily_limit)
+        if granted < len(chosen) and (request.batch_ids or granted == 0):
+            # Another stream of this device took the allowance since _select: explicit requests are
+            # all or nothing; "the next batches" sends what is left.
+            self.mappings.release_pulls(device, limit_day, granted)
+            allowance = self.daily_limit - self.mappings.pulls(device, limit_day)
+            _abort(context, ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance)))
+        sent: list[str] = []
+        try:
+            for batch_id, ids in chosen[:granted]:
+                try:
+                    payload = zlib.compress(sample_list_bytes(self.mappings.get_samples(ids)), self.zlib_level)
+                except WalleError as e:
+                    _abort(context, e)
+                yield coda_pb2.SampleBatch(batch_id=batch_id, day=day, count=len(ids), zlib_samples=payload)
+                # Resumed: gRPC finished sending the batch and the stream is still up. A GeneratorExit at
+                # the yield (the stream broke) leaves that batch unmarked and uncounted, to be sent again.
+                sent.append(batch_id)
+        finally:
+            if sent:
+                self.mappings.mark_pulled(device, day, sent)
+            self.mappings.release_pulls(device, limit_day, granted - len(sent))
+
+
+def add_to_server(server: grpc.Server, servicer: SampleServicer) -> None:
+    coda_pb2_grpc.add_SampleServiceServicer_to_server(servicer, server)
