@@ -1,0 +1,148 @@
+"""Matching time and recall@K for walle.platform.coda.matching.knn on synthetic user vectors.
+
+For each size: all-users KNN (K=100, self excluded) through the real `knn` API, wall time
+including index build, and recall@100 measured on 2,000 random users against exact results
+(exact Flat search of those users). The full exact time at 1M is extrapolated from those 2,000
+queries (brute force is linear in the number of queries); at <= 300k it is run for real. Each row waits
+(up to --wait-idle s) for an idle CPU and prints the idle fraction it saw ("idle0") and the
+process CPU seconds, since other work on a shared 2-core box inflates wall times.
+
+Data: "clustered" = a mixture of 2,000 Gaussians (centres N(0, 1), spread 0.5 per axis), closer
+to real user vectors; "gaussian" = isotropic N(0, 1), the worst case for approximate search.
+Also prints recall on the real MovieLens-100k user vectors.
+
+    python bench/bench_matching.py                     # 100k and 1M, clustered
+    python bench/bench_matching.py --sizes 100000 --datasets clustered,gaussian
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import faiss
+import numpy as np
+
+from walle.platform.coda import matching as mt
+
+CONFIGS = {
+    "flat": dict(index="flat"),
+    "hnsw32-efs128": dict(index="hnsw", hnsw_m=32, hnsw_ef_search=128),
+    "hnsw16-efs128": dict(index="hnsw", hnsw_m=16, hnsw_ef_search=128),
+    "ivf-nprobe8": dict(index="ivf", ivf_nprobe=8),
+    "ivf-nprobe16": dict(index="ivf", ivf_nprobe=16),
+    "ivf-nprobe32": dict(index="ivf", ivf_nprobe=32),
+}
+
+
+def cpu_idle(seconds: float = 1.0) -> float:
+    """Fraction of the machine's CPU idle over `seconds` (other work on these 2 cores skews timings)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    i0, t0 = read()
+    time.sleep(seconds)
+    i1, t1 = read()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(max_wait: float) -> float:
+    """Wait (up to max_wait s) until >= 85% of the CPU is idle; returns the last idle fraction."""
+    deadline = time.monotonic() + max_wait
+    idle = cpu_idle()
+    while idle < 0.85 and time.monotonic() < deadline:
+        time.sleep(2)
+        idle = cpu_idle()
+    return idle
+
+
+def make_data(kind: str, n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        x = rng.standard_normal((n, d), dtype=np.float32)
+    elif kind == "clustered":
+        centres = rng.standard_normal((2000, d), dtype=np.float32)
+        x = centres[rng.integers(0, 2000, n)] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
+    else:
+        raise SystemExit(f"unknown dataset {kind!r}")
+    faiss.normalize_L2(x)
+    return x
+
+
+def exact_for(x: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    t = time.perf_counter()
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, i = index.search(x[queries], k + 1)
+    elapsed = time.perf_counter() - t
+    _, ids = mt._drop_self(np.zeros(i.shape, np.float32), i, queries, k)
+    return ids, elapsed
+
+
+def movielens_recall(k: int) -> None:
+    from walle.platform.coda import movielens as ml
+    from walle.platform.coda import samples as sm
+
+    data = ml.load()
+    train, _ = ml.assign_days(data.inter, 7)
+    _, vec = sm.user_vectors(ml.as_raw_frame(train), data.items, key=b"bench-key-0123456789")
+    exact = mt.knn(vec, k, index="flat")[1]
+    parts = [f"mean top-10 cosine {sm.mean_topk_cosine(vec):.3f}"]
+    for name in ("hnsw32-efs128", "ivf-nprobe8", "ivf-nprobe16"):
+        parts.append(f"{name} {mt.recall_at_k(mt.knn(vec, k, **CONFIGS[name])[1], exact):.3f}")
+    print(f"MovieLens-100k user vectors ({vec.shape[0]} x {vec.shape[1]}), recall@{k}: " + ", ".join(parts), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--datasets", default="clustered")
+    ap.add_argument("--configs", default="flat,hnsw32-efs128,ivf-nprobe16")
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--full-exact-max", type=int, default=300_000,
+                    help="run exact all-users search for real up to this size, extrapolate above")
+    ap.add_argument("--no-movielens", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=60.0, help="max seconds to wait for an idle CPU per row")
+    args = ap.parse_args()
+
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads, {os.cpu_count()} cores, "
+          f"dim {args.dim}, K={args.k}, recall on {args.queries} random users", flush=True)
+    if not args.no_movielens:
+        movielens_recall(args.k)
+    print(f"{'n':>9} {'data':<10} {'config':<15} {'all-users s':>12} {'cpu s':>8} {'recall@K':>9} {'idle0':>6}  note",
+          flush=True)
+    for n in (int(s) for s in args.sizes.split(",")):
+        for kind in args.datasets.split(","):
+            x = make_data(kind, n, args.dim)
+            queries = np.sort(np.random.default_rng(1).choice(n, min(args.queries, n), replace=False))
+            exact_q, t_q = exact_for(x, queries, args.k)
+            for name in args.configs.split(","):
+                if name not in CONFIGS:
+                    raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+                if name == "flat" and n > args.full_exact_max:
+                    est = t_q * n / len(queries)
+                    print(f"{n:>9} {kind:<10} {name:<15} {est:>12.1f} {'':>8} {1.0:>9.3f} {'':>6}  extrapolated from "
+                          f"{len(queries)} queries in {t_q:.2f} s", flush=True)
+                    continue
+                idle = wait_idle(args.wait_idle)
+                t, c = time.perf_counter(), time.process_time()
+                _, idx = mt.knn(x, args.k, **CONFIGS[name])
+                elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+                rec = mt.recall_at_k(idx[queries], exact_q)
+                print(f"{n:>9} {kind:<10} {name:<15} {elapsed:>12.1f} {cpu:>8.1f} {rec:>9.3f} {idle:>6.2f}  "
+                      "build + search, run", flush=True)
+            if n <= args.full_exact_max:
+                idle = wait_idle(args.wait_idle)
+                t, c = time.perf_counter(), time.process_time()
+                mt.knn_sharded(x, args.k, n_shards=4)
+                print(f"{n:>9} {kind:<10} {'sharded-4':<15} {time.perf_counter() - t:>12.1f} "
+                      f"{time.process_time() - c:>8.1f} {1.0:>9.3f} {idle:>6.2f}  exact, 4 database shards, in-process",
+                      flush=True)
+            del x
+
+
+if __name__ == "__main__":
+    main()
