@@ -25,12 +25,15 @@ $(STAMP): $(BIN)/python $(SOURCES)
 
 install: $(STAMP)
 
-# Real servers the tests start on 127.0.0.1 (Debian packages; installed when missing and root).
+# Real servers and browsers the tests start on 127.0.0.1 (Debian packages; installed when missing
+# and root): redis-server for the key-value store suite, chromium for the dashboard's browser test.
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
-	  else echo "redis-server is missing: install Debian's redis-server (the store tests start one)"; exit 1; fi; }
+	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	    else echo "missing:$$missing (Debian packages the tests need)"; exit 1; fi; fi
 
 demo: install
 	$(BIN)/walle demo $(ARGS)

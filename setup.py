@@ -28,6 +28,6 @@ PACKAGES = _packages()
 setup(
     packages=sorted(PACKAGES),
     package_dir=PACKAGES,
-    package_data={pkg: ["*.proto", "*.toml", "*.md", "*.json", "*.txt"] for pkg in PACKAGES},
+    package_data={pkg: ["*.proto", "*.toml", "*.md", "*.json", "*.txt", "*.html", "*.js", "*.css"] for pkg in PACKAGES},
     include_package_data=True,
 )

@@ -247,8 +247,11 @@ def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, cod
     stop_dashboard = None
     if dashboard_port is not None:
         from .dashboard import start_dashboard
-        dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port)
-        err_console.print(f"dashboard on http://{host}:{dport}/")
+        pki_dir = pathlib.Path(data_dir) / "pki"
+        tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
+        dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
+        err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
+                          + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -568,7 +571,7 @@ def audit(obj: Ctx, limit):
 @main.command("demo")
 @click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False), help="Keep part 1's platform data here (default: a temporary folder).")
 @click.option("--users", default=0, show_default=True, type=int, help="MovieLens users to emulate (0 = all 943).")
-@click.option("--days", default=4, show_default=True, type=int, help="Simulated days (day 1 trains the global model).")
+@click.option("--days", default=3, show_default=True, type=int, help="Simulated days (day 1 trains the global model).")
 @click.option("--seeds", default=1, show_default=True, type=int, help="Repeat the experiment with this many seeds.")
 @click.option("--out", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Where results.json and results.png go.")
 @click.option("--workers", default=4, show_default=True, type=int, help="Device threads in the emulated fleet.")
