@@ -18,7 +18,8 @@ from walle.protos import admin_pb2, bundle, device_pb2, device_pb2_grpc
 
 from .auth import bearer_metadata
 from .manifest import validate_task_dir
-from .server import build_server
+from . import pki
+from .server import build_server, tls_credentials
 from .service import Platform
 
 console = Console()
@@ -33,7 +34,7 @@ def tasks_dir() -> pathlib.Path:
     return pathlib.Path(str(marker)).resolve().parent.parent
 
 
-def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 4, seeds: int = 1,
+def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3, seeds: int = 1,
              out_dir: str = "demo-output", workers: int = 4, coda: bool = True) -> dict:
     tmp = None
     if not data_dir:
@@ -60,10 +61,11 @@ def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 4,
 
 
 def _run(data_dir: pathlib.Path, actor: str) -> dict:
-    platform = Platform(data_dir / "platform")
-    _server, port, stop = build_server(platform, port=0)
+    keys = pki.init(data_dir / "platform")
+    platform = Platform(data_dir / "platform", keys=keys)
+    _server, port, stop = build_server(platform, port=0, credentials=tls_credentials(platform))
     console.rule("[bold]walle demo[/bold]")
-    console.print(f"platform serving on 127.0.0.1:{port}, data in {data_dir}", highlight=False)
+    console.print(f"platform serving TLS on localhost:{port}, data in {data_dir}", highlight=False)
     try:
         _manifest, files = validate_task_dir(tasks_dir() / "hello")
         tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), message="hello v1",
@@ -79,7 +81,8 @@ def _run(data_dir: pathlib.Path, actor: str) -> dict:
         ]
         table = Table("device", "attributes", "receives")
         received = {}
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        creds = grpc.ssl_channel_credentials(root_certificates=keys.ca_pem)
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             for info in devices:
                 enrolled = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{info.user_id}", actor=actor))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable
 
 from walle.protos.errors import FailedPrecondition, InvalidArgument
@@ -199,20 +201,44 @@ def model_info(store: ModelStore, *, name: str) -> dict:
     return _public_info(store.info(check_name(name)))
 
 
-def make_model_ops(store: ModelStore) -> dict[str, Callable[..., Any]]:
-    """The op table to register in the host API."""
-    def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def op(**kwargs: Any) -> Any:
-            return fn(store, **kwargs)
+_OPS: dict[str, Callable[..., Any]] = {
+    "model.create": model_create, "model.train": model_train, "model.predict": model_predict,
+    "model.evaluate": model_evaluate, "model.commit_if_better": model_commit_if_better,
+    "model.rollback": model_rollback, "model.info": model_info}
+
+
+def _run_op(root: str, op: str, kwargs: dict) -> Any:
+    """One op in a model worker process (the store's file locks make that safe)."""
+    return _OPS[op](ModelStore(root), **kwargs)
+
+
+def make_model_ops(store: ModelStore, pool: Executor | None = None) -> dict[str, Callable[..., Any]]:
+    """The op table to register in the host API.
+
+    `pool`: a process pool of trusted model workers shared by many devices (an emulated fleet).
+    MNN holds the GIL while it computes, so one host process trains one model at a time; the pool
+    lets devices train in parallel. Without it (a phone), ops run in the host process."""
+    def bind(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if pool is None:
+            def op(**kwargs: Any) -> Any:
+                return fn(store, **kwargs)
+        else:
+            def op(**kwargs: Any) -> Any:
+                return pool.submit(_run_op, store.root, name, kwargs).result()
         op.__name__ = op.__qualname__ = fn.__name__
         op.__doc__ = fn.__doc__
         return op
 
-    return {"model.create": bind(model_create), "model.train": bind(model_train),
-            "model.predict": bind(model_predict), "model.evaluate": bind(model_evaluate),
-            "model.commit_if_better": bind(model_commit_if_better),
-            "model.rollback": bind(model_rollback), "model.info": bind(model_info)}
+    return {name: bind(name, fn) for name, fn in _OPS.items()}
 
 
-__all__ = ["make_model_ops", "MAX_SAMPLES", "model_create", "model_train", "model_predict",
+def model_pool(workers: int = 2) -> ProcessPoolExecutor:
+    """Model workers started from a fork server that preloads numpy and MNN (never from a forked
+    copy of a host that may hold threads or a raised MNN thread count: mnn-notes section 5)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["walle.device_host.models.api"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+__all__ = ["make_model_ops", "model_pool", "MAX_SAMPLES", "model_create", "model_train", "model_predict",
            "model_evaluate", "model_commit_if_better", "model_rollback", "model_info"]

@@ -29,7 +29,8 @@ from rich.table import Table
 from walle.protos import admin_pb2, bundle, coda_pb2
 
 from .. import manifest as manifest_mod
-from ..server import build_server
+from .. import pki
+from ..server import build_server, tls_credentials
 from ..service import Platform
 from . import movielens
 from . import samples as samplegen
@@ -43,11 +44,11 @@ PAPER_COST = {"wall_s": 0.7, "memory_mb": 120, "kb_per_trigger": 19.4}
 @dataclass
 class Config:
     users: int = 0            # 0 = every MovieLens user
-    days: int = 4             # simulated work cycles; day 1 only feeds the global model
+    days: int = 3             # simulated work cycles; day 1 only feeds the global model
     seeds: tuple[int, ...] = (0,)
     k: int = 100
-    t: int = 1                # validation window in days (the paper's t = 3, compressed with time)
-    t_prime: int = 3          # local samples older than this are dropped (the paper's t' = 7)
+    t: int = 0                # validation: today's local samples (the paper's t = 3 days, time compressed)
+    t_prime: int = 2          # local samples older than this are dropped (the paper's t' = 7)
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
     out_dir: str = "demo-output"
@@ -84,13 +85,18 @@ class Experiment:
         from walle.device_host.models.api import make_model_ops
         from walle.device_host.sandbox import Sandbox
 
+        from walle.device_host.identity import Credentials
         cfg, con = self.cfg, self.console
-        platform = Platform(work / "platform")
+        keys = pki.init(work / "platform")  # TLS and signed bundles, as in production
+        platform = Platform(work / "platform", keys=keys)
         coda = CodaCloud(platform, items=self.ml.items, users=self.ml.users, k=cfg.k)
-        _server, port, stop = build_server(platform, port=0, extra=coda.add_services)
-        address = f"127.0.0.1:{port}"
+        _server, port, stop = build_server(platform, port=0, extra=coda.add_services,
+                                           credentials=tls_credentials(platform))
+        address = f"localhost:{port}"
+        from walle.device_host.models.api import model_pool
         sandbox = Sandbox(workers=2)
-        fleet = None
+        models = model_pool(2)  # devices train in parallel: MNN holds the GIL in any one process
+        fleet = channel = None
         try:
             for name in TASKS:  # the operator: submit and release
                 _m, files = manifest_mod.validate_task_dir(tasks_dir() / name)
@@ -103,15 +109,19 @@ class Experiment:
                 for u in self.user_ids:
                     f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
-            enroll = lambda did: platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo")).token
+            def enroll(did: str) -> Credentials:  # each device pins the CA and the bundle key
+                r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo"))
+                return Credentials(did, r.token, address, r.platform_ca_pem, r.bundle_public_key.hex())
+
+            channel = Credentials("demo", "-", address, keys.ca_pem.decode()).channel()
             fleet = Fleet(len(self.user_ids), address, work / "devices", profile_file=profile, sandbox=sandbox,
-                          enroll=enroll, workers=cfg.workers, seed=seed)
+                          enroll=enroll, workers=cfg.workers, seed=seed, model_pool=models, channel=channel)
             devices = {movielens.device_id(u): d for u, d in zip(self.user_ids, fleet.devices)}
             stats = fleet.sync_all()
             logs = {did: DeviceLog() for did in devices}
             installed = fleet.installed_counts()
-            con.print(f"seed {seed}: {len(devices)} devices synced; installed "
-                      f"{', '.join(f'{k.split('@')[0]}×{v}' for k, v in sorted(installed.items()))}", highlight=False)
+            counts = ", ".join(f"{ref.split('@')[0]} x{n}" for ref, n in sorted(installed.items()))
+            con.print(f"seed {seed}: {len(devices)} devices synced; installed {counts}", highlight=False)
             global_npz = b""
             for day in range(1, cfg.days + 1):
                 coda.today = day
@@ -137,6 +147,9 @@ class Experiment:
             if fleet is not None:
                 fleet.close()
             sandbox.close()
+            models.shutdown()
+            if channel is not None:
+                channel.close()
             stop(0)
 
     def _each(self, fleet, label: str, fn) -> None:
@@ -184,16 +197,17 @@ class Experiment:
         runs = []
         dev.on_run = lambda name, result: runs.append((name, result))
         client = SampleClient(dev.channel, dev.credentials.metadata)
-        while True:
-            have = st.count("coda", "outside") if "outside" in st.table_names("coda") else 0
-            room = (MAX_OUTSIDE - have) // 40  # whole batches that fit (a merged batch holds up to 40)
-            pulled = client.pull(day, max_batches=min(room, 12)) if room > 0 else []
-            for b in pulled:
-                st.insert("coda", "outside", [sample_to_row(s, batch_id=b.batch_id, state="new") for s in b.samples])
-                log.bytes_down += b.wire_bytes
-                log.batches += 1
-            if not pulled:
-                break
+        # One pull a day of what fits the outside table (at most 12 batches; a merged batch of up
+        # to 40 may overshoot the 200 rows, which the filter's forced cleanup trims).
+        have = st.count("coda", "outside") if "outside" in st.table_names("coda") else 0
+        room = (MAX_OUTSIDE - have) // 25
+        pulled = client.pull(day, max_batches=min(room, 12)) if room > 0 else []
+        for b in pulled:
+            st.insert("coda", "outside", [sample_to_row(s, batch_id=b.batch_id, state="new", score=None)
+                                          for s in b.samples])
+            log.bytes_down += b.wire_bytes
+            log.batches += 1
+        if pulled:
             dev.emit("batch_received", {"day": day, "batches": [b.batch_id for b in pulled]})
             log.filter_runs += 1
             dev.triggers.drain()
@@ -203,7 +217,7 @@ class Experiment:
         dev.triggers.drain()
         dev.on_run = None
         log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0,
-                           "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-300:] if r.error else "")
+                           "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-2000:] if r.error else "")
                                     for n, r in runs]})
 
     # -- the cloud's global model -----------------------------------------------------------------
@@ -235,7 +249,7 @@ class Experiment:
         from walle.device_host.models.core import auc, logloss
         from walle.device_host.models.features import SampleArrays
         tests = self.test_samples(coda.key)
-        glob = core.Model.from_npz_bytes(global_npz)
+        glob = core.from_npz_bytes(global_npz)
         arms = {"cloud": [], "local": [], "coda": []}
         per_user = {a: [] for a in arms}
         for did, dev in devices.items():
