@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per client")
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--server-workers", type=int, default=16)
+    ap.add_argument("--server-processes", type=int, default=1, help="walle platform serve --processes")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="walle-bench-"))
     try:
@@ -130,10 +131,12 @@ def main() -> None:
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "walle.platform.cli", "--data-dir", str(tmp / "data"),
                                    "platform", "serve", "--insecure", "--no-coda", "--port", str(port),
-                                   "--workers", str(args.server_workers)],
+                                   "--workers", str(args.server_workers), "--processes", str(args.server_processes)],
                                   stderr=subprocess.PIPE, text=True)
         try:
-            server.stderr.readline()  # "serving on ..."
+            for line in server.stderr:  # wait until it listens
+                if "serving on" in line:
+                    break
             import grpc
             from walle.protos import device_pb2, device_pb2_grpc
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # warm up
@@ -147,6 +150,7 @@ def main() -> None:
                 sl = slice(c, None, args.clients)
                 procs.append(mp.Process(target=client_proc, args=(f"127.0.0.1:{port}", tokens[sl], devices[sl],
                                                                    args.duration, args.concurrency, q)))
+            time.sleep(2)  # let the worker processes start listening
             cpu0 = _proc_cpu(server.pid)
             t0 = time.perf_counter()
             for pr in procs:
@@ -157,18 +161,53 @@ def main() -> None:
             elapsed = time.perf_counter() - t0
             for pr in procs:
                 pr.join()
-            cpu = _proc_cpu(server.pid) - cpu0
+            cpu = _proc_cpu(server.pid) - cpu0  # the first process only
+
             lat.sort()
             n = len(lat)
             print(f"GetActiveTasks: {n} requests in {elapsed:.1f}s = {n / elapsed:,.0f} req/s "
                   f"({args.clients} client procs x {args.concurrency} in flight)")
-            print(f"latency p50 {lat[n // 2] * 1e3:.2f} ms, p99 {lat[int(n * 0.99)] * 1e3:.2f} ms; "
-                  f"server CPU {cpu / n * 1e6:.0f} us/request")
+            print(f"latency p50 {lat[n // 2] * 1e3:.2f} ms, p99 {lat[int(n * 0.99)] * 1e3:.2f} ms "
+                  f"({args.server_processes} server process(es))")
+            if args.server_processes == 1:
+                print(f"server CPU {cpu / n * 1e6:.0f} us/request (the Python load generators share the 2 cores "
+                      f"and cost more CPU per request than the server: they bound this figure)")
+            if shutil.which("h2load"):
+                h2load_phase(port, tokens[0], devices[0], server.pid, args.duration)
+            else:
+                print("h2load not found (Debian nghttp2-client): skipped the C load generator phase")
         finally:
             server.terminate()
             server.wait(10)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def h2load_phase(port: int, token: str, device: bytes, pid: int, duration: float) -> None:
+    """The same server under h2load (C, raw gRPC frames): it costs far less CPU than Python
+    clients, so the server, not the load generator, is what is measured. One device's request."""
+    import re
+    import struct
+    with tempfile.NamedTemporaryFile(suffix=".bin") as body:
+        body.write(b"\x00" + struct.pack(">I", len(device)) + device)
+        body.flush()
+        cpu0 = _proc_cpu(pid)
+        out = subprocess.run(["h2load", "-n", "1000000", "-c", "8", "-m", "16", "-D", str(int(duration)),
+                              "-d", body.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
+                              "-H", f"authorization: Bearer {token}",
+                              f"http://127.0.0.1:{port}/walle.v1.DeviceService/GetActiveTasks"],
+                             capture_output=True, text=True).stdout
+        cpu = _proc_cpu(pid) - cpu0
+    done = re.search(r"(\d+) succeeded", out)
+    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    if not (done and rate):
+        print("h2load failed:\n" + out[-2000:])
+        return
+    n = int(done.group(1))
+    print(f"h2load (8 connections x 16 streams, {duration:.0f}s): {float(rate.group(1)):,.0f} req/s, "
+          f"latency mean {lat.group(3)} (min {lat.group(1)}, max {lat.group(2)}), server CPU "
+          f"{cpu / max(n, 1) * 1e6:.0f} us/request")
 
 
 def _proc_cpu(pid: int) -> float:

@@ -213,8 +213,12 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
 @click.option("--coda/--no-coda", default=True, show_default=True,
               help="Also serve the CoDA behaviour upload and sample-query service (MovieLens catalogue).")
 @click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
+@click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @click.pass_obj
-def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, coda, dashboard_port):
+def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, coda, dashboard_port, processes,
+                   reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from . import pki
     from .server import build_server, operator_authorizer, tls_credentials
@@ -223,14 +227,14 @@ def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, cod
     data_dir = serve_dir or obj.data_dir
     insecure = serve_insecure or obj.insecure
     keys = None
-    if insecure:
+    if insecure and not reuseport:
         err_console.print("[bold red]WARNING: --insecure: plaintext gRPC and UNSIGNED bundles. Anyone on the "
                           "network can read device traffic; devices that pinned keys will refuse these bundles."
                           "[/bold red]")
     else:
         keys = pki.load(data_dir)
     platform = Platform(data_dir, keys=keys)
-    if not platform.operators.any():
+    if not platform.operators.any() and not reuseport:
         err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
                           "`walle platform init` (or `walle operator create`)[/yellow]")
     extra = None
@@ -239,11 +243,22 @@ def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, cod
         from .coda.cloud import CodaCloud
         ml = movielens.load()
         extra = CodaCloud(platform, items=ml.items, users=ml.users).add_services
+    if processes > 1 and port == 0:
+        raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
     _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
                                         authorize_admin=operator_authorizer(platform),
-                                        credentials=None if insecure else tls_credentials(platform))
-    err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
-                      f"data: {platform.data_dir})")
+                                        credentials=None if insecure else tls_credentials(platform),
+                                        reuseport=processes > 1 or reuseport)
+    children = []
+    if processes > 1:
+        import subprocess
+        args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
+                "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
+                "--coda" if coda else "--no-coda"] + (["--insecure"] if insecure else [])
+        children = [subprocess.Popen(args) for _ in range(processes - 1)]
+    if not reuseport:
+        err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
+                          f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
     stop_dashboard = None
     if dashboard_port is not None:
         from .dashboard import start_dashboard
@@ -256,10 +271,15 @@ def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, cod
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    err_console.print("shutting down")
+    if not reuseport:
+        err_console.print("shutting down")
+    for child in children:
+        child.terminate()
     if stop_dashboard:
         stop_dashboard()
     stop(2.0)
+    for child in children:
+        child.wait(10)
 
 
 @main.group("operator")

@@ -2,6 +2,7 @@
 metadata), AdminService for operators, and the standard grpc.health.v1 health service."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -63,6 +64,7 @@ class RevisionWatcher:
         self.platform = platform
         self.interval = interval
         self.revision = platform.state.revision()
+        self.on_change: list[Callable[[int], None]] = []
         self.cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="walle-revision-watcher", daemon=True)
@@ -83,6 +85,8 @@ class RevisionWatcher:
                 with self.cond:
                     self.revision = rev
                     self.cond.notify_all()
+                for callback in list(self.on_change):
+                    callback(rev)
 
     def wait_change(self, seen: int, timeout: float) -> int:
         with self.cond:
@@ -96,15 +100,33 @@ class RevisionWatcher:
         self._thread.join(timeout=2)
 
 
+def _bearer(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return ""
+
+
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, platform: Platform, watcher: RevisionWatcher):
         self.platform = platform
         self.watcher = watcher
+        self._changed: asyncio.Event | None = None
 
-    @rpc
-    def GetActiveTasks(self, request, context):
-        device_id = self.platform.credentials.authenticate(context)
-        return self.platform.active_tasks(device_id, request)
+    async def _device(self, context) -> str:
+        try:
+            return self.platform.credentials.verify(_bearer(context))
+        except WalleError as e:
+            await context.abort(_status(e), e.message)
+
+    async def GetActiveTasks(self, request, context):
+        # The hot path, served on the event loop: no thread hop per poll (the sync server's
+        # per-call cost dominated; our own work here is a few microseconds, memoised per revision).
+        device_id = await self._device(context)
+        try:
+            return self.platform.active_tasks(device_id, request)
+        except WalleError as e:
+            await context.abort(_status(e), e.message)
 
     @stream_rpc
     def FetchBundle(self, request, context):
@@ -115,16 +137,30 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             yield device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
                                    digest=request.digest if first else "")
 
-    @stream_rpc
-    def WatchTasks(self, request, context):
-        self.platform.credentials.authenticate(context)
+    def _wake(self) -> None:
+        # on the loop: wake every waiting stream, then arm a fresh event for the next change
+        event, self._changed = self._changed, asyncio.Event()
+        if event is not None:
+            event.set()
+
+    async def WatchTasks(self, request, context):
+        await self._device(context)
+        if self._changed is None:
+            self._changed = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self.watcher.on_change.append(lambda _rev: loop.call_soon_threadsafe(self._wake))
         seen = self.watcher.revision
         yield device_pb2.ListChanged(revision=str(seen))  # tells the device the stream is live
-        while context.is_active():
-            rev = self.watcher.wait_change(seen, timeout=15)
-            if rev != seen:
-                seen = rev
-                yield device_pb2.ListChanged(revision=str(rev))
+        while True:  # ends when the device disconnects (the coroutine is cancelled)
+            event = self._changed
+            if self.watcher.revision == seen:
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=15)
+                except asyncio.TimeoutError:
+                    continue
+            if self.watcher.revision != seen:
+                seen = self.watcher.revision
+                yield device_pb2.ListChanged(revision=str(seen))
 
 
 class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
@@ -196,34 +232,54 @@ def tls_credentials(platform: Platform) -> grpc.ServerCredentials:
 
 def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                  extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
-                 credentials: grpc.ServerCredentials | None = None):
+                 credentials: grpc.ServerCredentials | None = None, reuseport: bool = False):
     """Create and start a server; returns (server, bound port, stop function). Pass
     `credentials=tls_credentials(platform)` for TLS and `authorize_admin=operator_authorizer(platform)`
     to require operator credentials on the admin API (`walle platform serve` does both)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="walle-rpc"),
-                         options=[("grpc.so_reuseport", 0),  # never share a port with a stale server
-                                  ("grpc.max_receive_message_length", MAX_MESSAGE),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE)])
+    # A grpc.aio server: GetActiveTasks is a coroutine on the loop; every other handler is plain
+    # synchronous code run in the migration thread pool.
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="walle-grpc-loop", daemon=True)
+    loop_thread.start()
     watcher = RevisionWatcher(platform)
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
-    tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)
-    if extra:
-        extra(server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for svc in ("", "walle.v1.DeviceService", "walle.v1.TunnelService", "walle.v1.AdminService"):
-        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address} (port in use?)")
-    server.start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="walle-rpc"),
+            # SO_REUSEPORT only when several processes serve one port on purpose: otherwise a
+            # stale server on the same port would silently take part of the traffic.
+            options=[("grpc.so_reuseport", 1 if reuseport else 0),
+                     ("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE)])
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
+        tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)
+        if extra:
+            extra(server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for svc in ("", "walle.v1.DeviceService", "walle.v1.TunnelService", "walle.v1.AdminService"):
+            health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {address} (port in use?)")
+        await server.start()
+        return server, bound
+
+    try:
+        server, bound = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    except BaseException:
+        watcher.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
 
     def stop(grace: float = 1.0) -> None:
         health_servicer.enter_graceful_shutdown()
         watcher.stop()
-        server.stop(grace).wait()
+        asyncio.run_coroutine_threadsafe(server.stop(grace), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(timeout=5)
         platform.flush_seen()
 
     return server, bound, stop
