@@ -187,6 +187,9 @@ class TaskRuntime:
         for i in range(1, len(rest) + 2):
             obj = self._bundle_module(".".join([head, *rest][:i]))
             if obj is None:
+                if head == "MNN":
+                    raise ImportError("MNN is not installed on this device: tasks that train or run models "
+                                      "cannot run here")
                 raise ImportError(
                     f"module {dotted!r} is not available in the sandbox (allowed: numpy, math, json, random, "
                     f"MNN, walle, and the task bundle's own .py files)")

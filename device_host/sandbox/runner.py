@@ -63,8 +63,9 @@ class _ZygoteDied(Exception):
 class _Zygote:
     """One zygote process and its control socket. Used by one run at a time (the pool guarantees it)."""
 
-    def __init__(self, profile: str):
+    def __init__(self, profile: str, mnn: bool = True):
         self.profile = profile
+        self.mnn = mnn
         self.runs = 0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
@@ -72,7 +73,8 @@ class _Zygote:
         debug = os.environ.get("WALLE_SANDBOX_DEBUG") == "1"
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "walle.device_host.sandbox.zygote", str(theirs.fileno()), profile],
+                [sys.executable, "-I", "-m", "walle.device_host.sandbox.zygote", str(theirs.fileno()), profile]
+                + ([] if self.mnn else ["no-mnn"]),
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=None if debug else subprocess.DEVNULL, start_new_session=True, close_fds=True)
         finally:
@@ -125,10 +127,11 @@ class Sandbox:
     profile "android_sim" traps landlock_*/seccomp()/close_range/unshare in the zygote (like an Android
     app's seccomp policy), so the layers a phone denies are off and the fallbacks are exercised.
     Untrusted tasks are refused unless seccomp or Landlock is effective, or allow_unconfined=True.
+    mnn=False runs the zygote as on a device without an MNN wheel (Termux): `import MNN` fails clearly.
     """
 
     def __init__(self, *, profile: str = "native", allow_unconfined: bool = False, workers: int = 1,
-                 restart_every: int = 500):
+                 restart_every: int = 500, mnn: bool = True):
         if profile not in PROFILES:
             raise InvalidArgument(f"profile must be one of {PROFILES}, got {profile!r}")
         if not isinstance(workers, int) or not 1 <= workers <= 64:
@@ -136,11 +139,12 @@ class Sandbox:
         if not isinstance(restart_every, int) or restart_every < 1:
             raise InvalidArgument(f"restart_every must be a positive int, got {restart_every!r}")
         self.profile, self.allow_unconfined, self.restart_every = profile, allow_unconfined, restart_every
+        self.mnn = mnn
         self._idle: queue.LifoQueue[_Zygote] = queue.LifoQueue()
         self._all: set[_Zygote] = set()
         self._lock = threading.Lock()
         self._closed = False
-        zygotes = [_Zygote(profile) for _ in range(workers)]
+        zygotes = [_Zygote(profile, mnn) for _ in range(workers)]
         try:
             for z in zygotes:
                 z.wait_ready()
@@ -184,7 +188,7 @@ class Sandbox:
         with self._lock:
             self._all.discard(old)
         old.close()
-        new = _Zygote(self.profile)
+        new = _Zygote(self.profile, self.mnn)
         new.wait_ready()
         with self._lock:
             self._all.add(new)

@@ -26,7 +26,10 @@ def _quiet_imports() -> None:
     saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     try:
-        import MNN  # noqa: F401
+        try:
+            import MNN  # noqa: F401
+        except ImportError:
+            pass  # no MNN wheel on this device (e.g. Termux): tasks that import it get a clear ImportError
         import numpy  # noqa: F401
 
         from . import child, policy, probe  # noqa: F401  (builds the curated namespaces)
@@ -118,6 +121,8 @@ def serve(ctrl: socket.socket, profile: str) -> None:
 
 def main(argv: list[str]) -> None:
     fd, profile = int(argv[1]), argv[2]
+    if "no-mnn" in argv[3:]:
+        sys.modules["MNN"] = None  # behave exactly as a device without an MNN wheel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctrl = socket.socket(fileno=fd)
     _quiet_imports()

@@ -75,3 +75,49 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
     t.add_row("mappings", f"{result.batches} batches, {result.stored_samples} samples stored, "
               f"{result.expired} expired", f"{result.seconds['mappings']:.2f}")
     Console().print(t)
+
+
+@cloud.command("global-model")
+@click.option("--day", type=int, required=True, help="Train on the samples of the days up to this one.")
+@click.option("--days-back", type=int, default=7, show_default=True, help="How many days of samples to use.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", default="coda/global_model", show_default=True, help="Resource name devices download.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
+    """Train the global DIN model on recent samples and publish it as a versioned resource."""
+    from walle.protos import admin_pb2
+    from walle.platform.service import Platform
+
+    from . import movielens, samples as samplegen
+    from .global_model import train_global
+    root = ctx.find_root().obj
+    data_dir = data_dir or root.data_dir
+    ml = movielens.load()
+    platform = Platform(data_dir)
+    from .cloud import CodaCloud
+    coda = CodaCloud(platform, items=ml.items, users=ml.users)
+    with console.status("generating samples"):
+        raw = coda.raw.frame(day_range=(max(0, day - 365), day))
+        pool = []
+        for d in range(max(1, day - days_back + 1), day + 1):
+            gen = samplegen.generate(raw[raw["day"] <= d], ml.items, ml.users, key=coda.key, day=d)
+            pool.extend(s for ss in gen.samples.values() for s in ss)
+    if not pool:
+        raise click.ClickException(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
+    with console.status(f"training on {len(pool)} samples"):
+        npz, graph, metrics = train_global(pool, epochs=epochs, seed=seed)
+    params = platform.PublishResource(admin_pb2.PublishResourceRequest(
+        name=name, data=npz, metadata_json=json.dumps({"metrics": metrics, "day": day}), actor=root.actor))
+    graph_ref = platform.PublishResource(admin_pb2.PublishResourceRequest(name=name + ".mnn", data=graph,
+                                                                          actor=root.actor))
+    out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,
+           "graph": f"{graph_ref.name}@{graph_ref.version}", "metrics": metrics}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        Console().print(f"published {params.name}@{params.version} ({params.size / 1024:.0f} KB, "
+                        f"{metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}) and {out['graph']}",
+                        highlight=False)

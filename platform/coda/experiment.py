@@ -51,6 +51,7 @@ class Config:
     t_prime: int = 2          # local samples older than this are dropped (the paper's t' = 7)
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
+    model_workers: int = 2    # model worker processes shared by the fleet; 0 = in the host, as on a phone
     out_dir: str = "demo-output"
 
 
@@ -95,7 +96,8 @@ class Experiment:
         address = f"localhost:{port}"
         from walle.device_host.models.api import model_pool
         sandbox = Sandbox(workers=2)
-        models = model_pool(2)  # devices train in parallel: MNN holds the GIL in any one process
+        # devices train in parallel: MNN holds the GIL in any one process
+        models = model_pool(cfg.model_workers) if cfg.model_workers else None
         fleet = channel = None
         try:
             for name in TASKS:  # the operator: submit and release
@@ -147,7 +149,8 @@ class Experiment:
             if fleet is not None:
                 fleet.close()
             sandbox.close()
-            models.shutdown()
+            if models is not None:
+                models.shutdown()
             if channel is not None:
                 channel.close()
             stop(0)
@@ -193,6 +196,7 @@ class Experiment:
             st.insert("coda", "local", [sample_to_row(s) for s in own])
         if day == 1:
             return  # the first day's data trains the global model; devices start the next day
+        rss0 = _reset_peak_rss()
         t0 = time.perf_counter()
         runs = []
         dev.on_run = lambda name, result: runs.append((name, result))
@@ -216,7 +220,7 @@ class Experiment:
         dev.emit("batches_exhausted", {"day": day})
         dev.triggers.drain()
         dev.on_run = None
-        log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0,
+        log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0, "extra_rss_mb": _peak_rss_mb() - rss0,
                            "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-2000:] if r.error else "")
                                     for n, r in runs]})
 
@@ -280,7 +284,10 @@ class Experiment:
         failed = [x for x in runs if x[1] != "ok"]
         triggers = sum(lg.filter_runs for lg in logs.values())
         peak_child = max((x[3] for x in runs), default=0)
+        extra = [r["extra_rss_mb"] for lg in logs.values() for r in lg.rounds]
         return {"round_wall_s_p50": float(np.median(walls)) if walls else None,
+                "round_extra_rss_mb_p50": float(np.median(extra)) if extra else None,
+                "round_extra_rss_mb_max": float(np.max(extra)) if extra else None,
                 "round_wall_s_p90": float(np.percentile(walls, 90)) if walls else None,
                 "task_runs": len(runs), "task_runs_failed": len(failed),
                 "first_failure": failed[0] if failed else None,
@@ -305,6 +312,29 @@ class Experiment:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         plot(results, out_dir / "results.png")
         return results
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak RSS (Linux clear_refs 5) and return the current RSS in MB: the
+    baseline a round's extra memory is measured against (exact when devices run one at a time)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def summarize(seeds: dict) -> dict:

@@ -322,3 +322,17 @@ def test_refused_when_unconfined(monkeypatch):
         assert res.status == "refused" and "allow_unconfined" in res.error
         sb.allow_unconfined = True
         assert sb.run(TRIVIAL, "main.py", {}, limits=Limits()).value == 42
+
+
+def test_a_device_without_mnn_still_runs_tasks_and_refuses_mnn_clearly():
+    """Termux has no MNN wheel: the sandbox must still start and run plain tasks."""
+    from walle.device_host.sandbox import Limits, Sandbox
+    with Sandbox(profile="android_sim", mnn=False) as sb:
+        plain = sb.run({"main.py": "import numpy as np\ndef main(event):\n    return int(np.arange(5).sum())\n"},
+                       "main.py", {}, limits=Limits(memory_mb=128, cpu_seconds=5, wall_seconds=10),
+                       api_handler=None, allowed_apis=set())
+        assert plain.status == "ok" and plain.value == 10
+        needs = sb.run({"main.py": "import MNN\ndef main(event):\n    return 1\n"}, "main.py", {},
+                       limits=Limits(memory_mb=128, cpu_seconds=5, wall_seconds=10), api_handler=None,
+                       allowed_apis=set())
+        assert needs.status == "error" and "MNN is not installed on this device" in needs.error
