@@ -234,7 +234,9 @@ def make_model_ops(store: ModelStore, pool: Executor | None = None) -> dict[str,
 
 def model_pool(workers: int = 2) -> ProcessPoolExecutor:
     """Model workers started from a fork server that preloads numpy and MNN (never from a forked
-    copy of a host that may hold threads or a raised MNN thread count: mnn-notes section 5)."""
+    copy of a host that may hold threads or a raised MNN thread count: mnn-notes section 5).
+    As with any forkserver pool, a script that creates one needs an `if __name__ == "__main__":`
+    guard: the workers import the main module."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["walle.device_host.models.api"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

@@ -52,6 +52,7 @@ class Config:
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
     model_workers: int = 2    # model worker processes shared by the fleet; 0 = in the host, as on a phone
+    task_config: dict = field(default_factory=dict)  # overrides for the tasks' config (SIGMA, epochs, lr, ...)
     out_dir: str = "demo-output"
 
 
@@ -140,6 +141,7 @@ class Experiment:
             fleet.flush_all()
             metrics = self._evaluate(coda, devices, global_npz, core)
             metrics["cost"] = self._cost(logs)
+            metrics["diagnostics"] = self._diagnostics(logs)
             metrics["release_stats"] = {r.task: {"delivered": r.stats.delivered, "ran": r.stats.ran,
                                                  "runs": r.stats.runs, "failed": r.stats.failed}
                                         for r in platform.ListReleases(admin_pb2.ReleaseFilter()).releases}
@@ -190,7 +192,7 @@ class Experiment:
         from walle.device_host.sample_client import SampleClient
         st = dev.storage
         st.put("coda", "today", day)
-        st.put("coda", "config", {"T": self.cfg.t, "T_PRIME": self.cfg.t_prime, "seed": seed})
+        st.put("coda", "config", {"T": self.cfg.t, "T_PRIME": self.cfg.t_prime, "seed": seed, **self.cfg.task_config})
         st.put("coda", "experiment.local_arm", True)
         if own:
             st.insert("coda", "local", [sample_to_row(s) for s in own])
@@ -222,7 +224,8 @@ class Experiment:
         dev.on_run = None
         log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0, "extra_rss_mb": _peak_rss_mb() - rss0,
                            "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-2000:] if r.error else "")
-                                    for n, r in runs]})
+                                    for n, r in runs],
+                           "values": [(n, r.value) for n, r in runs if r.status == "ok"]})
 
     # -- the cloud's global model -----------------------------------------------------------------
     def _global_model(self, platform: Platform, todays: dict, seed: int) -> bytes:
@@ -295,6 +298,39 @@ class Experiment:
                 "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "kb_per_trigger": (sum(lg.bytes_down for lg in logs.values()) / 1024 / triggers) if triggers else None,
                 "batches_pulled": sum(lg.batches for lg in logs.values())}
+
+    @staticmethod
+    def _diagnostics(logs: dict[str, DeviceLog]) -> dict:
+        """What the tasks did: how much the filter kept, how often the gate let an update through."""
+        received = kept = 0
+        arms: dict[str, dict] = {}
+        for lg in logs.values():
+            for r in lg.rounds:
+                for name, value in r.get("values", []):
+                    if name == "coda_filter" and isinstance(value, dict):
+                        received += value.get("scored", 0)
+                        kept += value.get("kept", 0)
+                    elif name == "coda_train" and isinstance(value, dict):
+                        for arm, v in value.items():
+                            if not isinstance(v, dict):
+                                continue
+                            a = arms.setdefault(arm, {"runs": 0, "committed": 0, "skipped": 0, "gain": [],
+                                                      "n_train": []})
+                            a["runs"] += 1
+                            a["skipped"] += bool(v.get("skipped"))
+                            a["committed"] += bool(v.get("committed"))
+                            if v.get("committed") and v.get("before") is not None and v.get("after") is not None:
+                                a["gain"].append(v["after"] - v["before"])
+                            if v.get("n_train") is not None:
+                                a["n_train"].append(v["n_train"])
+        out = {"filter_scored": received, "filter_kept": kept,
+               "filter_keep_rate": kept / received if received else None}
+        for arm, a in arms.items():
+            out[arm] = {"train_runs": a["runs"], "skipped": a["skipped"], "committed": a["committed"],
+                        "commit_rate": a["committed"] / max(1, a["runs"] - a["skipped"]),
+                        "mean_validation_gain_when_committed": float(np.mean(a["gain"])) if a["gain"] else None,
+                        "mean_train_samples": float(np.mean(a["n_train"])) if a["n_train"] else None}
+        return out
 
     # -- all seeds ------------------------------------------------------------------------------
     def run(self) -> dict:
