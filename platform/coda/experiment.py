@@ -79,6 +79,11 @@ class Experiment:
             inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
         self.train, self.test = movielens.assign_days(inter, cfg.days)
+        items = self.ml.items
+        self.item_ids = items["item_id"].to_numpy()
+        self.item_cats = {int(i): [int(c) for c in cs] for i, cs in zip(items["item_id"], items["genre_ids"])}
+        self.titles = dict(zip(items["item_id"].astype(int), items["title"]))
+        self.seen_items = {int(u): set(g) for u, g in self.train.groupby("user_id")["item_id"]}
 
     # -- one seed -------------------------------------------------------------------------------
     def run_seed(self, seed: int, work: pathlib.Path) -> dict:
@@ -221,11 +226,29 @@ class Experiment:
             dev.triggers.drain()
         dev.emit("batches_exhausted", {"day": day})
         dev.triggers.drain()
+        wall, extra_mb = time.perf_counter() - t0, _peak_rss_mb() - rss0  # the round: filter + train
+        self._page_view(dev, day)
         dev.on_run = None
-        log.rounds.append({"day": day, "wall_s": time.perf_counter() - t0, "extra_rss_mb": _peak_rss_mb() - rss0,
+        log.rounds.append({"day": day, "wall_s": wall, "extra_rss_mb": extra_mb,
                            "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-2000:] if r.error else "")
                                     for n, r in runs],
                            "values": [(n, r.value) for n, r in runs if r.status == "ok"]})
+
+    def _page_view(self, dev, day: int) -> None:
+        """The app opens its home page: 20 candidate items the user has not rated, in the context of
+        the user's latest history; coda_infer ranks them with the personal model."""
+        latest = dev.storage.query("coda", "local", order_by="-ts", limit=1)
+        if not latest:
+            return
+        row = latest[0]
+        uid = int(dev.device_id.rsplit("-", 1)[1])
+        seen = self.seen_items.get(uid, set())
+        rng = np.random.default_rng(uid * 1000 + day)
+        pool = [int(i) for i in rng.choice(self.item_ids, size=60, replace=False) if int(i) not in seen][:20]
+        cands = [{"item_id": i, "item_cats": self.item_cats[i], "hist_items": row["hist_items"],
+                  "hist_cats": row["hist_cats"], "profile": row["profile"]} for i in pool]
+        dev.emit("page_view:home", {"candidates": cands})
+        dev.triggers.drain()
 
     # -- the cloud's global model -----------------------------------------------------------------
     def _global_model(self, platform: Platform, todays: dict, seed: int) -> bytes:
@@ -299,14 +322,17 @@ class Experiment:
                 "kb_per_trigger": (sum(lg.bytes_down for lg in logs.values()) / 1024 / triggers) if triggers else None,
                 "batches_pulled": sum(lg.batches for lg in logs.values())}
 
-    @staticmethod
-    def _diagnostics(logs: dict[str, DeviceLog]) -> dict:
+    def _diagnostics(self, logs: dict[str, DeviceLog]) -> dict:
         """What the tasks did: how much the filter kept, how often the gate let an update through."""
         received = kept = 0
         arms: dict[str, dict] = {}
+        infer_s = [x[2] for lg in logs.values() for r in lg.rounds for x in r["runs"] if x[0] == "coda_infer"]
+        example = None
         for lg in logs.values():
             for r in lg.rounds:
                 for name, value in r.get("values", []):
+                    if name == "coda_infer" and isinstance(value, dict) and example is None:
+                        example = [self.titles.get(int(i), str(i)) for i in value.get("ranking", [])[:5]]
                     if name == "coda_filter" and isinstance(value, dict):
                         received += value.get("scored", 0)
                         kept += value.get("kept", 0)
@@ -324,7 +350,9 @@ class Experiment:
                             if v.get("n_train") is not None:
                                 a["n_train"].append(v["n_train"])
         out = {"filter_scored": received, "filter_kept": kept,
-               "filter_keep_rate": kept / received if received else None}
+               "filter_keep_rate": kept / received if received else None,
+               "infer_runs": len(infer_s), "infer_ms_p50": float(np.median(infer_s)) * 1000 if infer_s else None,
+               "example_home_page_top5": example}
         for arm, a in arms.items():
             out[arm] = {"train_runs": a["runs"], "skipped": a["skipped"], "committed": a["committed"],
                         "commit_rate": a["committed"] / max(1, a["runs"] - a["skipped"]),
@@ -410,15 +438,16 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 def print_results(results: dict, console: Console) -> None:
     s = results["summary"]
-    t = Table(title=f"Held-out test metrics ({results['users']} users, mean ± std over "
-                    f"{len(results['seeds'])} seed(s))")
+    n_seeds = len(results["seeds"])
+    t = Table(title=f"Held-out test metrics ({results['users']} users, "
+                    + (f"mean ± std over {n_seeds} seeds)" if n_seeds > 1 else "one seed; --seeds 3 for a spread)"))
     for col in ("arm", "per-user AUC", "pooled AUC", "per-user logloss", "pooled logloss"):
         t.add_column(col)
     for arm in ("cloud", "local", "coda"):
         row = [arm.capitalize() if arm != "coda" else "CoDA"]
         for metric in ("user_auc_mean", "pooled_auc", "user_logloss_mean", "pooled_logloss"):
             m = s[arm][metric]
-            row.append(f"{m['mean']:.4f} ± {m['std']:.4f}")
+            row.append(f"{m['mean']:.4f} ± {m['std']:.4f}" if n_seeds > 1 else f"{m['mean']:.4f}")
         t.add_row(*row)
     console.print(t)
     cost = next(iter(results["seeds"].values()))["cost"]
@@ -432,6 +461,10 @@ def print_results(results: dict, console: Console) -> None:
     c.add_row("downloaded per trigger", _fmt(cost["kb_per_trigger"], "KB"), f"{PAPER_COST['kb_per_trigger']} KB")
     c.add_row("task runs (failed)", f"{cost['task_runs']} ({cost['task_runs_failed']})", "")
     console.print(c)
+    diag = next(iter(results["seeds"].values())).get("diagnostics", {})
+    if diag.get("example_home_page_top5"):
+        console.print(f"coda_infer ranked {diag['infer_runs']} home pages (p50 {diag['infer_ms_p50']:.0f} ms in the "
+                      f"sandbox); one user's top 5: {'; '.join(diag['example_home_page_top5'])}", highlight=False)
 
 
 def _fmt(v, unit: str) -> str:

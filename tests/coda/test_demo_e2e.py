@@ -20,6 +20,9 @@ def test_short_coda_demo_end_to_end(tmp_path):
     cost = seed["cost"]
     assert cost["task_runs"] >= 6 * 2 and cost["task_runs_failed"] == 0, cost["first_failure"]
     assert cost["batches_pulled"] > 0 and 0 < cost["kb_per_trigger"] < 64
+    diag = seed["diagnostics"]
+    assert diag["infer_runs"] == 6 and len(diag["example_home_page_top5"]) == 5  # one home page per device-day
+    assert 0 < diag["filter_kept"] <= diag["filter_scored"]
     stats = seed["release_stats"]
     assert stats["coda_filter"]["delivered"] == 6 and stats["coda_filter"]["ran"] == 6
     assert stats["coda_train"]["runs"] >= 6 and stats["coda_train"]["failed"] == 0
