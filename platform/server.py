@@ -57,15 +57,15 @@ def stream_rpc(method: Callable) -> Callable:
 
 
 class RevisionWatcher:
-    """One thread polls the state revision and wakes every waiting WatchTasks stream when it
-    changes, whoever changed it (this server, another process, or the CLI on the data folder)."""
+    """One thread polls the state revision and calls every `on_change` callback when it changes,
+    whoever changed it (this server, another process, or the CLI on the data folder); it also
+    flushes devices' last-seen times every few seconds."""
 
     def __init__(self, platform: Platform, interval: float = 0.2):
         self.platform = platform
         self.interval = interval
         self.revision = platform.state.revision()
         self.on_change: list[Callable[[int], None]] = []
-        self.cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="walle-revision-watcher", daemon=True)
         self._thread.start()
@@ -82,21 +82,12 @@ class RevisionWatcher:
                 log.exception("revision poll failed")
                 continue
             if rev != self.revision:
-                with self.cond:
-                    self.revision = rev
-                    self.cond.notify_all()
+                self.revision = rev
                 for callback in list(self.on_change):
                     callback(rev)
 
-    def wait_change(self, seen: int, timeout: float) -> int:
-        with self.cond:
-            self.cond.wait_for(lambda: self.revision != seen or self._stop.is_set(), timeout)
-            return self.revision
-
     def stop(self) -> None:
         self._stop.set()
-        with self.cond:
-            self.cond.notify_all()
         self._thread.join(timeout=2)
 
 
