@@ -26,6 +26,14 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def bearer_token(context) -> str:
+    """The bearer token of an RPC's `authorization` metadata ("" if none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return ""
+
+
 class DeviceCredentials:
     def __init__(self, state: PlatformState):
         self.state = state
@@ -97,12 +105,8 @@ class DeviceCredentials:
 
     def authenticate(self, context: grpc.ServicerContext) -> str:
         """The calling device's id, or abort the RPC with UNAUTHENTICATED."""
-        token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                token = value[len("Bearer "):].strip()
         try:
-            return self.verify(token)
+            return self.verify(bearer_token(context))
         except Unauthenticated as e:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, e.message)
             raise  # abort raises; keeps type checkers honest

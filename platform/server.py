@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from walle.protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 
+from .auth import bearer_token
 from .errors import WalleError
 from .service import Platform
 
@@ -91,13 +92,6 @@ class RevisionWatcher:
         self._thread.join(timeout=2)
 
 
-def _bearer(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
-    return ""
-
-
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, platform: Platform, watcher: RevisionWatcher):
         self.platform = platform
@@ -106,7 +100,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def _device(self, context) -> str:
         try:
-            return self.platform.credentials.verify(_bearer(context))
+            return self.platform.credentials.verify(bearer_token(context))
         except WalleError as e:
             await context.abort(_status(e), e.message)
 
@@ -205,12 +199,8 @@ def _admin_servicer(platform: Platform, authorize: Callable | None):
 def operator_authorizer(platform: Platform) -> Callable:
     """Admin RPCs need an operator credential; the operator's name becomes the audit actor."""
     def authorize(context: grpc.ServicerContext, method: str) -> str:
-        token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                token = value[len("Bearer "):].strip()
         try:
-            return platform.operators.verify(token)
+            return platform.operators.verify(bearer_token(context))
         except WalleError as e:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {e.message}")
     return authorize
