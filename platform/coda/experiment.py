@@ -346,7 +346,9 @@ class Experiment:
                             a["skipped"] += bool(v.get("skipped"))
                             a["committed"] += bool(v.get("committed"))
                             if v.get("committed") and v.get("before") is not None and v.get("after") is not None:
-                                a["gain"].append(v["after"] - v["before"])
+                                # improvement in the gate's own metric: AUC up, or logloss down
+                                sign = -1.0 if v.get("metric") == "logloss" else 1.0
+                                a["gain"].append((v.get("metric", "auc"), sign * (v["after"] - v["before"])))
                             if v.get("n_train") is not None:
                                 a["n_train"].append(v["n_train"])
         out = {"filter_scored": received, "filter_kept": kept,
@@ -356,7 +358,9 @@ class Experiment:
         for arm, a in arms.items():
             out[arm] = {"train_runs": a["runs"], "skipped": a["skipped"], "committed": a["committed"],
                         "commit_rate": a["committed"] / max(1, a["runs"] - a["skipped"]),
-                        "mean_validation_gain_when_committed": float(np.mean(a["gain"])) if a["gain"] else None,
+                        "mean_validation_improvement_when_committed": {
+                            m: float(np.mean([g for mm, g in a["gain"] if mm == m]))
+                            for m in sorted({mm for mm, _ in a["gain"]})},
                         "mean_train_samples": float(np.mean(a["n_train"])) if a["n_train"] else None}
         return out
 
