@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per client")
     ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--server-workers", type=int, default=16)
+    ap.add_argument("--server-workers", type=int, default=8)
     ap.add_argument("--server-processes", type=int, default=1, help="walle platform serve --processes")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="walle-bench-"))

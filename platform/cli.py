@@ -207,7 +207,8 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
 @click.option("--data-dir", "serve_dir", type=click.Path(file_okay=False), help="Data folder (default: global --data-dir).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
-@click.option("--workers", default=32, show_default=True, type=int, help="RPC worker threads.")
+@click.option("--workers", default=8, show_default=True, type=int,
+              help="Threads for the synchronous handlers (polls and watch streams are async; more threads only contend for the GIL).")
 @click.option("--insecure", "serve_insecure", is_flag=True,
               help="Serve plaintext gRPC and unsigned bundles (debugging only; devices cannot trust it).")
 @click.option("--coda/--no-coda", default=True, show_default=True,

@@ -211,7 +211,7 @@ def tls_credentials(platform: Platform) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(keys.server_key_pem, keys.server_cert_pem)])
 
 
-def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
+def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
                  extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
                  credentials: grpc.ServerCredentials | None = None, reuseport: bool = False):
     """Create and start a server; returns (server, bound port, stop function). Pass
