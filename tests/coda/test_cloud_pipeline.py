@@ -79,11 +79,14 @@ def test_upload_pipeline_and_pull(cloud, data):
     got = list(stub.PullBatches(coda_pb2.PullBatchesRequest(day=1, max_batches=12), metadata=mds[u]))
     assert 0 < len(got) <= 12
     samples = [s for b in got for s in samples_from_batch(b)]
-    me = coda.pseudonym_of_device(movielens.device_id(u))
-    raw_ids = {str(x) for x in users}
-    for s in samples:
-        assert s.user != me  # matched samples come from the K neighbours, never the user itself
-        assert s.user not in raw_ids and len(s.user) == 16
+    pseudonyms = {coda.pseudonym_of_device(movielens.device_id(x)) for x in users}
+    served_bytes = b"".join(s.SerializeToString() for s in samples)
+    assert not any(p.encode() in served_bytes for p in pseudonyms)  # neighbours stay anonymous
+    assert all(s.user == "" and len(s.sample_id) == 16 for s in samples)
+    # matched samples come from the K neighbours, never from the user itself
+    own_ids = {x.sample_id.rsplit("-", 1)[-1] for x in coda.day_samples[1][coda.pseudonym_of_device(
+        movielens.device_id(u))]}
+    assert own_ids and not own_ids & {s.sample_id for s in samples}
     # no test-period interaction was uploaded, so none can be served
     test_keys = {(int(r.item_id), int(r.ts)) for r in test.itertuples()}
     assert not any((s.item_id, s.ts) in test_keys for s in samples)
