@@ -13,7 +13,6 @@ import pathlib
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
