@@ -31,6 +31,18 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 DEFAULT_CHANNEL = "stable"
 MAX_LIST = 10_000
 
+# Verdicts of ReleaseManager._decide (the fixed ones double as their explanation).
+PAUSED = "skipped: paused"
+DENIED = "miss: deny-listed"
+OLD_HOST = "miss: host too old"
+ALLOWED = "hit: allow-listed"
+BETA_ONLY = "miss: beta release and not allow-listed"
+RULE_FALSE = "miss: rule is false"
+NO_UNIT = "miss: no user_id or device_id to place in the rollout"
+OUTSIDE_ROLLOUT = "miss: outside the rollout"
+MATCHED = "hit"
+HITS = frozenset({ALLOWED, MATCHED})
+
 
 def device_attrs(info: device_pb2.DeviceInfo) -> dict:
     """The attributes hit rules see; empty strings are absent."""
@@ -187,13 +199,13 @@ class ReleaseManager:
             if ch != channel:
                 continue
             for c in chain:
-                hit = self._hits(c, attrs, ids, unit, host)
+                verdict = self._decide(c, attrs, ids, unit, host)
                 if explain:
                     row = c.row
                     why.append(f"{task}: {row['id']} ({row['version'][:12]}, {row['stage']} {row['rollout']:g}%"
                                f"{', paused' if row['state'] == 'paused' else ''}) -> "
-                               f"{self._reason(c, attrs, ids, unit, host)}")
-                if hit:
+                               f"{self._describe(verdict, c, attrs)}")
+                if verdict in HITS:
                     out.append(c.task_pb)
                     break
             else:
@@ -202,42 +214,40 @@ class ReleaseManager:
         return out, why
 
     @staticmethod
-    def _hits(c: _Compiled, attrs: dict, ids: set, unit: str, host) -> bool:
-        """The hot path: the same decision as _reason, without building any text."""
-        row = c.row
-        if row["state"] == "paused" or (ids and not ids.isdisjoint(c.deny)):
-            return False
-        if c.min_host is not None and (host is None or host < c.min_host):
-            return False
-        if ids and not ids.isdisjoint(c.allow):
-            return True
-        if row["stage"] == "beta" or not c.rule.matches(attrs):
-            return False
-        if row["rollout"] < 100:
-            return bool(unit) and in_rollout(row["rollout"], row["task"], row["salt"], unit)
-        return True
-
-    @staticmethod
-    def _reason(c: _Compiled, attrs: dict, ids: set, unit: str, host) -> str:
+    def _decide(c: _Compiled, attrs: dict, ids: set, unit: str, host) -> str:
+        """The one decision, on the hot path: returns a verdict constant and builds no text."""
         row = c.row
         if row["state"] == "paused":
-            return "skipped: paused"
-        if ids & c.deny:
-            return "miss: deny-listed"
+            return PAUSED
+        if ids and not ids.isdisjoint(c.deny):
+            return DENIED
         if c.min_host is not None and (host is None or host < c.min_host):
-            return f"miss: needs host_version >= {c.task_pb.manifest.min_host_version}"
-        if ids & c.allow:
-            return "hit: allow-listed"
+            return OLD_HOST
+        if ids and not ids.isdisjoint(c.allow):
+            return ALLOWED
         if row["stage"] == "beta":
-            return "miss: beta release and not allow-listed"
+            return BETA_ONLY
         if not c.rule.matches(attrs):
-            return f"miss: rule is false ({c.rule.explain(attrs)})"
+            return RULE_FALSE
         if row["rollout"] < 100:
             if not unit:
-                return "miss: no user_id or device_id to place in the rollout"
+                return NO_UNIT
             if not in_rollout(row["rollout"], row["task"], row["salt"], unit):
-                return f"miss: outside the {row['rollout']:g}% rollout"
-        return "hit" + (f": rule {row['rule']!r} matched" if row["rule"] else ": every device")
+                return OUTSIDE_ROLLOUT
+        return MATCHED
+
+    @staticmethod
+    def _describe(verdict: str, c: _Compiled, attrs: dict) -> str:
+        row = c.row
+        if verdict == OLD_HOST:
+            return f"miss: needs host_version >= {c.task_pb.manifest.min_host_version}"
+        if verdict == RULE_FALSE:
+            return f"miss: rule is false ({c.rule.explain(attrs)})"
+        if verdict == OUTSIDE_ROLLOUT:
+            return f"miss: outside the {row['rollout']:g}% rollout"
+        if verdict == MATCHED:
+            return "hit" + (f": rule {row['rule']!r} matched" if row["rule"] else ": every device")
+        return verdict
 
     def _current_chains(self) -> dict[tuple[str, str], list[_Compiled]]:
         rev = self.state.cached_revision()
