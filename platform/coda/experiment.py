@@ -30,6 +30,7 @@ from walle.protos import admin_pb2, bundle, coda_pb2
 
 from .. import manifest as manifest_mod
 from .. import pki
+from ..demo import tasks_dir
 from ..server import build_server, tls_credentials
 from ..service import Platform
 from . import movielens
@@ -62,11 +63,6 @@ class DeviceLog:
     bytes_down: int = 0
     batches: int = 0
     filter_runs: int = 0
-
-
-def tasks_dir() -> pathlib.Path:
-    from ..demo import tasks_dir as td
-    return td()
 
 
 class Experiment:
