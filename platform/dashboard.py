@@ -106,7 +106,8 @@ def overview(platform: Platform) -> dict[str, Any]:
     platform.flush_seen()  # last-seen times live in memory until flushed; the fleet view needs them
     tasks = [_task(t) for t in platform.ListTasks(admin_pb2.Empty()).tasks]
     rows = platform.state.releases()
-    releases = [_release(release_to_proto(r, platform.state.release_stats(r["id"]))) for r in rows[:MAX_RELEASES]]
+    stats = platform.state.release_stats_many([r["id"] for r in rows[:MAX_RELEASES]])
+    releases = [_release(release_to_proto(r, stats[r["id"]])) for r in rows[:MAX_RELEASES]]
     return {"server_time": time.time(), "tasks": tasks, "releases": releases, "releases_total": len(rows),
             "fleet": fleet(platform)}
 

@@ -110,7 +110,8 @@ class Platform:
 
     def ListReleases(self, req: admin_pb2.ReleaseFilter) -> admin_pb2.ReleaseList:
         rows = self.state.releases(task=req.task, channel=req.channel, active_only=req.active_only)
-        return admin_pb2.ReleaseList(releases=[self._release(r) for r in rows])
+        stats = self.state.release_stats_many([r["id"] for r in rows])
+        return admin_pb2.ReleaseList(releases=[release_to_proto(r, stats[r["id"]]) for r in rows])
 
     def GetRelease(self, req: admin_pb2.ReleaseRef) -> admin_pb2.Release:
         return self._release(self.releases.get(req.id))

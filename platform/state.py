@@ -168,17 +168,32 @@ class PlatformState:
 
     # -- reports --------------------------------------------------------------------------------
     def release_stats(self, release_id: str) -> dict:
+        return self.release_stats_many([release_id])[release_id]
+
+    def release_stats_many(self, release_ids: list[str]) -> dict[str, dict]:
+        """Delivery and run figures for many releases, one grouped query per table (the dashboard
+        asks for every release on each refresh)."""
+        out = {rid: {"delivered": 0, "ran": 0, "runs": 0, "failed": 0, "p50_duration_s": 0.0, "rejected": 0,
+                     "rolled_back": 0} for rid in release_ids}
         db = self.db
-        delivered, rejected, rolled_back = db.execute(
-            """SELECT COUNT(DISTINCT CASE WHEN status='installed' THEN device_id END),
-                      COUNT(DISTINCT CASE WHEN status='rejected' THEN device_id END),
-                      COUNT(DISTINCT CASE WHEN status='rolled_back' THEN device_id END)
-               FROM deliveries WHERE release_id = ?""", [release_id]).fetchone()
-        ran, runs, failed = db.execute(
-            """SELECT COUNT(DISTINCT device_id), COUNT(*), SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END)
-               FROM run_reports WHERE release_id = ?""", [release_id]).fetchone()
-        durations = [r[0] for r in db.execute(
-            "SELECT duration_s FROM run_reports WHERE release_id = ? ORDER BY duration_s", [release_id])]
-        p50 = durations[(len(durations) - 1) // 2] if durations else 0.0
-        return {"delivered": delivered or 0, "ran": ran or 0, "runs": runs or 0, "failed": failed or 0,
-                "p50_duration_s": p50, "rejected": rejected or 0, "rolled_back": rolled_back or 0}
+        for lo in range(0, len(release_ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = release_ids[lo:lo + 500]
+            marks = ",".join("?" * len(chunk))
+            for rid, delivered, rejected, rolled_back in db.execute(
+                    f"""SELECT release_id, COUNT(DISTINCT CASE WHEN status='installed' THEN device_id END),
+                               COUNT(DISTINCT CASE WHEN status='rejected' THEN device_id END),
+                               COUNT(DISTINCT CASE WHEN status='rolled_back' THEN device_id END)
+                        FROM deliveries WHERE release_id IN ({marks}) GROUP BY release_id""", chunk):
+                out[rid].update(delivered=delivered, rejected=rejected, rolled_back=rolled_back)
+            for rid, ran, runs, failed in db.execute(
+                    f"""SELECT release_id, COUNT(DISTINCT device_id), COUNT(*),
+                               SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END)
+                        FROM run_reports WHERE release_id IN ({marks}) GROUP BY release_id""", chunk):
+                out[rid].update(ran=ran, runs=runs, failed=failed or 0)
+            durations: dict[str, list[float]] = {}
+            for rid, d in db.execute(f"SELECT release_id, duration_s FROM run_reports WHERE release_id IN ({marks}) "
+                                     f"ORDER BY release_id, duration_s", chunk):
+                durations.setdefault(rid, []).append(d)
+            for rid, ds in durations.items():
+                out[rid]["p50_duration_s"] = ds[(len(ds) - 1) // 2]
+        return out
