@@ -54,6 +54,52 @@ def device_attrs(info: device_pb2.DeviceInfo) -> dict:
     return attrs
 
 
+MAX_DEVICE_INFO_BYTES = 16 * 1024
+MAX_ATTR_CHARS = 256
+MAX_TAGS = 64
+MAX_INSTALLED = 256
+TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_STR_FIELDS = tuple(f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields
+                    if f.type == f.TYPE_STRING and not f.is_repeated)
+
+
+def check_device_info(info: device_pb2.DeviceInfo, size: int) -> None:
+    """Refuse a DeviceInfo that is too big, carries fields this platform does not know, or has an
+    attribute out of bounds; `size` is its serialized size."""
+    if size > MAX_DEVICE_INFO_BYTES:
+        raise InvalidArgument(f"DeviceInfo is {size} bytes; at most {MAX_DEVICE_INFO_BYTES}")
+    for name in _STR_FIELDS:
+        if len(getattr(info, name)) > MAX_ATTR_CHARS:
+            raise InvalidArgument(f"DeviceInfo attribute {name!r} is {len(getattr(info, name))} characters; "
+                                  f"at most {MAX_ATTR_CHARS}")
+    if len(info.tags) > MAX_TAGS:
+        raise InvalidArgument(f"DeviceInfo has {len(info.tags)} tags; at most {MAX_TAGS}")
+    for t in info.tags:
+        if not TAG_RE.match(t):
+            raise InvalidArgument(f"DeviceInfo tag {t[:80]!r} is invalid: 1-64 letters, digits, '_', '.', ':' or '-'")
+    if len(info.installed) > MAX_INSTALLED:
+        raise InvalidArgument(f"DeviceInfo lists {len(info.installed)} installed tasks; at most {MAX_INSTALLED}")
+    for ref in info.installed:
+        if len(ref) > MAX_ATTR_CHARS:
+            raise InvalidArgument(f"DeviceInfo installed entry {ref[:80]!r}... is longer than {MAX_ATTR_CHARS} characters")
+    if info.channel and not CHANNEL_RE.match(info.channel):
+        raise InvalidArgument(f"DeviceInfo channel {info.channel!r} is invalid: lower-case letters, digits, '_' or '-'")
+    known = info.ByteSize()
+    info.DiscardUnknownFields()
+    if info.ByteSize() != known:
+        raise InvalidArgument("DeviceInfo carries fields this platform does not know; known attributes: "
+                              + ", ".join(f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields))
+
+
+def info_from_attrs(attrs: dict) -> device_pb2.DeviceInfo:
+    """The DeviceInfo a stored attribute dict (device_attrs) was made from (installed aside)."""
+    info = device_pb2.DeviceInfo(tags=[t for t in attrs.get("tags", []) if isinstance(t, str)])
+    for name in _STR_FIELDS:
+        if isinstance(attrs.get(name), str):
+            setattr(info, name, attrs[name])
+    return info
+
+
 @dataclass
 class _Compiled:
     row: dict

@@ -115,7 +115,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     @stream_rpc
     def FetchBundle(self, request, context):
-        self.platform.credentials.authenticate(context)
+        self.platform.authorize_blob(self.platform.credentials.authenticate(context), request.digest)
         data = self.platform.blob(request.digest)
         for off in range(0, max(len(data), 1), CHUNK):
             first = off == 0
@@ -137,6 +137,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         seen = self.watcher.revision
         yield device_pb2.ListChanged(revision=str(seen))  # tells the device the stream is live
         while True:  # ends when the device disconnects (the coroutine is cancelled)
+            await self._device(context)  # or when its credential is revoked or expires
             event = self._changed
             if self.watcher.revision == seen:
                 try:
@@ -163,12 +164,12 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
 
     @rpc
     def GetResource(self, request, context):
-        self.platform.credentials.authenticate(context)
+        self.platform.authorize_resource(self.platform.credentials.authenticate(context))
         return self.platform.resource(request.name, request.version)
 
     @stream_rpc
     def FetchResource(self, request, context):
-        self.platform.credentials.authenticate(context)
+        self.platform.authorize_resource(self.platform.credentials.authenticate(context))
         info = self.platform.resource(request.name, request.version)
         data = self.platform.blob(info.digest)
         for off in range(0, max(len(data), 1), CHUNK):

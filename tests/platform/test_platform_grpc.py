@@ -201,10 +201,12 @@ def test_device_id_comes_from_the_credential(live):
 
 def test_tampered_or_unknown_bundle_is_refused(live):
     tv = live.submit(ROOT / "tasks" / "hello")
+    release(live.platform, "hello")
     md = live.enroll("phone-t")
+    assert active(live, md) == [f"hello@{tv.version}"]
     with pytest.raises(grpc.RpcError) as e:
         list(live.devices.FetchBundle(device_pb2.FetchBundleRequest(digest="sha256:" + "0" * 64), metadata=md))
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED  # not released to it (nor to anyone)
     # flip one byte of the cached bundle on disk: the platform never serves the corrupt bytes
     # (it re-verifies and rebuilds the bundle from git), and a device refuses tampered bytes
     cache = next(live.platform.repo.root.glob("bundles/sha256/*"))
@@ -245,6 +247,7 @@ def test_run_reports_aggregate_per_release_and_duplicates_are_dropped(live):
     tv = live.submit(ROOT / "tasks" / "hello")
     rel = release(live.platform, "hello")
     md = live.enroll("phone-r")
+    assert active(live, md) == [f"hello@{tv.version}"]  # delivered: the device may report on it
 
     def rep(seq, status, d):
         r = tunnel_pb2.RunReport(task="hello", version=tv.version, release_id=rel.id, status=status, duration_s=d)
