@@ -66,8 +66,6 @@ _STR_FIELDS = tuple(f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields
 def check_device_info(info: device_pb2.DeviceInfo, size: int) -> None:
     """Refuse a DeviceInfo that is too big, carries fields this platform does not know, or has an
     attribute out of bounds; `size` is its serialized size."""
-    if size > MAX_DEVICE_INFO_BYTES:
-        raise InvalidArgument(f"DeviceInfo is {size} bytes; at most {MAX_DEVICE_INFO_BYTES}")
     for name in _STR_FIELDS:
         if len(getattr(info, name)) > MAX_ATTR_CHARS:
             raise InvalidArgument(f"DeviceInfo attribute {name!r} is {len(getattr(info, name))} characters; "
@@ -84,6 +82,8 @@ def check_device_info(info: device_pb2.DeviceInfo, size: int) -> None:
             raise InvalidArgument(f"DeviceInfo installed entry {ref[:80]!r}... is longer than {MAX_ATTR_CHARS} characters")
     if info.channel and not CHANNEL_RE.match(info.channel):
         raise InvalidArgument(f"DeviceInfo channel {info.channel!r} is invalid: lower-case letters, digits, '_' or '-'")
+    if size > MAX_DEVICE_INFO_BYTES:
+        raise InvalidArgument(f"DeviceInfo is {size} bytes; at most {MAX_DEVICE_INFO_BYTES}")
     known = info.ByteSize()
     info.DiscardUnknownFields()
     if info.ByteSize() != known:

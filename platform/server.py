@@ -137,13 +137,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         seen = self.watcher.revision
         yield device_pb2.ListChanged(revision=str(seen))  # tells the device the stream is live
         while True:  # ends when the device disconnects (the coroutine is cancelled)
-            await self._device(context)  # or when its credential is revoked or expires
             event = self._changed
             if self.watcher.revision == seen:
                 try:
                     await asyncio.wait_for(event.wait(), timeout=15)
                 except asyncio.TimeoutError:
-                    continue
+                    pass
+            await self._device(context)  # or when its credential is revoked or expires
             if self.watcher.revision != seen:
                 seen = self.watcher.revision
                 yield device_pb2.ListChanged(revision=str(seen))

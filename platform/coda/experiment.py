@@ -113,8 +113,10 @@ class Experiment:
                 for u in self.user_ids:
                     f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
+            user_of = {movielens.device_id(u): str(u) for u in self.user_ids}  # bound at enrollment
+
             def enroll(did: str) -> Credentials:  # each device pins the CA and the bundle key
-                r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo"))
+                r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo", user_id=user_of[did]))
                 return Credentials(did, r.token, address, r.platform_ca_pem, r.bundle_public_key.hex())
 
             channel = Credentials("demo", "-", address, keys.ca_pem.decode()).channel()

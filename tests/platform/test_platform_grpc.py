@@ -19,8 +19,7 @@ def info(**kw) -> device_pb2.DeviceInfo:
 
 
 def active(live, md, **attrs) -> list[str]:
-    reply = live.devices.GetActiveTasks(info(**attrs), metadata=md, timeout=10)
-    return [f"{t.name}@{t.version}" for t in reply.tasks]
+    return live.active(md, **attrs)
 
 
 def snapshot(p):
