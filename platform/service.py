@@ -28,7 +28,9 @@ from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 
 from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound, PermissionDenied
+from .manifest import strip_ignored, validate_task_files
 from .releases import ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
+from .runnable import check_runnable
 from .state import PlatformState
 from .taskrepo import TaskRepository, TaskVersion
 
@@ -73,7 +75,7 @@ class Platform:
         self.keys = keys
         signer = keys.sign if keys is not None else None
         self.state = PlatformState(self.data_dir / "state.sqlite3")
-        self.repo = TaskRepository(self.data_dir / "tasks")
+        self.repo = TaskRepository(self.data_dir / "tasks", journal=StateSubmitJournal(self.state))
         self.credentials = DeviceCredentials(self.state)
         self.operators = OperatorCredentials(self.state)
         self.releases = ReleaseManager(self.state, self.repo, signer=signer)
@@ -93,11 +95,9 @@ class Platform:
             files = bundle.unpack(req.archive, bundle.digest(req.archive))
         except bundle.BundleError as e:
             raise InvalidArgument(f"task archive refused: {e}") from None
+        check_runnable(files, validate_task_files(strip_ignored(files)).entry)
+        # The audit entry is written by the repository's journal before the submit is acknowledged.
         tv = self.repo.submit_files(files, message=req.message or None, author=req.author or "walle")
-        if tv.created:
-            with self.state.transaction() as db:
-                self.state.audit(db, req.author or "walle", "task.submit", f"{tv.name}@{tv.version}",
-                                 {"message": tv.message, "digest": tv.bundle_digest})
         return task_version_to_proto(tv)
 
     def ListTasks(self, req: admin_pb2.Empty | None = None) -> admin_pb2.TaskList:
@@ -421,6 +421,36 @@ class Platform:
                                      [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
                 accepted += cur.rowcount
         return accepted, len(parsed) - accepted
+
+
+class StateSubmitJournal:
+    """The task repository's submit journal (taskrepo.SubmitJournal) in the state database: every
+    acknowledged submit has its audit entry; a commit never confirmed is taken back, on the record."""
+
+    def __init__(self, state: PlatformState):
+        self.state = state
+
+    def begin(self, task: str, parent: str, actor: str) -> int:
+        return self.state.begin_submit(task, parent, actor)
+
+    def confirm(self, intent: int, tv: TaskVersion) -> None:
+        self.state.end_submit(intent, "task.submit", f"{tv.name}@{tv.version}",
+                              {"message": tv.message, "digest": tv.bundle_digest})
+
+    def rolled_back(self, intent: int, task: str, sha: str) -> None:
+        if sha:
+            self.state.end_submit(intent, "task.submit.rolled_back", f"{task}@{sha}",
+                                  {"why": "the submit was not acknowledged; its commit was taken back"})
+        else:
+            self.state.end_submit(intent)
+
+    def recovered(self, intent: int, task: str, parent: str) -> None:
+        self.state.end_submit(intent, "task.submit.recovered", task,
+                              {"why": "an unconfirmed submit whose commit is no longer the newest was kept",
+                               "parent": parent})
+
+    def pending(self) -> list[dict]:
+        return self.state.pending_submits()
 
 
 def _check_report(topic: str, seq: int, m) -> None:

@@ -174,7 +174,7 @@ class PlatformState:
             sql += " AND channel = ?"
             args.append(channel)
         if active_only:
-            sql += " AND state IN ('active', 'paused')"
+            sql += " AND state IN ('active', 'fallback', 'paused')"  # what devices may get
         sql += " ORDER BY seq DESC"
         return [self._release_row(r) for r in self.db.execute_returning_dicts(sql, args)]
 
@@ -269,9 +269,10 @@ class PlatformState:
     def pending_submits(self) -> list[dict]:
         return self.db.execute_returning_dicts("SELECT * FROM submit_intents ORDER BY id")
 
-    def end_submit(self, intent_id: int, action: str, target: str, detail: dict) -> None:
-        """Drop the intent and write its audit entry, atomically."""
+    def end_submit(self, intent_id: int, action: str = "", target: str = "", detail: dict | None = None) -> None:
+        """Drop the intent and write its audit entry (if `action`), atomically."""
         with self.transaction() as db:
+            row = db.execute("SELECT actor FROM submit_intents WHERE id=?", [intent_id]).fetchall()
             db.execute("DELETE FROM submit_intents WHERE id=?", [intent_id])
-            actor = detail.pop("actor", "walle")
-            self.audit(db, actor, action, target, detail)
+            if action:
+                self.audit(db, row[0][0] if row else "walle", action, target, detail or {})

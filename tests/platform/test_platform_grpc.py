@@ -98,20 +98,23 @@ def test_pause_resume_revoke_and_rollback(live):
     v2 = live.submit(live.hello_variant("h2", "v2"))
     r1 = release(p, "hello", v1.version)
     r2 = release(p, "hello", v2.version)
-    assert p.GetRelease(admin_pb2.ReleaseRef(id=r1.id)).state == "superseded"
+    state = lambda r: p.GetRelease(admin_pb2.ReleaseRef(id=r.id)).state  # noqa: E731
+    assert (state(r2), state(r1)) == ("active", "fallback")
     assert active(live, md, user_id="u") == [f"hello@{v2.version}"]
     p.PauseRelease(admin_pb2.ReleaseRef(id=r2.id))
     assert active(live, md, user_id="u") == [f"hello@{v1.version}"]  # falls back while paused
+    assert (state(r2), state(r1)) == ("paused", "active")  # and says so
     p.ResumeRelease(admin_pb2.ReleaseRef(id=r2.id))
     assert active(live, md, user_id="u") == [f"hello@{v2.version}"]
+    assert (state(r2), state(r1)) == ("active", "fallback")
     rb = p.Rollback(admin_pb2.RollbackRequest(task="hello"))
     assert rb.version == v1.version and rb.id not in (r1.id, r2.id) and "rollback of " + r2.id in rb.note
     assert active(live, md, user_id="u") == [f"hello@{v1.version}"]
     history = p.ListReleases(admin_pb2.ReleaseFilter(task="hello")).releases
     assert [r.id for r in history] == [rb.id, r2.id, r1.id]  # nothing rewritten
-    assert history[1].version == v2.version
+    assert history[1].version == v2.version and history[1].state == "revoked"  # what was rolled back
     p.RevokeRelease(admin_pb2.ReleaseRef(id=rb.id))
-    assert active(live, md, user_id="u") == [f"hello@{v2.version}"]  # chain falls back past the revoked one
+    assert active(live, md, user_id="u") == [f"hello@{v1.version}"]  # never back to the rolled-back v2
     with pytest.raises(errors.FailedPrecondition):
         p.RevokeRelease(admin_pb2.ReleaseRef(id=rb.id))
 
