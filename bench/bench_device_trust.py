@@ -67,7 +67,7 @@ def main() -> None:
                     stub.GetActiveTasks(info, metadata=md, timeout=60)
                 except grpc.RpcError:
                     refused += 1
-            time.sleep(6)  # the server flushes last-seen attributes every 5 s
+            time.sleep(11)  # the server flushes (and trims after refusing a huge request) every 5 s
             after = rss_mb(server.pid)
             print(f"server RSS: {before:.0f} MB before, {after:.0f} MB after {args.requests} DeviceInfos of "
                   f"{args.mb} MB (+{after - before:.0f} MB); {refused} refused")

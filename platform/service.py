@@ -8,6 +8,8 @@ Data folder layout:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -29,7 +31,7 @@ from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound, PermissionDenied
 from .manifest import strip_ignored, validate_task_files
-from .releases import ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
+from .releases import MAX_DEVICE_INFO_BYTES, ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
 from .runnable import check_runnable
 from .state import PlatformState
 from .taskrepo import TaskRepository, TaskVersion
@@ -88,6 +90,7 @@ class Platform:
         self._handed: dict[str, dict[Grant, float]] = {}  # device -> sets it was handed -> last time
         self._grants: dict[Grant, Grant] = {}
         self._unrecorded: set[tuple[str, str]] = set()   # (device, release) not yet in device_releases
+        self._trim_due = False
 
     # -- tasks ----------------------------------------------------------------------------------
     def SubmitTask(self, req: admin_pb2.SubmitTaskRequest) -> admin_pb2.TaskVersion:
@@ -228,6 +231,10 @@ class Platform:
 
     # -- device-facing --------------------------------------------------------------------------
     def active_tasks(self, device_id: str, info: device_pb2.DeviceInfo) -> device_pb2.ActiveTasks:
+        size = info.ByteSize()
+        if size > MAX_DEVICE_INFO_BYTES:  # refused before anything is copied out of it
+            self._trim_due = True
+            check_device_info(info, size)
         # The credential, not the request, says who the device is and whose it is.
         user = self.credentials.bound_user(device_id)
         if info.user_id and info.user_id != user:
@@ -334,6 +341,12 @@ class Platform:
         return self.credentials.bound_user(device_id)
 
     def flush_seen(self) -> None:
+        if self._trim_due:
+            # A refused huge request lives on in exception/frame cycles until the cyclic GC runs, and
+            # glibc then keeps its freed buffers: collect, and hand the memory back to the system.
+            self._trim_due = False
+            gc.collect()
+            _malloc_trim()
         self._record_deliveries()
         with self._seen_lock:
             seen, self._seen = self._seen, {}
@@ -421,6 +434,13 @@ class Platform:
                                      [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
                 accepted += cur.rowcount
         return accepted, len(parsed) - accepted
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 class StateSubmitJournal:
