@@ -225,3 +225,20 @@ def test_an_invalid_report_is_refused_not_acknowledged(live, bad, needle):
     assert live.platform.state.db.execute("SELECT COUNT(*) FROM run_reports").fetchone()[0] == 0
     ack = live.tunnel.Upload(iter([_batch([_report(1, rel, tv, "ok", 0.5)])]), metadata=md, timeout=10)
     assert (ack.accepted, ack.duplicates) == (1, 0)  # the seq was never taken by the refused record
+
+
+def test_cli_enrolls_a_device_for_a_user(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from walle.device_host.identity import Credentials
+    from walle.platform.cli import main
+    monkeypatch.setenv("WALLE_CONFIG", str(tmp_path / "no-config.toml"))
+    data, out = tmp_path / "data", tmp_path / "cred.json"
+    res = CliRunner().invoke(main, ["--data-dir", str(data), "device", "enroll", "--device-id", "p1",
+                                    "--user-id", "alice", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert Credentials.load(out).user_id == "alice"
+    res = CliRunner().invoke(main, ["--data-dir", str(data), "device", "enroll", "--user-id", "not ok"])
+    assert res.exit_code == 2 and "user id" in res.output
+    from walle.platform.service import Platform
+    assert Platform(data).device_user("p1") == "alice"
