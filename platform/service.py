@@ -278,6 +278,8 @@ class Platform:
         tunnel = any("tunnel" in t.manifest.apis for t in tasks)
         g = Grant(frozenset(t.bundle_digest for t in tasks), frozenset(t.release_id for t in tasks), tunnel)
         with self._seen_lock:
+            if len(self._grants) > 100_000:  # interning only saves memory; start afresh if it grows
+                self._grants = {}
             return self._grants.setdefault(g, g)  # one shared copy per distinct set
 
     def _recent_grants(self, device_id: str) -> list["Grant"]:
