@@ -17,7 +17,9 @@ def cloud():
 
 
 @cloud.command("pipeline")
-@click.option("--day", type=int, required=True, help="The work-cycle day to process.")
+@click.option("--day", type=int, default=None,
+              help="Re-process this day without advancing the clock (default: close today and advance to the next day).")
+@click.option("--force", is_flag=True, help="Close today even if another process seems to be closing it (it died).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
               help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
@@ -28,8 +30,9 @@ def cloud():
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
-    """Run ingestion -> samples -> matching -> mappings for one day and print a summary."""
+def pipeline(ctx, day, force, data_dir, replay_days, users, k, kv, scheduler, as_json):
+    """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
+    day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
 
     from . import movielens
@@ -37,10 +40,17 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
     root = ctx.find_root().obj
     data_dir = data_dir or root.data_dir
     as_json = as_json or root.as_json
-    ml = movielens.load()
     platform = Platform(data_dir)
-    coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
-    coda.today = day
+    if replay_days:
+        if day is None:
+            raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
+        ml = movielens.load()
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
+        coda.today = day
+    else:
+        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler)
+    advance = day is None
+    day = coda.today if advance else day
     ingested = 0
     with console.status(f"day {day}") as status:
         if replay_days:
@@ -57,9 +67,12 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
                 ingested += a
             status.update(f"day {day}: ingested {ingested} replayed records")
         t0 = time.perf_counter()
-        result = coda.run_day(day, progress=lambda msg: status.update(msg))
+        if advance:
+            result = coda.close_day(force=force, progress=lambda msg: status.update(msg))
+        else:
+            result = coda.run_day(day, progress=lambda msg: status.update(msg))
         elapsed = time.perf_counter() - t0
-    summary = {"day": day, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
+    summary = {"day": day, "today": coda.today, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
                "samples": result.samples, "matched_users": result.matched_users, "batches": result.batches,
                "stored_samples": result.stored_samples, "expired": result.expired,
                "mean_top10_cosine": round(result.vector_top10_cosine, 4),
@@ -75,6 +88,35 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
     t.add_row("mappings", f"{result.batches} batches, {result.stored_samples} samples stored, "
               f"{result.expired} expired", f"{result.seconds['mappings']:.2f}")
     Console().print(t)
+
+
+@cloud.group("catalog")
+def catalog_group():
+    """The item catalog (ids, categories, item features) devices and the pipeline use."""
+
+
+@catalog_group.command("load")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def catalog_load(ctx, file, data_dir, as_json):
+    """Load a catalog file (CSV or Parquet; layout in docs/data-layout.md) and publish it to devices
+    as the resource coda/catalog. Category ids of an earlier catalog are kept."""
+    from walle.platform.service import Platform
+
+    from . import catalog
+    from .cloud import CodaCloud
+    root = ctx.find_root().obj
+    coda = CodaCloud(Platform(data_dir or root.data_dir))
+    doc, ref = coda.load_catalog(catalog.read_file(file), actor=root.actor)
+    out = {"resource": ref.name, "version": ref.version, "digest": ref.digest, "items": len(doc["items"]),
+           "categories": len(doc["categories"]), "features": sorted(doc["features"])}
+    if as_json or root.as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        Console().print(f"catalog {ref.name}@{ref.version}: {out['items']} items, {out['categories']} categories, "
+                        f"features {', '.join(out['features']) or 'none'}", highlight=False)
 
 
 @cloud.command("global-model")

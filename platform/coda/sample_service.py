@@ -71,7 +71,7 @@ def _abort(context: grpc.ServicerContext, err: WalleError) -> None:
 class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
     def __init__(self, mappings: Mappings, authenticate: Authenticate,
                  user_for_device: Callable[[str], str | None], today: Callable[[], int] | None = None,
-                 daily_limit: int = 12, zlib_level: int = 6):
+                 daily_limit: int = 12, zlib_level: int = 6, latest_day: Callable[[], int] | None = None):
         """`today` (a day number) enables the kept-days window and counts the daily limit per calendar
         day; without it the limit is counted per requested day."""
         if daily_limit < 1:
@@ -84,6 +84,7 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         self.today = today
         self.daily_limit = daily_limit
         self.zlib_level = zlib_level
+        self.latest_day = latest_day  # resolves day 0 in ListBatches: the newest prepared day
 
     # ---- shared checks ------------------------------------------------------------------------
 
@@ -115,15 +116,18 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
 
     def ListBatches(self, request: coda_pb2.ListBatchesRequest, context: grpc.ServicerContext) -> coda_pb2.BatchList:
         device = self._device(context)
+        day = request.day or (self.latest_day() if self.latest_day else 0)
         try:
-            user, limit_day = self._user_and_limit_day(device, request.day)
-            batches = self.mappings.list_batches(user, request.day)
+            if day == 0 and request.day == 0 and self.latest_day:
+                raise NotFound("no day has been prepared yet")
+            user, limit_day = self._user_and_limit_day(device, day)
+            batches = self.mappings.list_batches(user, day)
             pulled = self.mappings.pulls(device, limit_day)
         except WalleError as e:
             _abort(context, e)
-        return coda_pb2.BatchList(day=request.day,
-                                  batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
-                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit)
+        return coda_pb2.BatchList(day=day, batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
+                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit,
+                                  today=limit_day)
 
     def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[int, list[tuple[str, list[str]]]]:
         """(limit day, the batches to send in order); raises before anything is sent or counted."""
