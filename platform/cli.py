@@ -511,7 +511,9 @@ def release_rollback(obj: Ctx, name, to_version, channel):
 
 
 # -- devices ----------------------------------------------------------------------------------------
-@main.group("device", cls=LazyGroup, lazy={"run": "walle.device_host.cli:device_run"})
+@main.group("device", cls=LazyGroup, lazy={"run": "walle.device_host.cli:device_run",
+                                           "emit": "walle.device_host.cli:device_emit",
+                                           "ask": "walle.device_host.cli:device_ask"})
 def device_group():
     """Enroll devices, preview what they receive, run a device host."""
 
