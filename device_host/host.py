@@ -156,6 +156,9 @@ class DeviceHost:
         extra: dict[str, Callable] = {}
         if "tunnel" in apis:
             extra.update(tunnel_ops(task.name, self.up, self.down))
+            from .sample_client import pull_op
+            extra["tunnel.pull"] = pull_op(self.storage, self.namespace(task.manifest), self.channel,
+                                           self.credentials.metadata, self.emit)
         if "model" in apis:
             from .models.api import make_model_ops
             extra.update(make_model_ops(self.models, self.model_pool))
