@@ -20,6 +20,8 @@ def cloud():
 @click.option("--day", type=int, default=None,
               help="Re-process this day without advancing the clock (default: close today and advance to the next day).")
 @click.option("--force", is_flag=True, help="Close today even if another process seems to be closing it (it died).")
+@click.option("--global-model", "global_epochs", type=int, default=0, metavar="EPOCHS",
+              help="Also train the global model on the closed day's samples and publish it (0: no).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
               help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
@@ -30,7 +32,7 @@ def cloud():
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def pipeline(ctx, day, force, data_dir, replay_days, users, k, kv, scheduler, as_json):
+def pipeline(ctx, day, force, global_epochs, data_dir, replay_days, users, k, kv, scheduler, as_json):
     """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
     day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
@@ -48,7 +50,7 @@ def pipeline(ctx, day, force, data_dir, replay_days, users, k, kv, scheduler, as
         coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
         coda.today = day
     else:
-        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler)
+        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler, global_epochs=global_epochs)
     advance = day is None
     day = coda.today if advance else day
     ingested = 0

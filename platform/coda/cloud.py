@@ -75,13 +75,15 @@ MAX_BATCH_BYTES = 16 << 20               # decompressed size of one behaviour ba
 class CodaCloud:
     def __init__(self, platform, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
                  kv_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
-                 max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50):
+                 max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50,
+                 global_epochs: int = 0):
         """`platform`: the Platform whose tunnel receives the logs and whose credentials
         authenticate devices. `items`: a fixed catalogue (item_id, genre_ids); None reads the
         catalog loaded with `walle cloud catalog load` (an empty one until then). `users`: optional
-        user profiles keyed by the user ids devices report."""
+        user profiles keyed by the user ids devices report. `global_epochs` > 0: closing a day also
+        trains the global model on that day's samples and publishes it (`coda/global_model`)."""
         self.platform = platform
-        self.dir = pathlib.Path(platform.data_dir) / "coda"
+        self.dir = pathlib.Path(platform.data_dir).resolve() / "coda"  # absolute: it goes into a sqlite:/// URL
         self.dir.mkdir(parents=True, exist_ok=True)
         self._items, self.users = items, users
         self.catalogs = catalog_mod.CatalogStore(self.dir)
@@ -91,6 +93,7 @@ class CodaCloud:
         self.mappings = Mappings(self.store, batch_size=batch_size, max_batch=max_batch, keep_days=keep_days,
                                  daily_limit=daily_limit)
         self.k, self.daily_limit, self.scheduler, self.hist_len = k, daily_limit, scheduler, hist_len
+        self.global_epochs = global_epochs
         self.day_samples: dict[int, dict[str, list[coda_pb2.Sample]]] = {}
         platform.upload_handlers["behavior"] = self._on_behavior
         platform.upload_handlers[BEHAVIOR_BATCH_TOPIC] = self._on_behavior_batch
@@ -128,6 +131,8 @@ class CodaCloud:
         except BaseException:
             self.store.delete_many([claim])
             raise
+        if self.global_epochs and result.samples:
+            self.publish_global_model(day)
         self.store.put_many([(PREPARED_KEY, str(day).encode()), (TODAY_KEY, str(day + 1).encode())])
         self.store.delete_many([claim])
         log.info("closed day %d: %d samples, %d users matched, %d batches; today is day %d",
@@ -155,6 +160,28 @@ class CodaCloud:
             stop.set()
             thread.join(timeout)
         return stop_clock
+
+    def publish_global_model(self, day: int, seed: int = 0) -> object:
+        """Paper 4.2.2: train the global DIN on the day's samples and publish it as a new version of
+        `coda/global_model` (and its graph), recording the catalog version it was trained with."""
+        from walle.protos import admin_pb2
+
+        from .global_model import train_global
+        pool = [s for ss in self.day_samples.get(day, {}).values() for s in ss]
+        if not pool:
+            raise FailedPrecondition(f"no samples for day {day}: nothing to train the global model on")
+        npz, graph, metrics = train_global(pool, epochs=self.global_epochs, seed=seed)
+        try:
+            catalog_version = self.platform.resource(catalog_mod.RESOURCE).version
+        except Exception:
+            catalog_version = ""
+        meta = json.dumps({"metrics": metrics, "day": day, "catalog": catalog_version})
+        ref = self.platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name="coda/global_model", data=npz, metadata_json=meta, actor="coda-pipeline"))
+        self.platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name="coda/global_model.mnn", data=graph, metadata_json=meta, actor="coda-pipeline"))
+        log.info("day %d: global model %s@%s on %d samples", day, ref.name, ref.version, len(pool))
+        return ref
 
     # -- the item catalog -------------------------------------------------------------------------
     @property

@@ -203,3 +203,43 @@ def test_catalog_not_movielens(served, tmp_path):
 def test_bad_catalog_refused(frame, message):
     with pytest.raises(InvalidArgument, match=message):
         catalog.build(frame)
+
+
+def test_closing_a_day_publishes_the_global_model(served):
+    platform, coda, channel, mds, _ = served
+    coda.global_epochs = 1
+    for u in range(4):
+        upload_batch(channel, mds[u], first_seq=1, logs=behaviour(u, 1), tunnel_seq=1)
+    coda.close_day()
+    info = platform.resource("coda/global_model")
+    meta = json.loads(info.metadata_json)
+    assert info.version == "v1" and meta["day"] == 1 and meta["catalog"] == "v1"
+    assert meta["metrics"]["n_train"] == sum(len(v) for v in coda.day_samples[1].values())
+    assert platform.resource("coda/global_model.mnn").version == "v1"
+
+
+@pytest.mark.slow
+def test_platform_serve_runs_the_pipeline_on_a_schedule(tmp_path):
+    """`walle platform serve --coda-day-seconds N` as a real process; this process reads the shared day."""
+    from walle.platform.coda.kvstore import open_store
+    data = tmp_path / "p"
+    proc = subprocess.Popen([sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data), "platform", "serve",
+                             "--insecure", "--port", "0", "--coda-day-seconds", "0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        today = 1
+        while time.monotonic() < deadline and today < 3 and proc.poll() is None:
+            time.sleep(0.2)
+            kv = data / "coda" / "kv.sqlite3"
+            if kv.exists():
+                store = open_store(f"sqlite:///{kv}")
+                raw = store.get(b"meta:today")
+                store.close()
+                today = int(raw) if raw else 1
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert today >= 3
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode in (0, -15)
