@@ -56,23 +56,22 @@ def _parse_payload(text: str, what: str) -> Any:
         raise InvalidArgument(f"{what} payload is not JSON: {e}") from None
 
 
-def _check_private_dir(path: pathlib.Path) -> None:
-    """Owned by us and writable by nobody else (so nobody else can replace the socket)."""
+def _check_owned(path: pathlib.Path, forbidden: int, rule: str) -> None:
+    """`path` is owned by this user and has none of the `forbidden` mode bits (`rule` says why)."""
     st = path.stat()
     if st.st_uid != os.getuid():
         raise PermissionDenied(f"{path} is owned by uid {st.st_uid}, not by this user ({os.getuid()})")
-    if st.st_mode & 0o077:
-        raise PermissionDenied(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; the app socket folder must be "
-                               f"accessible by its owner only (0700)")
+    if st.st_mode & forbidden:
+        raise PermissionDenied(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; {rule}")
+
+
+def _check_private_dir(path: pathlib.Path) -> None:
+    _check_owned(path, 0o077, "the app socket folder must be accessible by its owner only (0700)")
 
 
 def _check_data_dir(path: pathlib.Path) -> None:
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionDenied(f"data folder {path} is owned by uid {st.st_uid}, not by this user ({os.getuid()})")
-    if st.st_mode & 0o022:
-        raise PermissionDenied(f"data folder {path} is writable by group or others (mode "
-                               f"{stat.S_IMODE(st.st_mode):o}); make it owner-writable only (chmod go-w)")
+    # others could replace the socket folder in a data folder they can write
+    _check_owned(path, 0o022, "the data folder is writable by group or others: make it owner-writable only (chmod go-w)")
 
 
 # -- the app event log ----------------------------------------------------------------------------

@@ -106,7 +106,9 @@ def test_emit_and_ask_over_the_socket(device):
             app.ask("nope", {})
         spun = app.ask("page_view:home", {"spin": True, "candidates": []}, timeout=1.0)  # the ask's deadline
         assert spun.status == "timeout" and not spun.result_json
-    dev.host.triggers.drain()
+    engine = dev.host.triggers
+    while engine.drain() or engine.pending() or engine.running():
+        assert engine.wait_idle(timeout=60)
     # every click reached the task through the event log, even if its queued runs coalesced
     assert dev.host.storage.get("clicklog", "clicked") == [0, 1, 2, 3, 4, 5]
     # the embedded API answers the same
