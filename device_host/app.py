@@ -31,7 +31,7 @@ import grpc
 
 from walle.protos import app_pb2, app_pb2_grpc
 from walle.protos.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable,
-                                 WalleError)
+                                 WalleError, from_status)
 
 SOCKET_DIR = "app"
 SOCKET_NAME = "app.sock"
@@ -269,15 +269,10 @@ class AppClient:
 
 
 def _error_from_rpc(e: grpc.RpcError) -> WalleError:
-    from walle.protos import errors
     code = e.code().name if e.code() else "UNKNOWN"
     if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return Unavailable(f"device host did not answer: {code}: {e.details()}")
-    for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
-                errors.PermissionDenied, errors.ResourceExhausted):
-        if cls.grpc_code == code:
-            return cls(e.details() or code)
-    return WalleError(e.details() or code)
+    return from_status(code, e.details() or "")
 
 
 # -- the embeddable device -------------------------------------------------------------------------
