@@ -64,7 +64,7 @@ def world(tmp_path, sandbox):
     coda = CodaCloud(platform, k=5)
     coda.load_catalog(catalog_frame())
     _server, port, stop = build_server(platform, port=0, extra=coda.add_services)
-    for name in ("coda_samples", "coda_fetch"):
+    for name in ("coda_samples", "coda_fetch", "coda_infer"):
         _m, files = validate_task_dir(tasks_dir() / name)
         submit(platform, files, name)
     src = tmp_path / "probe"
@@ -205,3 +205,23 @@ def test_fetch_pulls_what_fits_and_the_daily_limit(world):
     dev.emit("fetch_samples")
     run_all(dev)
     assert st.get("coda", "seen") == seen  # exhausted is said once a day
+
+
+def test_ask_ranks_a_home_page_from_m_or_m0_while_m_is_written(world):
+    """The app asks coda_infer for a home page; while training holds M's write lock, M0 serves."""
+    from walle.device_host.models.api import make_model_ops
+    _platform, _coda, dev = world
+    ops = make_model_ops(dev.host.models)
+    ops["model.create"](name="ctr", arch="din", seed=3)
+    train = [{"item_id": i, "item_cats": [1], "hist_items": [1, 2, 3], "hist_cats": [1, 1, 1], "profile": [],
+              "label": float(i % 2)} for i in range(1, 65)]
+    ops["model.train"](name="ctr", samples=train, epochs=2)  # M moves on from M0
+    page = {"candidates": [{"item_id": i, "item_cats": [1 + i % 4], "hist_items": [5, 6, 7], "hist_cats": [1, 2, 3],
+                            "profile": []} for i in range(1, 21)]}
+    fresh = dev.ask("page_view:home", page)
+    assert fresh["served_from"] == "M" and sorted(fresh["ranking"]) == list(range(1, 21))
+    assert fresh["scores"] == sorted(fresh["scores"], reverse=True)
+    with dev.host.models.write_lock("ctr"):  # what coda_train holds while it replaces M
+        during = dev.ask("page_view:home", page)
+    assert during["served_from"] == "M0" and during["version"] != fresh["version"]
+    assert dev.ask("page_view:home", page)["served_from"] == "M"
