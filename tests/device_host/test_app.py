@@ -179,3 +179,44 @@ def test_event_log_reads_validate(tmp_path):
             log.read(0, None, 0)
     finally:
         log.close()
+
+
+@pytest.mark.slow
+def test_device_run_fires_event_after_first_sync_and_serves_the_socket(tmp_path):
+    """`walle device run --event hello=...` (the README's example) as a real process: the event fires
+    after the first sync installed the task, so it runs; the app socket answers meanwhile."""
+    import subprocess
+    import sys
+    import time
+
+    from walle.platform.demo import tasks_dir
+    platform = Platform(tmp_path / "platform")
+    _server, port, stop = build_server(platform, port=0)
+    try:
+        _m, files = validate_task_dir(tasks_dir() / "hello")
+        tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="t"))
+        platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=tv.version, rule="true"))
+        token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-9")).token
+        data = tmp_path / "d"
+        proc = subprocess.Popen([sys.executable, "-m", "walle.platform.cli", "device", "run", "--data-dir", str(data),
+                                 "--platform", f"127.0.0.1:{port}", "--token", token, "--device-id", "phone-9",
+                                 "--allow-unconfined-tasks", "--event", 'hello={"who": "ann"}'],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def ran() -> int:
+                rel = platform.ListReleases(admin_pb2.ReleaseFilter()).releases
+                return sum(r.stats.runs for r in rel if r.task == "hello")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and ran() < 1 and proc.poll() is None:
+                time.sleep(0.2)
+            assert ran() >= 1, proc.stderr.read()[-3000:] if proc.poll() is not None else "no run report"
+            while not socket_path(data).exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with AppClient(data) as app:
+                assert app.emit("hello", {"who": "bob"}).tasks == ["hello"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert not socket_path(data).exists()  # removed on the way out
+    finally:
+        stop(0)
