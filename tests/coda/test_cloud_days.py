@@ -243,3 +243,24 @@ def test_platform_serve_runs_the_pipeline_on_a_schedule(tmp_path):
         proc.terminate()
         proc.wait(30)
     assert proc.returncode in (0, -15)
+
+
+def test_cli_catalog_load(tmp_path):
+    from click.testing import CliRunner
+
+    from walle.platform.cli import main as walle_main
+    path = tmp_path / "books.csv"
+    books_catalog(20).to_csv(path, index=False)
+    data = tmp_path / "p"
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(data), "cloud", "catalog", "load", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    reply = json.loads(out.output)
+    assert reply["resource"] == "coda/catalog" and reply["items"] == 20 and reply["categories"] == len(SHELVES)
+    assert Platform(data).resource("coda/catalog").version == "v1"
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(data), "cloud", "catalog", "load", str(tmp_path / "no.csv")])
+    assert out.exit_code == 3 and "does not exist" in out.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("item_id,categories\n1,a\n1,b\n")
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(data), "cloud", "catalog", "load", str(bad)])
+    assert out.exit_code == 2 and "appears twice" in out.output
+    assert Platform(data).resource("coda/catalog").version == "v1"  # nothing stored
