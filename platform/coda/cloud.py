@@ -14,6 +14,7 @@ mapping store; or a Redis URL), catalog.json (the item catalog, see catalog.py) 
 key of the user pseudonyms, mode 0600)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -219,7 +220,8 @@ class CodaCloud:
         return samplegen.pseudonym(self.user_of(device_id), self.key)
 
     def add_services(self, server) -> None:
-        servicer = SampleServicer(self.mappings, self.platform.credentials.authenticate, self.pseudonym_of_device,
+        from ..server import device_of
+        servicer = SampleServicer(self.mappings, functools.partial(device_of, self.platform), self.pseudonym_of_device,
                                   today=lambda: self.today, daily_limit=self.daily_limit,
                                   latest_day=lambda: self.prepared_day)
         add_to_server(server, servicer)
