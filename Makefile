@@ -30,6 +30,7 @@ install: $(STAMP)
 system-deps:
 	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \

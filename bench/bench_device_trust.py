@@ -83,7 +83,7 @@ def main() -> None:
                 up.flush(timeout=30)
                 up.close()
                 shutil.rmtree(dev)
-                stored.append(admin.state.db.execute("SELECT COUNT(*) FROM events WHERE device_id='reset'").fetchone()[0])
+                stored.append(len(admin.state.events("reset")))
             print(f"device reset: 14 records sent (7 per life), {stored[-1]} stored "
                   f"({stored[0]} after the first life)")
             print(json.dumps({"rss_before_mb": round(before), "rss_after_mb": round(after), "refused": refused,

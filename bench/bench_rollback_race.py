@@ -40,8 +40,8 @@ def operator(data: str, versions: list[str], ops: int, seed: int, out) -> None:
 def replay(p) -> tuple[int, int]:
     """(rollbacks, stale rollbacks) from the audit trail in commit order."""
     import json
-    notes = {r["id"]: r["note"] for r in p.state.db.execute_returning_dicts("SELECT id, note FROM releases")}
-    entries = p.state.db.execute_returning_dicts("SELECT action, target, detail FROM audit ORDER BY id")
+    notes = {r["id"]: r["note"] for r in p.state.releases()}
+    entries = p.state.audit_entries(limit=1_000_000)[::-1]  # oldest first
     live: list[int] = []
     snapshot = None
     rollbacks = stale = 0

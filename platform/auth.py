@@ -58,20 +58,15 @@ class DeviceCredentials:
         token = f"{TOKEN_PREFIX}.{secrets.token_urlsafe(32)}"
         now = int(time.time())
         expires = now + ttl_seconds if ttl_seconds else 0
-        with self.state.transaction() as db:
-            before = db.execute("SELECT user_id FROM devices WHERE device_id = ?", [device_id]).fetchall()
+        with self.state.transaction() as tx:
+            before = tx.device(device_id)
             # Re-enrolling a device replaces its credential (the old token stops working) and its user.
-            db.execute("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked, user_id)
-                          VALUES (?, ?, ?, ?, 0, ?)
-                          ON CONFLICT(device_id) DO UPDATE SET token_hash=excluded.token_hash,
-                          enrolled_at=excluded.enrolled_at, expires_at=excluded.expires_at, revoked=0,
-                          user_id=excluded.user_id""",
-                       [device_id, _hash(token), now, expires, user_id])
+            tx.put_device(device_id, _hash(token), now, expires, user_id)
             detail = {"ttl_seconds": ttl_seconds, "user_id": user_id}
-            if before and before[0][0] != user_id:
-                detail["previous_user_id"] = before[0][0]
-            self.state.audit(db, actor, "device.enroll", device_id, detail)
-            self.state.bump_revision(db)
+            if before and before["user_id"] != user_id:
+                detail["previous_user_id"] = before["user_id"]
+            tx.audit(actor, "device.enroll", device_id, detail)
+            tx.bump_revision()
         return device_id, token
 
     def bound_user(self, device_id: str) -> str:
@@ -83,29 +78,28 @@ class DeviceCredentials:
                 self._users_rev = rev
             user = self._users.get(device_id)
         if user is None:
-            rows = self.state.db.execute("SELECT user_id FROM devices WHERE device_id = ?", [device_id]).fetchall()
-            user = rows[0][0] if rows else ""
+            row = self.state.device(device_id)
+            user = row["user_id"] if row else ""
             with self._lock:
                 self._users[device_id] = user
         return user
 
     def revoke(self, device_id: str, *, actor: str = "operator") -> dict:
-        with self.state.transaction() as db:
-            cur = db.execute("UPDATE devices SET revoked = 1 WHERE device_id = ?", [device_id])
-            if cur.rowcount == 0:
+        with self.state.transaction() as tx:
+            if not tx.revoke_device(device_id):
                 raise NotFound(f"unknown device {device_id!r}")
-            self.state.audit(db, actor, "device.revoke", device_id)
-            self.state.bump_revision(db)
+            tx.audit(actor, "device.revoke", device_id)
+            tx.bump_revision()
         return self.device(device_id)
 
     def device(self, device_id: str) -> dict:
-        rows = self.state.db.execute_returning_dicts("SELECT * FROM devices WHERE device_id = ?", [device_id])
-        if not rows:
+        row = self.state.device(device_id)
+        if row is None:
             raise NotFound(f"unknown device {device_id!r}")
-        return rows[0]
+        return row
 
     def devices(self) -> list[dict]:
-        return self.state.db.execute_returning_dicts("SELECT * FROM devices ORDER BY device_id")
+        return self.state.devices()
 
     def verify(self, token: str) -> str:
         """The device id a token belongs to; Unauthenticated when unknown, revoked or expired."""
@@ -119,11 +113,10 @@ class DeviceCredentials:
                 self._cache_rev = rev
             hit = self._cache.get(h)
         if hit is None:
-            rows = self.state.db.execute(
-                "SELECT device_id, expires_at, revoked FROM devices WHERE token_hash = ?", [h]).fetchall()
-            if not rows or rows[0][2]:
+            row = self.state.device_by_token(h)
+            if row is None or row["revoked"]:
                 raise Unauthenticated("unknown or revoked device credential")
-            hit = (rows[0][0], rows[0][1])
+            hit = (row["device_id"], row["expires_at"])
             with self._lock:
                 self._cache[h] = hit
         device_id, expires_at = hit
@@ -143,10 +136,8 @@ class DeviceCredentials:
         """Record last-seen time and attributes for many devices in one transaction."""
         if not seen:
             return
-        with self.state.transaction() as db:
-            for device_id, (ts, app_version, attrs) in seen.items():
-                db.execute("UPDATE devices SET last_seen = ?, app_version = ?, attrs = ? WHERE device_id = ?",
-                           [ts, app_version, json.dumps(attrs, sort_keys=True), device_id])
+        self.state.touch_devices({device_id: (ts, app_version, json.dumps(attrs, sort_keys=True))
+                                  for device_id, (ts, app_version, attrs) in seen.items()})
 
 
 OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -159,37 +150,30 @@ class OperatorCredentials:
 
     def __init__(self, state: PlatformState):
         self.state = state
-        with state.transaction() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS operators (
-                name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL,
-                revoked INTEGER NOT NULL DEFAULT 0)""")
 
     def create(self, name: str, *, actor: str = "bootstrap") -> str:
         if not OPERATOR_RE.match(name or ""):
             raise InvalidArgument(f"operator name {name!r} is invalid: 1-64 letters, digits, '.', '_', '@' or '-'")
         token = f"{OPERATOR_PREFIX}.{secrets.token_urlsafe(32)}"
-        with self.state.transaction() as db:
-            db.execute("""INSERT INTO operators (name, token_hash, created_at) VALUES (?, ?, ?)
-                          ON CONFLICT(name) DO UPDATE SET token_hash=excluded.token_hash, revoked=0""",
-                       [name, _hash(token), int(time.time())])
-            self.state.audit(db, actor, "operator.create", name)
+        with self.state.transaction() as tx:
+            tx.put_operator(name, _hash(token), int(time.time()))
+            tx.audit(actor, "operator.create", name)
         return token
 
     def revoke(self, name: str, *, actor: str) -> None:
-        with self.state.transaction() as db:
-            if db.execute("UPDATE operators SET revoked = 1 WHERE name = ?", [name]).rowcount == 0:
+        with self.state.transaction() as tx:
+            if not tx.revoke_operator(name):
                 raise NotFound(f"unknown operator {name!r}")
-            self.state.audit(db, actor, "operator.revoke", name)
+            tx.audit(actor, "operator.revoke", name)
 
     def any(self) -> bool:
-        return bool(self.state.db.execute("SELECT 1 FROM operators WHERE revoked = 0 LIMIT 1").fetchall())
+        return self.state.any_operator()
 
     def verify(self, token: str) -> str:
         """The operator's name, or Unauthenticated."""
         if not token:
             raise Unauthenticated("missing operator credential (authorization: Bearer <operator token>)")
-        rows = self.state.db.execute("SELECT name, revoked FROM operators WHERE token_hash = ?",
-                                     [_hash(token)]).fetchall()
-        if not rows or rows[0][1]:
+        row = self.state.operator_by_token(_hash(token))
+        if row is None or row["revoked"]:
             raise Unauthenticated("unknown or revoked operator credential")
-        return rows[0][0]
+        return row["name"]

@@ -83,20 +83,9 @@ def fleet(platform: Platform, now: int | None = None) -> dict[str, Any]:
     version. A device's installed version of a task is its latest `installed` delivery report."""
     now = int(time.time()) if now is None else now
     since = now - FLEET_WINDOW_S
-    db = platform.state.db
-    by_app = [{"app_version": a, "devices": n} for a, n in db.execute(
-        """SELECT app_version, COUNT(*) FROM devices WHERE revoked = 0 AND last_seen >= ?
-           GROUP BY app_version ORDER BY COUNT(*) DESC, app_version""", [since])]
-    by_task = [{"task": t, "version": v, "devices": n} for t, v, n in db.execute(
-        """WITH latest AS (
-               SELECT d.device_id, d.task, MAX(d.seq) AS seq FROM deliveries d
-               JOIN devices v ON v.device_id = d.device_id AND v.revoked = 0 AND v.last_seen >= ?
-               WHERE d.status = 'installed' GROUP BY d.device_id, d.task)
-           SELECT d.task, d.version, COUNT(*) FROM deliveries d
-           JOIN latest l ON l.device_id = d.device_id AND l.seq = d.seq
-           GROUP BY d.task, d.version ORDER BY d.task, COUNT(*) DESC, d.version""", [since])]
+    counts = platform.state.fleet_counts(since)
+    by_app, by_task, enrolled = counts["by_app_version"], counts["by_task"], counts["enrolled"]
     seen = sum(r["devices"] for r in by_app)
-    enrolled = db.execute("SELECT COUNT(*) FROM devices WHERE revoked = 0").fetchone()[0]
     return {"window_s": FLEET_WINDOW_S, "seen": seen, "enrolled": enrolled, "by_app_version": by_app,
             "by_task_version": by_task}
 

@@ -15,7 +15,6 @@ Release rows are never deleted and their task, version and rule never change; a 
 release. Every change is recorded in the release log and the audit trail."""
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import threading
@@ -30,6 +29,7 @@ from .state import PlatformState
 from .taskrepo import TaskRepository
 
 STAGES = ("beta", "gray", "full")
+LIVE_STATES = ("active", "fallback", "paused")  # every state but revoked
 CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 DEFAULT_CHANNEL = "stable"
@@ -127,12 +127,12 @@ class ReleaseManager:
     def create(self, task: str, version: str = "", *, rule: str = "", rollout: float | None = None,
                stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
                note: str = "") -> dict:
-        with self.state.transaction() as db:
-            rid = self._create_in(db, task, version, rule=rule, rollout=rollout, stage=stage, channel=channel,
+        with self.state.transaction() as tx:
+            rid = self._create_in(tx, task, version, rule=rule, rollout=rollout, stage=stage, channel=channel,
                                   allow=allow, deny=deny, actor=actor, note=note)
         return self.get(rid)
 
-    def _create_in(self, db, task: str, version: str, *, rule: str, rollout: float | None, stage: str,
+    def _create_in(self, tx, task: str, version: str, *, rule: str, rollout: float | None, stage: str,
                    channel: str, allow, deny, actor: str, note: str, action: str = "release.create") -> str:
         """Insert a release inside the caller's write transaction; returns its id."""
         tv = self.repo.get(task, version)  # NotFound for an unknown task or version
@@ -160,40 +160,37 @@ class ReleaseManager:
             raise FailedPrecondition(f"{task}@{tv.version[:12]} is still being submitted; release it once the "
                                      "submit has returned")
         self.repo.resolve(task, tv.version)  # NotFound if it was taken back meanwhile
-        rid, seq = self.state.next_release_id(db)
+        rid, seq = tx.next_release_id()
         row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
                    channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
-                   note=note, bundle_digest=tv.bundle_digest, allow=_json(allow), deny=_json(deny),
+                   note=note, bundle_digest=tv.bundle_digest, allow=list(allow), deny=list(deny),
                    salt=secrets.token_hex(8))
-        db["releases"].insert(row)
-        self.state.log_release_change(db, rid, actor, {"created": {k: row[k] for k in (
+        tx.insert_release(row)
+        tx.log_release_change(rid, actor, {"created": {k: row[k] for k in (
             "task", "version", "rule", "rollout", "stage", "channel")}})
         detail = {"task": task, "version": tv.version, "rule": rule, "rollout": rollout, "stage": stage,
                   "channel": channel}
         if note:
             detail["note"] = note
-        self.state.audit(db, actor, action, rid, detail)
-        self._settle_chain(db, task, channel, actor)
-        self.state.bump_revision(db)
+        tx.audit(actor, action, rid, detail)
+        self._settle_chain(tx, task, channel, actor)
+        tx.bump_revision()
         return rid
 
-    def _settle_chain(self, db, task: str, channel: str, actor: str) -> None:
+    def _settle_chain(self, tx, task: str, channel: str, actor: str) -> None:
         """Name what devices get: the newest live, unpaused release of a chain is 'active'; the older
         ones, which devices outside its audience fall back to, are 'fallback' (listed, pausable,
         revocable like any release); paused and revoked ones stay as they are."""
-        live = db.execute_returning_dicts(
-            "SELECT id, state FROM releases WHERE task=? AND channel=? AND state IN ('active','fallback') "
-            "ORDER BY seq DESC", [task, channel])
-        for i, r in enumerate(live):
+        for i, r in enumerate(tx.chain(task, channel, ("active", "fallback"))):
             want = "active" if i == 0 else "fallback"
             if r["state"] != want:
-                db.execute("UPDATE releases SET state=? WHERE id=?", [want, r["id"]])
-                self.state.log_release_change(db, r["id"], actor, {"state": [r["state"], want]})
+                tx.update_release(r["id"], state=want)
+                tx.log_release_change(r["id"], actor, {"state": [r["state"], want]})
 
     def set_rollout(self, release_id: str, rollout: float, stage: str = "", actor: str = "operator") -> dict:
         rollout = self._check_rollout(rollout)
-        with self.state.transaction() as db:
-            rel = self._get_row(db, release_id)
+        with self.state.transaction() as tx:
+            rel = self._get_row(tx, release_id)
             if rel["state"] not in ("active", "paused", "fallback"):
                 raise FailedPrecondition(f"release {release_id} is {rel['state']}; only a live release can grow")
             if rollout < rel["rollout"]:
@@ -208,11 +205,11 @@ class ReleaseManager:
                 raise FailedPrecondition(f"stage may only move forward (beta -> gray -> full): {release_id} is {rel['stage']}")
             if new_stage == "full" and rollout != 100:
                 raise InvalidArgument("a full release goes to 100% of its audience")
-            db.execute("UPDATE releases SET rollout=?, stage=? WHERE id=?", [rollout, new_stage, release_id])
+            tx.update_release(release_id, rollout=rollout, stage=new_stage)
             change = {"rollout": [rel["rollout"], rollout], "stage": [rel["stage"], new_stage]}
-            self.state.log_release_change(db, release_id, actor, change)
-            self.state.audit(db, actor, "release.set_rollout", release_id, change)
-            self.state.bump_revision(db)
+            tx.log_release_change(release_id, actor, change)
+            tx.audit(actor, "release.set_rollout", release_id, change)
+            tx.bump_revision()
         return self.get(release_id)
 
     def pause(self, release_id: str, actor: str = "operator") -> dict:
@@ -222,32 +219,30 @@ class ReleaseManager:
         return self._transition(release_id, ("paused",), "fallback", "release.resume", actor)
 
     def revoke(self, release_id: str, actor: str = "operator") -> dict:
-        with self.state.transaction() as db:
-            rel = self._get_row(db, release_id)
+        with self.state.transaction() as tx:
+            rel = self._get_row(tx, release_id)
             if rel["state"] == "revoked":
                 raise FailedPrecondition(f"release {release_id} is already revoked")
-            self._revoke_in(db, rel, actor, "release.revoke")
-            self._settle_chain(db, rel["task"], rel["channel"], actor)
-            self.state.bump_revision(db)
+            self._revoke_in(tx, rel, actor, "release.revoke")
+            self._settle_chain(tx, rel["task"], rel["channel"], actor)
+            tx.bump_revision()
         return self.get(release_id)
 
-    def _revoke_in(self, db, rel: dict, actor: str, action: str, why: str = "") -> None:
-        db.execute("UPDATE releases SET state='revoked' WHERE id=?", [rel["id"]])
+    def _revoke_in(self, tx, rel: dict, actor: str, action: str, why: str = "") -> None:
+        tx.update_release(rel["id"], state="revoked")
         change = {"state": [rel["state"], "revoked"]}
         if why:
             change["why"] = why
-        self.state.log_release_change(db, rel["id"], actor, change)
-        self.state.audit(db, actor, action, rel["id"], {"from": rel["state"], **({"why": why} if why else {})})
+        tx.log_release_change(rel["id"], actor, change)
+        tx.audit(actor, action, rel["id"], {"from": rel["state"], **({"why": why} if why else {})})
 
     def rollback(self, task: str, to_version: str = "", channel: str = "", actor: str = "operator") -> dict:
         """Ship an earlier version to the current release's audience, as a new release. Decided inside
         one write transaction (concurrent operators see each other's changes), and every live release
         of the version rolled back is revoked, so pausing or revoking the rollback never re-ships it."""
         channel = channel or DEFAULT_CHANNEL
-        with self.state.transaction() as db:
-            chain = [self.state._release_row(r) for r in db.execute_returning_dicts(
-                "SELECT * FROM releases WHERE task=? AND channel=? AND state != 'revoked' ORDER BY seq DESC",
-                [task, channel])]
+        with self.state.transaction() as tx:
+            chain = tx.chain(task, channel, LIVE_STATES)
             if not chain:
                 raise NotFound(f"task {task!r} has no release on channel {channel!r} to roll back")
             current = chain[0]
@@ -263,9 +258,9 @@ class ReleaseManager:
                 raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
             for r in chain:
                 if r["version"] == current["version"]:
-                    self._revoke_in(db, r, actor, "release.revoke", f"rolled back to {target[:12]}")
+                    self._revoke_in(tx, r, actor, "release.revoke", f"rolled back to {target[:12]}")
             # Same audience at 100%: every device that could get the bad version now gets the target.
-            rid = self._create_in(db, task, target, rule=current["rule"], rollout=100.0, stage="full",
+            rid = self._create_in(tx, task, target, rule=current["rule"], rollout=100.0, stage="full",
                                   channel=channel, allow=current["allow"], deny=current["deny"], actor=actor,
                                   note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
         return self.get(rid)
@@ -365,23 +360,23 @@ class ReleaseManager:
 
     # -- helpers --------------------------------------------------------------------------------
     def _transition(self, release_id: str, frm: tuple[str, ...], to: str, action: str, actor: str) -> dict:
-        with self.state.transaction() as db:
-            rel = self._get_row(db, release_id)
+        with self.state.transaction() as tx:
+            rel = self._get_row(tx, release_id)
             if rel["state"] not in frm:
                 raise FailedPrecondition(f"release {release_id} is {rel['state']}, not {' or '.join(frm)}")
-            db.execute("UPDATE releases SET state=? WHERE id=?", [to, release_id])
-            self.state.log_release_change(db, release_id, actor, {"state": [rel["state"], to]})
-            self.state.audit(db, actor, action, release_id, {"state": [rel["state"], to]})
-            self._settle_chain(db, rel["task"], rel["channel"], actor)
-            self.state.bump_revision(db)
+            tx.update_release(release_id, state=to)
+            tx.log_release_change(release_id, actor, {"state": [rel["state"], to]})
+            tx.audit(actor, action, release_id, {"state": [rel["state"], to]})
+            self._settle_chain(tx, rel["task"], rel["channel"], actor)
+            tx.bump_revision()
         return self.get(release_id)
 
     @staticmethod
-    def _get_row(db, release_id: str) -> dict:
-        rows = db.execute_returning_dicts("SELECT * FROM releases WHERE id=?", [release_id])
-        if not rows:
+    def _get_row(tx, release_id: str) -> dict:
+        row = tx.release(release_id)
+        if row is None:
             raise NotFound(f"unknown release {release_id!r}")
-        return rows[0]
+        return row
 
     @staticmethod
     def _check_rollout(rollout: float) -> float:
@@ -402,10 +397,6 @@ class ReleaseManager:
             if not ID_RE.match(i):
                 raise InvalidArgument(f"{name} list: {i!r} is not a valid user or device id")
         return ids
-
-
-def _json(v) -> str:
-    return json.dumps(v)
 
 
 def release_to_proto(row: dict, stats: dict | None = None) -> admin_pb2.Release:

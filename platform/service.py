@@ -33,7 +33,7 @@ from .errors import InvalidArgument, NotFound, PermissionDenied
 from .manifest import strip_ignored, validate_task_files
 from .releases import MAX_DEVICE_INFO_BYTES, ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
 from .runnable import check_runnable
-from .state import PlatformState
+from .state import PlatformState, open_state, state_url
 from .taskrepo import TaskRepository, TaskVersion
 
 log = logging.getLogger("walle.platform")
@@ -69,14 +69,15 @@ def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
 
 
 class Platform:
-    def __init__(self, data_dir: str | os.PathLike, *, keys=None):
+    def __init__(self, data_dir: str | os.PathLike, *, keys=None, state: str = ""):
         """`keys`: the platform's PlatformKeys (walle.platform.pki); they sign every released bundle
-        and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure)."""
+        and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure).
+        `state`: the state URL (walle.platform.state); default $WALLE_STATE or SQLite in `data_dir`."""
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys = keys
         signer = keys.sign if keys is not None else None
-        self.state = PlatformState(self.data_dir / "state.sqlite3")
+        self.state = open_state(state_url(self.data_dir, state))
         self.repo = TaskRepository(self.data_dir / "tasks", journal=StateSubmitJournal(self.state))
         self.credentials = DeviceCredentials(self.state)
         self.operators = OperatorCredentials(self.state)
@@ -192,20 +193,15 @@ class Platform:
         except ValueError as e:
             raise InvalidArgument(f"resource metadata is not JSON: {e}") from None
         digest = self.put_blob(req.data)
-        with self.state.transaction() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM resources WHERE name=?", [name]).fetchone()[0]
-            version = f"v{seq}"
-            db.execute("INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [name, version, seq, digest, len(req.data), req.metadata_json or "{}", int(time.time())])
-            self.state.audit(db, req.actor or "operator", "resource.publish", f"{name}@{version}", {"digest": digest})
+        with self.state.transaction() as tx:
+            version = tx.add_resource(name, digest, len(req.data), req.metadata_json or "{}", int(time.time()))
+            tx.audit(req.actor or "operator", "resource.publish", f"{name}@{version}", {"digest": digest})
         return admin_pb2.ResourceInfoRef(name=name, version=version, digest=digest, size=len(req.data))
 
     def resource(self, name: str, version: str = "") -> tunnel_pb2.ResourceInfo:
-        sql = "SELECT * FROM resources WHERE name=? " + ("AND version=? " if version else "") + "ORDER BY seq DESC LIMIT 1"
-        rows = self.state.db.execute_returning_dicts(sql, [name, version] if version else [name])
-        if not rows:
+        r = self.state.resource(name, version)
+        if r is None:
             raise NotFound(f"unknown resource {name!r}" + (f" version {version!r}" if version else ""))
-        r = rows[0]
         return tunnel_pb2.ResourceInfo(name=r["name"], version=r["version"], digest=r["digest"], size=r["size"],
                                        metadata_json=r["metadata"])
 
@@ -296,8 +292,8 @@ class Platform:
         if hit is not None:
             info = device_pb2.DeviceInfo.FromString(hit[2])
         else:
-            rows = self.state.db.execute("SELECT attrs FROM devices WHERE device_id = ?", [device_id]).fetchall()
-            info = info_from_attrs(json.loads(rows[0][0]) if rows else {})
+            row = self.state.device(device_id)
+            info = info_from_attrs(json.loads(row["attrs"]) if row else {})
             info.device_id, info.user_id = device_id, self.credentials.bound_user(device_id)
         tasks, _ = self.releases.resolve(info)
         return self._grant(tasks)
@@ -417,24 +413,18 @@ class Platform:
         return parsed
 
     def _store_platform_records(self, device_id: str, topic: str, base: int, parsed: list) -> tuple[int, int]:
-        accepted = 0
-        # ON CONFLICT on the key only: any other failed constraint raises instead of passing for a duplicate.
-        with self.state.transaction() as db:
-            for seq, ts_ms, payload, m in parsed:
-                ts = int(ts_ms / 1000) or int(time.time())
-                seq += base
-                if topic == "run_report":
-                    cur = db.execute("INSERT INTO run_reports VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                                     "ON CONFLICT(device_id, seq) DO NOTHING",
-                                     [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.duration_s,
-                                      m.peak_memory_kb, m.error[:2000], m.trigger])
-                elif topic == "delivery":
-                    cur = db.execute("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id, seq) DO NOTHING",
-                                     [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.error[:2000]])
-                else:
-                    cur = db.execute("INSERT INTO events VALUES (?,?,?,?,?) ON CONFLICT(device_id, seq) DO NOTHING",
-                                     [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
-                accepted += cur.rowcount
+        rows = []
+        for seq, ts_ms, payload, m in parsed:
+            ts = int(ts_ms / 1000) or int(time.time())
+            seq += base
+            if topic == "run_report":
+                rows.append((device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.duration_s,
+                             m.peak_memory_kb, m.error[:2000], m.trigger))
+            elif topic == "delivery":
+                rows.append((device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.error[:2000]))
+            else:
+                rows.append((device_id, seq, ts, payload.decode("utf-8", "replace")[:65536]))
+        accepted = self.state.add_reports(topic, rows)
         return accepted, len(parsed) - accepted
 
 

@@ -6,6 +6,7 @@ Operator commands work on a local data folder (`--data-dir`) or talk to a runnin
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -21,6 +22,9 @@ from .context import DEFAULT_DATA_DIR, Ctx
               help="Talk to a running platform server (default: work on --data-dir directly).")
 @click.option("--data-dir", envvar="WALLE_DATA_DIR", type=click.Path(file_okay=False),
               help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR}).")
+@click.option("--state", "state", envvar="WALLE_STATE", metavar="URL",
+              help="Platform state database: sqlite:///path/state.sqlite3 (default: in --data-dir) or "
+                   "postgresql://user@host/db (shared by serving replicas).")
 @json_option
 @click.option("--actor", envvar="WALLE_ACTOR", help="Who is acting, for the audit trail (default: login name).")
 @click.option("--ca", envvar="WALLE_CA", type=click.Path(dir_okay=False),
@@ -29,13 +33,15 @@ from .context import DEFAULT_DATA_DIR, Ctx
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="walle")
 @click.pass_context
-def main(ctx, platform_addr, data_dir, actor, ca, insecure, verbose):
+def main(ctx, platform_addr, data_dir, state, actor, ca, insecure, verbose):
     """walle: device-cloud collaborative machine learning.
 
     Remote commands authenticate with an operator token: WALLE_OPERATOR_TOKEN or operator_token
     in the config file."""
     logging.basicConfig(level=logging.WARNING - 10 * verbose,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if state:  # read by every Platform this process opens, and inherited by --processes workers
+        os.environ["WALLE_STATE"] = state
     ctx.obj = Ctx(platform_addr, data_dir, actor, ca, insecure)
 
 

@@ -78,7 +78,7 @@ def test_device_of_platform_a_refuses_bundles_signed_by_platform_b(tmp_path, san
         assert host.up.flush(timeout=10)
         rel = platform.ListReleases(admin_pb2.ReleaseFilter(task="hello")).releases[0]
         assert rel.version == v2.version and rel.stats.rejected == 1  # reported to the platform
-        err = platform.state.db.execute("SELECT error FROM deliveries WHERE status='rejected'").fetchone()[0]
+        err = platform.state.reports("delivery", status="rejected")[0]["error"]
         assert "signature" in err
         host.close()
     finally:

@@ -103,8 +103,7 @@ def test_release_update_and_rollback_reach_a_running_device(tmp_path, sandbox):
         assert (s1.delivered, s1.ran, s1.runs) == (1, 1, 1)
         assert (s2.delivered, s2.ran, s2.runs) == (1, 1, 2) and s2.failed == 0
         assert (s3.delivered, s3.ran, s3.runs) == (1, 1, 1)
-        triggers = [r[0] for r in platform.state.db.execute(
-            "SELECT trigger FROM run_reports WHERE release_id=? ORDER BY seq", [r2.id])]
+        triggers = [r["trigger"] for r in platform.state.reports("run_report") if r["release_id"] == r2.id]
         assert triggers == ["event:page_view:home", "manual"]
         print(f"v2 reached the device {took:.2f}s after the release")
     finally:

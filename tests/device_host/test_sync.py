@@ -175,8 +175,8 @@ def test_tampered_bundle_is_refused_and_the_old_version_keeps_running(live, tmp_
         assert up.flush(timeout=10)
         stats = delivery_stats(live, r2.id)
         assert stats.rejected == 1 and stats.delivered == 0
-        reason = live.platform.state.db.execute(
-            "SELECT error FROM deliveries WHERE release_id=? AND status='rejected'", [r2.id]).fetchone()[0]
+        reason = [r["error"] for r in live.platform.state.reports("delivery", status="rejected")
+                  if r["release_id"] == r2.id][0]
         assert "digest mismatch" in reason
         # the honest path still works afterwards
         assert sync.sync_once().installed == [f"hello@{v2.version}"]

@@ -22,8 +22,7 @@ class Live:
         return bearer_metadata(self.platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id)).token)
 
     def events(self, device_id):
-        return self.platform.state.db.execute(
-            "SELECT seq, topic, payload FROM events WHERE device_id=? ORDER BY seq", [device_id]).fetchall()
+        return [(r["seq"], r["topic"], r["payload"]) for r in self.platform.state.events(device_id)]
 
     def close(self):
         self.channel.close()
@@ -132,7 +131,7 @@ def test_background_flusher_retries_until_the_cloud_is_back(tmp_path):
         while up.pending() and time.time() < deadline:
             time.sleep(0.1)
         assert up.pending() == 0
-        assert platform.state.db.execute("SELECT COUNT(*) FROM events WHERE device_id='dev-3'").fetchone()[0] == 5
+        assert len(platform.state.events("dev-3")) == 5
     finally:
         up.close()
         channel.close()
@@ -256,5 +255,5 @@ def test_a_record_the_cloud_refuses_does_not_sink_its_batch(live, tmp_path):
     st = up.stats()
     assert st["rejected"] == 1 and st["pending"] == 0
     assert [r[0] for r in live.events("dev-6")] == [a, d]
-    assert live.platform.state.db.execute("SELECT seq FROM run_reports WHERE device_id='dev-6'").fetchall() == [(c,)]
+    assert [r["seq"] for r in live.platform.state.reports("run_report", device_id="dev-6")] == [c]
     up.close()

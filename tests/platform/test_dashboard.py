@@ -114,10 +114,9 @@ def platform_figures(p) -> dict:
     seen = {d.device_id: d.app_version for d in p.ListDevices(admin_pb2.Empty()).devices
             if not d.revoked and d.last_seen >= day_ago}
     latest = {}
-    for device_id, task, version in p.state.db.execute(
-            "SELECT device_id, task, version FROM deliveries WHERE status='installed' ORDER BY device_id, seq"):
-        if device_id in seen:
-            latest[(device_id, task)] = version
+    for r in p.state.reports("delivery", status="installed"):  # oldest first per device
+        if r["device_id"] in seen:
+            latest[(r["device_id"], r["task"])] = r["version"]
     return {"releases": releases, "by_app": dict(collections.Counter(seen.values())),
             "by_task": dict(collections.Counter(f"{t}@{v}" for (_d, t), v in latest.items())), "seen": len(seen)}
 

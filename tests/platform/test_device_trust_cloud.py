@@ -170,8 +170,7 @@ def test_a_revoked_device_loses_its_watch_stream(live):
 
 # -- item 4: reports are never lost silently ------------------------------------------------------
 def _events(live, device_id):
-    return [json.loads(p) for (p,) in live.platform.state.db.execute(
-        "SELECT payload FROM events WHERE device_id=? ORDER BY seq", [device_id]).fetchall()]
+    return [json.loads(r["payload"]) for r in live.platform.state.reports("event", device_id=device_id)]
 
 
 def test_a_reset_device_keeps_reporting(live, tmp_path):
@@ -222,7 +221,7 @@ def test_an_invalid_report_is_refused_not_acknowledged(live, bad, needle):
     code, details = code_of(lambda: live.tunnel.Upload(iter([_batch([_report(1, rel, tv, **bad)])]), metadata=md,
                                                        timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details and "seq 1" in details
-    assert live.platform.state.db.execute("SELECT COUNT(*) FROM run_reports").fetchone()[0] == 0
+    assert live.platform.state.reports("run_report") == []
     ack = live.tunnel.Upload(iter([_batch([_report(1, rel, tv, "ok", 0.5)])]), metadata=md, timeout=10)
     assert (ack.accepted, ack.duplicates) == (1, 0)  # the seq was never taken by the refused record
 

@@ -1,0 +1,481 @@
+"""PlatformState on a SQL database: the queries both implementations share, written in the SQL that
+SQLite and PostgreSQL both speak. A subclass supplies the connection, the transaction (and how it
+serialises release decisions), the column types and the few spellings that differ."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..errors import ResourceExhausted
+from .base import PlatformState, Transaction
+
+SCHEMA_VERSION = 1
+LIVE_FOR_DEVICES = ("active", "fallback", "paused")
+RELEASE_FIELDS = ("id", "seq", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at",
+                  "created_by", "note", "bundle_digest", "allow", "deny", "salt")
+REPORT_TABLES = {"run_report": ("run_reports", 11), "delivery": ("deliveries", 8)}
+
+# {int} 64-bit integer, {real} double, {serial} auto-increment key, {blob} bytes
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS releases (
+        id TEXT PRIMARY KEY, seq {int} NOT NULL UNIQUE, task TEXT NOT NULL, version TEXT NOT NULL,
+        rule TEXT NOT NULL, rollout {real} NOT NULL, stage TEXT NOT NULL, channel TEXT NOT NULL,
+        state TEXT NOT NULL, created_at {int} NOT NULL, created_by TEXT NOT NULL, note TEXT NOT NULL,
+        bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS releases_task ON releases(task, channel, seq)",
+    # Append-only: every change to a release (its creation, rollout, pause, ...).
+    """CREATE TABLE IF NOT EXISTS release_log (
+        id {serial}, release_id TEXT NOT NULL, ts {int} NOT NULL, actor TEXT NOT NULL, change TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS release_log_release ON release_log(release_id)",
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, enrolled_at {int} NOT NULL,
+        expires_at {int} NOT NULL, revoked {int} NOT NULL DEFAULT 0, last_seen {int} NOT NULL DEFAULT 0,
+        app_version TEXT NOT NULL DEFAULT '', attrs TEXT NOT NULL DEFAULT '{{}}', user_id TEXT NOT NULL DEFAULT '')""",
+    """CREATE TABLE IF NOT EXISTS operators (
+        name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_at {int} NOT NULL,
+        revoked {int} NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        id {serial}, ts {int} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
+        detail TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS run_reports (
+        device_id TEXT NOT NULL, seq {int} NOT NULL, ts {int} NOT NULL, task TEXT NOT NULL, version TEXT NOT NULL,
+        release_id TEXT NOT NULL, status TEXT NOT NULL, duration_s {real} NOT NULL, peak_memory_kb {int} NOT NULL,
+        error TEXT NOT NULL, trigger TEXT NOT NULL, PRIMARY KEY (device_id, seq))""",
+    "CREATE INDEX IF NOT EXISTS run_reports_release ON run_reports(release_id)",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        device_id TEXT NOT NULL, seq {int} NOT NULL, ts {int} NOT NULL, task TEXT NOT NULL, version TEXT NOT NULL,
+        release_id TEXT NOT NULL, status TEXT NOT NULL, error TEXT NOT NULL, PRIMARY KEY (device_id, seq))""",
+    "CREATE INDEX IF NOT EXISTS deliveries_release ON deliveries(release_id)",
+    """CREATE TABLE IF NOT EXISTS events (
+        device_id TEXT NOT NULL, seq {int} NOT NULL, ts {int} NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq))""",
+    # Up-tunnel streams: each (device, epoch) gets a slot k; a record's stored seq is
+    # k * EPOCH_SPAN + its seq, so every report table keeps its (device_id, seq) key and
+    # a device that starts afresh (new epoch) never collides with what it sent before.
+    """CREATE TABLE IF NOT EXISTS up_streams (
+        device_id TEXT NOT NULL, epoch {int} NOT NULL, k {int} NOT NULL, hw {int} NOT NULL,
+        created_at {int} NOT NULL, PRIMARY KEY (device_id, epoch), UNIQUE (device_id, k))""",
+    # Which releases each device was handed: reports are accepted only for those.
+    """CREATE TABLE IF NOT EXISTS device_releases (
+        device_id TEXT NOT NULL, release_id TEXT NOT NULL, first_at {int} NOT NULL,
+        PRIMARY KEY (device_id, release_id))""",
+    # Submits between their durable intent and their confirmation (audit); see SubmitJournal.
+    """CREATE TABLE IF NOT EXISTS submit_intents (
+        id {serial}, task TEXT NOT NULL, parent TEXT NOT NULL, actor TEXT NOT NULL, started_at {int} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS resources (
+        name TEXT NOT NULL, version TEXT NOT NULL, seq {int} NOT NULL, digest TEXT NOT NULL, size {int} NOT NULL,
+        metadata TEXT NOT NULL, created_at {int} NOT NULL, PRIMARY KEY (name, version))""",
+    # Published task versions and their bundles, for replicas without the task repository.
+    """CREATE TABLE IF NOT EXISTS task_versions (
+        task TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL, manifest {blob} NOT NULL,
+        size {int} NOT NULL, PRIMARY KEY (task, version))""",
+    "CREATE TABLE IF NOT EXISTS bundles (digest TEXT PRIMARY KEY, data {blob} NOT NULL)",
+]
+
+
+def _json(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def release_row(row: dict) -> dict:
+    row = dict(row)
+    row["allow"] = json.loads(row["allow"])
+    row["deny"] = json.loads(row["deny"])
+    return row
+
+
+class Conn:
+    """A DB-API connection with `?` placeholders and rows as dicts."""
+
+    def __init__(self, raw, placeholder: str):
+        self.raw = raw
+        self.placeholder = placeholder
+
+    def run(self, sql: str, args=()):
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        cur = self.raw.cursor()
+        cur.execute(sql, list(args))
+        return cur
+
+    def many(self, sql: str, rows) -> None:
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        self.raw.cursor().executemany(sql, rows)
+
+    def dicts(self, sql: str, args=()) -> list[dict]:
+        cur = self.run(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def value(self, sql: str, args=()):
+        rows = self.run(sql, args).fetchall()  # fetch all: a half-read statement blocks COMMIT on SQLite
+        return rows[0][0] if rows else None
+
+
+class SqlTransaction(Transaction):
+    def __init__(self, conn: Conn, state: "SqlState"):
+        self.c = conn
+        self.state = state
+
+    def audit(self, actor: str, action: str, target: str, detail: dict | str = "") -> None:
+        self.c.run("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                   [int(time.time()), actor or "unknown", action, target, _json(detail)])
+
+    def bump_revision(self) -> None:
+        self.state._bump(self.c, "revision")
+
+    def next_release_id(self) -> tuple[str, int]:
+        seq = self.state._bump(self.c, "release_seq")
+        return f"r{seq}", seq
+
+    def release(self, release_id: str) -> dict | None:
+        rows = self.c.dicts("SELECT * FROM releases WHERE id = ?", [release_id])
+        return release_row(rows[0]) if rows else None
+
+    def chain(self, task: str, channel: str, states: tuple[str, ...]) -> list[dict]:
+        marks = ",".join("?" * len(states))
+        return [release_row(r) for r in self.c.dicts(
+            f"SELECT * FROM releases WHERE task=? AND channel=? AND state IN ({marks}) ORDER BY seq DESC",
+            [task, channel, *states])]
+
+    def insert_release(self, row: dict) -> None:
+        row = {**row, "allow": _json(row["allow"]), "deny": _json(row["deny"])}
+        self.c.run(f"INSERT INTO releases ({', '.join(RELEASE_FIELDS)}) VALUES ({','.join('?' * len(RELEASE_FIELDS))})",
+                   [row[k] for k in RELEASE_FIELDS])
+
+    def update_release(self, release_id: str, **fields) -> None:
+        bad = set(fields) - set(RELEASE_FIELDS[4:])
+        if bad:
+            raise ValueError(f"not a changeable release field: {sorted(bad)}")
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.c.run(f"UPDATE releases SET {sets} WHERE id=?", [*fields.values(), release_id])
+
+    def log_release_change(self, release_id: str, actor: str, change: dict) -> None:
+        self.c.run("INSERT INTO release_log (release_id, ts, actor, change) VALUES (?, ?, ?, ?)",
+                   [release_id, int(time.time()), actor or "unknown", _json(change)])
+
+    def device(self, device_id: str) -> dict | None:
+        rows = self.c.dicts("SELECT * FROM devices WHERE device_id = ?", [device_id])
+        return rows[0] if rows else None
+
+    def put_device(self, device_id: str, token_hash: str, enrolled_at: int, expires_at: int, user_id: str) -> None:
+        self.c.run("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked, user_id)
+                      VALUES (?, ?, ?, ?, 0, ?)
+                      ON CONFLICT(device_id) DO UPDATE SET token_hash=excluded.token_hash,
+                      enrolled_at=excluded.enrolled_at, expires_at=excluded.expires_at, revoked=0,
+                      user_id=excluded.user_id""", [device_id, token_hash, enrolled_at, expires_at, user_id])
+
+    def revoke_device(self, device_id: str) -> bool:
+        return self.c.run("UPDATE devices SET revoked = 1 WHERE device_id = ?", [device_id]).rowcount > 0
+
+    def put_operator(self, name: str, token_hash: str, created_at: int) -> None:
+        self.c.run("""INSERT INTO operators (name, token_hash, created_at) VALUES (?, ?, ?)
+                      ON CONFLICT(name) DO UPDATE SET token_hash=excluded.token_hash, revoked=0""",
+                   [name, token_hash, created_at])
+
+    def revoke_operator(self, name: str) -> bool:
+        return self.c.run("UPDATE operators SET revoked = 1 WHERE name = ?", [name]).rowcount > 0
+
+    def add_resource(self, name: str, digest: str, size: int, metadata: str, created_at: int) -> str:
+        seq = self.c.value("SELECT COALESCE(MAX(seq), 0) + 1 FROM resources WHERE name=?", [name])
+        version = f"v{seq}"
+        self.c.run("INSERT INTO resources (name, version, seq, digest, size, metadata, created_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", [name, version, seq, digest, size, metadata, created_at])
+        return version
+
+
+class SqlState(PlatformState):
+    placeholder = "?"
+    types = {"int": "INTEGER", "real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+    greatest = "MAX"  # the two-argument maximum
+
+    def __init__(self, url: str):
+        self.url = url
+        self._local = threading.local()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
+        self._rev_cache = (-1, 0.0)  # (revision, monotonic time read)
+        self._init_schema()
+
+    # -- for subclasses -------------------------------------------------------------------------
+    def _connect(self):
+        raise NotImplementedError
+
+    @contextmanager
+    def _write(self, c: Conn, serialize: bool) -> Iterator[None]:
+        """Run the body as one transaction; `serialize`: no other serialised one interleaves."""
+        raise NotImplementedError
+
+    def _migrate(self, c: Conn) -> None:
+        """Bring an older database up to SCHEMA (inside the schema transaction)."""
+
+    # -- connections and transactions -----------------------------------------------------------
+    @property
+    def conn(self) -> Conn:
+        """This thread's connection: DB-API connections are not shared across threads safely."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = self._local.conn = Conn(self._connect(), self.placeholder)
+            with self._conns_lock:
+                self._conns.append(c.raw)
+        return c
+
+    @contextmanager
+    def _tx(self, serialize: bool = True) -> Iterator[Conn]:
+        c = self.conn
+        with self._write(c, serialize):
+            yield c
+        self._rev_cache = (-1, 0.0)  # after COMMIT, so no reader caches the old revision
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTransaction]:
+        with self._tx() as c:
+            yield SqlTransaction(c, self)
+
+    def close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for raw in conns:
+            try:
+                raw.close()
+            except Exception:
+                pass
+        self._local = threading.local()
+
+    def _init_schema(self) -> None:
+        with self._tx() as c:
+            for stmt in SCHEMA:
+                c.run(stmt.format(**self.types))
+            for key, value in (("revision", "0"), ("schema", str(SCHEMA_VERSION)), ("release_seq", "0")):
+                c.run("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", [key, value])
+            self._migrate(c)
+            # Older releases that still serve as fallbacks were called 'superseded'.
+            c.run("UPDATE releases SET state='fallback' WHERE state='superseded'")
+
+    @staticmethod
+    def _bump(c: Conn, key: str) -> int:
+        c.run("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key=?", [key])
+        return int(c.value("SELECT value FROM meta WHERE key=?", [key]))
+
+    # -- revision -------------------------------------------------------------------------------
+    def revision(self) -> int:
+        return int(self.conn.value("SELECT value FROM meta WHERE key='revision'"))
+
+    def cached_revision(self, max_age: float = 0.2) -> int:
+        rev, at = self._rev_cache
+        now = time.monotonic()
+        if now - at > max_age:
+            rev = self.revision()
+            self._rev_cache = (rev, now)
+        return rev
+
+    # -- audit and releases ---------------------------------------------------------------------
+    def audit_entries(self, limit: int = 100) -> list[dict]:
+        return self.conn.dicts("SELECT ts, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?", [limit])
+
+    def release(self, release_id: str) -> dict | None:
+        rows = self.conn.dicts("SELECT * FROM releases WHERE id = ?", [release_id])
+        return release_row(rows[0]) if rows else None
+
+    def releases(self, task: str = "", channel: str = "", active_only: bool = False) -> list[dict]:
+        sql, args = "SELECT * FROM releases WHERE 1=1", []
+        if task:
+            sql += " AND task = ?"
+            args.append(task)
+        if channel:
+            sql += " AND channel = ?"
+            args.append(channel)
+        if active_only:
+            sql += " AND state IN ('active', 'fallback', 'paused')"  # what devices may get
+        sql += " ORDER BY seq DESC"
+        return [release_row(r) for r in self.conn.dicts(sql, args)]
+
+    def release_log(self, release_id: str) -> list[dict]:
+        return self.conn.dicts("SELECT ts, actor, change FROM release_log WHERE release_id = ? ORDER BY id",
+                               [release_id])
+
+    def release_stats_many(self, release_ids: list[str]) -> dict[str, dict]:
+        """One grouped query per table (the dashboard asks for every release on each refresh)."""
+        out = {rid: {"delivered": 0, "ran": 0, "runs": 0, "failed": 0, "p50_duration_s": 0.0, "rejected": 0,
+                     "rolled_back": 0} for rid in release_ids}
+        c = self.conn
+        for lo in range(0, len(release_ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = release_ids[lo:lo + 500]
+            marks = ",".join("?" * len(chunk))
+            for rid, delivered, rejected, rolled_back in c.run(
+                    f"""SELECT release_id, COUNT(DISTINCT CASE WHEN status='installed' THEN device_id END),
+                               COUNT(DISTINCT CASE WHEN status='rejected' THEN device_id END),
+                               COUNT(DISTINCT CASE WHEN status='rolled_back' THEN device_id END)
+                        FROM deliveries WHERE release_id IN ({marks}) GROUP BY release_id""", chunk).fetchall():
+                out[rid].update(delivered=delivered, rejected=rejected, rolled_back=rolled_back)
+            for rid, ran, runs, failed in c.run(
+                    f"""SELECT release_id, COUNT(DISTINCT device_id), COUNT(*),
+                               SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END)
+                        FROM run_reports WHERE release_id IN ({marks}) GROUP BY release_id""", chunk).fetchall():
+                out[rid].update(ran=ran, runs=runs, failed=int(failed or 0))
+            durations: dict[str, list[float]] = {}
+            for rid, d in c.run(f"SELECT release_id, duration_s FROM run_reports WHERE release_id IN ({marks}) "
+                                f"ORDER BY release_id, duration_s", chunk).fetchall():
+                durations.setdefault(rid, []).append(d)
+            for rid, ds in durations.items():
+                out[rid]["p50_duration_s"] = ds[(len(ds) - 1) // 2]
+        return out
+
+    # -- devices --------------------------------------------------------------------------------
+    def device(self, device_id: str) -> dict | None:
+        rows = self.conn.dicts("SELECT * FROM devices WHERE device_id = ?", [device_id])
+        return rows[0] if rows else None
+
+    def devices(self) -> list[dict]:
+        return self.conn.dicts("SELECT * FROM devices ORDER BY device_id")
+
+    def device_by_token(self, token_hash: str) -> dict | None:
+        rows = self.conn.dicts("SELECT * FROM devices WHERE token_hash = ?", [token_hash])
+        return rows[0] if rows else None
+
+    def touch_devices(self, seen: dict[str, tuple[int, str, str]]) -> None:
+        if not seen:
+            return
+        with self._tx(serialize=False) as c:
+            c.many("UPDATE devices SET last_seen = ?, app_version = ?, attrs = ? WHERE device_id = ?",
+                   [(ts, app, attrs, device_id) for device_id, (ts, app, attrs) in sorted(seen.items())])
+
+    def fleet_counts(self, since: int) -> dict:
+        c = self.conn
+        by_app = [{"app_version": a, "devices": n} for a, n in c.run(
+            """SELECT app_version, COUNT(*) FROM devices WHERE revoked = 0 AND last_seen >= ?
+               GROUP BY app_version ORDER BY COUNT(*) DESC, app_version""", [since]).fetchall()]
+        by_task = [{"task": t, "version": v, "devices": n} for t, v, n in c.run(
+            """WITH latest AS (
+                   SELECT d.device_id, d.task, MAX(d.seq) AS seq FROM deliveries d
+                   JOIN devices v ON v.device_id = d.device_id AND v.revoked = 0 AND v.last_seen >= ?
+                   WHERE d.status = 'installed' GROUP BY d.device_id, d.task)
+               SELECT d.task, d.version, COUNT(*) FROM deliveries d
+               JOIN latest l ON l.device_id = d.device_id AND l.seq = d.seq
+               GROUP BY d.task, d.version ORDER BY d.task, COUNT(*) DESC, d.version""", [since]).fetchall()]
+        enrolled = c.value("SELECT COUNT(*) FROM devices WHERE revoked = 0")
+        return {"by_app_version": by_app, "by_task": by_task, "enrolled": enrolled}
+
+    # -- operators ------------------------------------------------------------------------------
+    def operator_by_token(self, token_hash: str) -> dict | None:
+        rows = self.conn.dicts("SELECT * FROM operators WHERE token_hash = ?", [token_hash])
+        return rows[0] if rows else None
+
+    def any_operator(self) -> bool:
+        return bool(self.conn.run("SELECT 1 FROM operators WHERE revoked = 0 LIMIT 1").fetchall())
+
+    # -- device reports -------------------------------------------------------------------------
+    def stream_slot(self, device_id: str, epoch: int, max_streams: int) -> tuple[int, int]:
+        q = "SELECT k, hw FROM up_streams WHERE device_id=? AND epoch=?"
+        rows = self.conn.run(q, [device_id, epoch]).fetchall()
+        if rows:
+            return rows[0][0], rows[0][1]
+        with self._tx() as c:
+            rows = c.run(q, [device_id, epoch]).fetchall()
+            if rows:
+                return rows[0][0], rows[0][1]
+            n, top = c.run("SELECT COUNT(*), COALESCE(MAX(k), -1) FROM up_streams WHERE device_id=?",
+                           [device_id]).fetchone()
+            if n >= max_streams:
+                raise ResourceExhausted(f"device {device_id!r} has started {n} up-tunnel epochs; at most {max_streams} "
+                                        "(a device picks a new epoch only when its data folder starts afresh)")
+            c.run("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES (?, ?, ?, 0, ?)",
+                  [device_id, epoch, top + 1, int(time.time())])
+            return top + 1, 0
+
+    def raise_stream_hw(self, device_id: str, epoch: int, seq: int) -> int:
+        with self._tx(serialize=False) as c:
+            c.run(f"UPDATE up_streams SET hw = {self.greatest}(hw, ?) WHERE device_id=? AND epoch=?",
+                  [seq, device_id, epoch])
+            return c.value("SELECT hw FROM up_streams WHERE device_id=? AND epoch=?", [device_id, epoch])
+
+    def add_reports(self, topic: str, rows: list[tuple]) -> int:
+        table, width = REPORT_TABLES.get(topic, ("events", 5))
+        if table == "events":
+            rows = [(d, seq, ts, topic, payload) for d, seq, ts, payload in rows]
+        marks = ",".join("?" * width)
+        new = 0
+        # ON CONFLICT on the key only: any other failed constraint raises instead of passing for a duplicate.
+        with self._tx(serialize=False) as c:
+            for row in rows:
+                new += c.run(f"INSERT INTO {table} VALUES ({marks}) ON CONFLICT(device_id, seq) DO NOTHING",
+                             row).rowcount
+        return new
+
+    def reports(self, topic: str, device_id: str = "", status: str = "") -> list[dict]:
+        table, _ = REPORT_TABLES.get(topic, ("events", 5))
+        sql, args = f"SELECT * FROM {table} WHERE 1=1", []
+        if table == "events":
+            sql += " AND topic = ?"
+            args.append(topic)
+        if device_id:
+            sql += " AND device_id = ?"
+            args.append(device_id)
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        return self.conn.dicts(sql + " ORDER BY device_id, seq", args)
+
+    def events(self, device_id: str) -> list[dict]:
+        return self.conn.dicts("SELECT * FROM events WHERE device_id = ? ORDER BY seq", [device_id])
+
+    def record_deliveries(self, pairs: set[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        now = int(time.time())
+        with self._tx(serialize=False) as c:
+            c.many("INSERT INTO device_releases (device_id, release_id, first_at) VALUES (?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", [(d, r, now) for d, r in sorted(pairs)])
+
+    def delivered_releases(self, device_id: str, release_ids: set[str]) -> set[str]:
+        ids = sorted(release_ids)[:500]
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        return {r for (r,) in self.conn.run(
+            f"SELECT release_id FROM device_releases WHERE device_id=? AND release_id IN ({marks})",
+            [device_id, *ids]).fetchall()}
+
+    # -- submits --------------------------------------------------------------------------------
+    def begin_submit(self, task: str, parent: str, actor: str) -> int:
+        with self._tx(serialize=False) as c:
+            return c.value("INSERT INTO submit_intents (task, parent, actor, started_at) VALUES (?, ?, ?, ?) "
+                           "RETURNING id", [task, parent, actor, int(time.time())])
+
+    def pending_submits(self) -> list[dict]:
+        return self.conn.dicts("SELECT * FROM submit_intents ORDER BY id")
+
+    def end_submit(self, intent_id: int, action: str = "", target: str = "", detail: dict | None = None) -> None:
+        with self.transaction() as tx:
+            actor = tx.c.value("SELECT actor FROM submit_intents WHERE id=?", [intent_id])
+            tx.c.run("DELETE FROM submit_intents WHERE id=?", [intent_id])
+            if action:
+                tx.audit(actor or "walle", action, target, detail or {})
+
+    # -- resources and published task versions --------------------------------------------------
+    def resource(self, name: str, version: str = "") -> dict | None:
+        sql = "SELECT * FROM resources WHERE name=? " + ("AND version=? " if version else "") + "ORDER BY seq DESC LIMIT 1"
+        rows = self.conn.dicts(sql, [name, version] if version else [name])
+        return rows[0] if rows else None
+
+    def publish_task_version(self, task: str, version: str, digest: str, manifest: bytes, bundle: bytes) -> None:
+        with self._tx(serialize=False) as c:
+            c.run("INSERT INTO bundles (digest, data) VALUES (?, ?) ON CONFLICT DO NOTHING", [digest, bundle])
+            c.run("INSERT INTO task_versions (task, version, digest, manifest, size) VALUES (?, ?, ?, ?, ?) "
+                  "ON CONFLICT DO NOTHING", [task, version, digest, manifest, len(bundle)])
+
+    def published_task_version(self, task: str, version: str) -> dict | None:
+        rows = self.conn.dicts("SELECT digest, manifest, size FROM task_versions WHERE task=? AND version=?",
+                               [task, version])
+        if not rows:
+            return None
+        return {**rows[0], "manifest": bytes(rows[0]["manifest"])}
+
+    def published_bundle(self, digest: str) -> bytes | None:
+        data = self.conn.value("SELECT data FROM bundles WHERE digest=?", [digest])
+        return None if data is None else bytes(data)

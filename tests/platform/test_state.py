@@ -1,0 +1,259 @@
+"""The platform state suite, run against both implementations (SQLite file, PostgreSQL schema) through
+the `PlatformState` interface only: what is stored reads back the same, failed transactions leave
+nothing, and release decisions stay atomic when operators race each other."""
+import json
+import pathlib
+import shutil
+import threading
+
+import pytest
+
+from walle.platform import errors
+from walle.platform.manifest import validate_task_dir
+from walle.platform.service import Platform
+from walle.platform.state import open_state, state_url as default_state_url
+from walle.platform.state.sqlite import SQLiteState
+from walle.protos import admin_pb2, bundle, device_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def st(state_url):
+    s = open_state(state_url)
+    yield s
+    s.close()
+
+
+def _release_row(rid, seq, task="t", version="v1", state="active", channel="stable", rollout=100.0):
+    return dict(id=rid, seq=seq, task=task, version=version, rule="", rollout=rollout, stage="full",
+                channel=channel, state=state, created_at=1, created_by="op", note="", bundle_digest="d" * 64,
+                allow=["u1"], deny=[], salt="s")
+
+
+# -- the factory ------------------------------------------------------------------------------------
+def test_factory_picks_by_url_and_names_bad_urls(tmp_path, monkeypatch):
+    s = open_state(f"sqlite:///{tmp_path / 'x' / 'state.sqlite3'}")
+    assert isinstance(s, SQLiteState) and (tmp_path / "x" / "state.sqlite3").exists()
+    s.close()
+    for bad in ("", "mysql://h/db", "sqlite://"):
+        with pytest.raises(errors.InvalidArgument, match="state URL"):
+            open_state(bad)
+    monkeypatch.setenv("WALLE_STATE", "postgresql://nobody@127.0.0.1:1/x")
+    assert default_state_url(tmp_path) == "postgresql://nobody@127.0.0.1:1/x"
+    assert default_state_url(tmp_path, "sqlite:///a") == "sqlite:///a"
+    monkeypatch.delenv("WALLE_STATE")
+    assert default_state_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'state.sqlite3'}"
+
+
+def test_unreachable_postgres_is_a_clear_error():
+    with pytest.raises(errors.Unavailable, match="cannot reach PostgreSQL at postgresql://walle:\\*\\*\\*@"):
+        open_state("postgresql://walle:secret@127.0.0.1:1/walle?connect_timeout=2")
+
+
+# -- the shared suite -------------------------------------------------------------------------------
+def test_revision_grows_with_each_change_and_is_seen_at_once(st):
+    r0 = st.revision()
+    assert st.cached_revision(max_age=3600) == r0
+    with st.transaction() as tx:
+        tx.bump_revision()
+    assert st.revision() == r0 + 1
+    assert st.cached_revision(max_age=3600) == r0 + 1  # this object's own change, not a stale cache
+
+
+def test_a_failed_transaction_stores_nothing(st):
+    r0 = st.revision()
+    with pytest.raises(RuntimeError):
+        with st.transaction() as tx:
+            tx.insert_release(_release_row("r1", 1))
+            tx.audit("op", "release.create", "r1")
+            tx.bump_revision()
+            raise RuntimeError("crash mid-way")
+    assert st.release("r1") is None and st.releases() == [] and st.audit_entries() == []
+    assert st.revision() == r0
+
+
+def test_releases_chain_and_log_round_trip(st):
+    with st.transaction() as tx:
+        assert tx.next_release_id() == ("r1", 1)
+        tx.insert_release(_release_row("r1", 1, version="a", state="fallback"))
+        assert tx.next_release_id() == ("r2", 2)
+        tx.insert_release(_release_row("r2", 2, version="b"))
+        tx.insert_release(_release_row("r3", 3, channel="beta"))
+        tx.update_release("r2", rollout=12.5, stage="gray")
+        tx.log_release_change("r2", "op", {"rollout": [100, 12.5]})
+        assert [r["id"] for r in tx.chain("t", "stable", ("active", "fallback"))] == ["r2", "r1"]
+        with pytest.raises(ValueError):
+            tx.update_release("r2", id="r9")
+    r2 = st.release("r2")
+    assert (r2["rollout"], r2["stage"], r2["allow"], r2["deny"]) == (12.5, "gray", ["u1"], [])
+    assert [r["id"] for r in st.releases()] == ["r3", "r2", "r1"]
+    assert [r["id"] for r in st.releases(task="t", channel="stable")] == ["r2", "r1"]
+    with st.transaction() as tx:
+        tx.update_release("r1", state="revoked")
+    assert [r["id"] for r in st.releases(active_only=True)] == ["r3", "r2"]
+    assert [(e["actor"], e["change"]) for e in st.release_log("r2")] == [("op", '{"rollout": [100, 12.5]}')]
+
+
+def test_devices_credentials_and_fleet_counts(st):
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1", 10, 0, "alice")
+        tx.put_device("d2", "h2", 10, 99, "")
+        assert tx.device("d1")["user_id"] == "alice"
+    assert st.device_by_token("h1")["device_id"] == "d1" and st.device_by_token("nope") is None
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1b", 20, 0, "bob")  # re-enrolment replaces the credential
+        assert tx.revoke_device("d2") and not tx.revoke_device("d9")
+    assert st.device_by_token("h1") is None and st.device("d1")["user_id"] == "bob"
+    assert st.device("d2")["revoked"] == 1 and [d["device_id"] for d in st.devices()] == ["d1", "d2"]
+    st.touch_devices({"d1": (1000, "1.2.0", '{"os": "android"}'), "d2": (1000, "1.0.0", "{}")})
+    assert (st.device("d1")["last_seen"], st.device("d1")["attrs"]) == (1000, '{"os": "android"}')
+    st.add_reports("delivery", [("d1", 1, 1000, "t", "v1", "r1", "installed", ""),
+                                ("d1", 2, 1001, "t", "v2", "r2", "installed", "")])
+    counts = st.fleet_counts(since=500)
+    assert counts["enrolled"] == 1  # d2 is revoked
+    assert counts["by_app_version"] == [{"app_version": "1.2.0", "devices": 1}]
+    assert counts["by_task"] == [{"task": "t", "version": "v2", "devices": 1}]
+    assert st.fleet_counts(since=2000)["by_app_version"] == []
+
+
+def test_operators(st):
+    assert not st.any_operator()
+    with st.transaction() as tx:
+        tx.put_operator("ana", "oh", 1)
+    assert st.any_operator() and st.operator_by_token("oh")["name"] == "ana"
+    with st.transaction() as tx:
+        assert tx.revoke_operator("ana") and not tx.revoke_operator("zed")
+    assert not st.any_operator() and st.operator_by_token("oh")["revoked"] == 1
+
+
+def test_reports_are_stored_once_and_counted(st):
+    run = lambda seq, status, d: ("d1", seq, 5, "t", "v1", "r1", status, d, 100, "", "manual")  # noqa: E731
+    assert st.add_reports("run_report", [run(1, "ok", 0.5), run(2, "error", 1.5), run(3, "ok", 0.25)]) == 3
+    assert st.add_reports("run_report", [run(3, "ok", 9.0), run(4, "ok", 1.0)]) == 1  # 3 was stored already
+    assert st.add_reports("delivery", [("d1", 5, 5, "t", "v1", "r1", "installed", "")]) == 1
+    assert st.add_reports("event", [("d1", 6, 5, '{"a": 1}'), ("d1", 7, 5, '{"a": 2}')]) == 2
+    assert st.add_reports("log", [("d1", 8, 5, "hello")]) == 1
+    assert [r["seq"] for r in st.reports("run_report", device_id="d1")] == [1, 2, 3, 4]
+    assert st.reports("run_report")[2]["duration_s"] == 0.25
+    assert [r["payload"] for r in st.reports("event")] == ['{"a": 1}', '{"a": 2}']
+    assert [(r["seq"], r["topic"]) for r in st.events("d1")] == [(6, "event"), (7, "event"), (8, "log")]
+    stats = st.release_stats_many(["r1", "r9"])
+    assert stats["r1"] == {"delivered": 1, "ran": 1, "runs": 4, "failed": 1, "p50_duration_s": 0.5,
+                           "rejected": 0, "rolled_back": 0}
+    assert stats["r9"]["runs"] == 0 and st.release_stats("r1")["failed"] == 1
+
+
+def test_up_streams_and_deliveries(st):
+    assert st.stream_slot("d1", 111, 2) == (0, 0)
+    assert st.stream_slot("d1", 111, 2) == (0, 0)
+    assert st.stream_slot("d1", 222, 2) == (1, 0)
+    with pytest.raises(errors.ResourceExhausted, match="at most 2"):
+        st.stream_slot("d1", 333, 2)
+    assert st.raise_stream_hw("d1", 111, 7) == 7
+    assert st.raise_stream_hw("d1", 111, 3) == 7  # the high-water mark never goes down
+    assert st.stream_slot("d1", 111, 2) == (0, 7)
+    st.record_deliveries({("d1", "r1"), ("d1", "r2")})
+    st.record_deliveries({("d1", "r1")})
+    assert st.delivered_releases("d1", {"r1", "r3"}) == {"r1"} and st.delivered_releases("d2", {"r1"}) == set()
+
+
+def test_submit_intents_and_audit(st):
+    i1 = st.begin_submit("t", "", "ana")
+    i2 = st.begin_submit("t", "abc", "bob")
+    assert i2 > i1 and [p["actor"] for p in st.pending_submits()] == ["ana", "bob"]
+    st.end_submit(i1, "task.submit", "t@v1", {"digest": "x"})
+    st.end_submit(i2)
+    assert st.pending_submits() == []
+    assert [(e["actor"], e["action"], e["target"], e["detail"]) for e in st.audit_entries()] == [
+        ("ana", "task.submit", "t@v1", '{"digest": "x"}')]
+
+
+def test_resources_and_published_task_versions(st):
+    with st.transaction() as tx:
+        assert tx.add_resource("m/emb", "d1", 10, "{}", 1) == "v1"
+        assert tx.add_resource("m/emb", "d2", 20, '{"k": 1}', 2) == "v2"
+    assert st.resource("m/emb")["digest"] == "d2" and st.resource("m/emb", "v1")["size"] == 10
+    assert st.resource("m/none") is None
+    blob = bytes(range(256)) * 10
+    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob)
+    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob)  # idempotent
+    assert st.published_task_version("t", "v1") == {"digest": "dg", "manifest": b"\x00manifest", "size": 2560}
+    assert st.published_bundle("dg") == blob and st.published_bundle("zz") is None
+    assert st.published_task_version("t", "v2") is None
+
+
+# -- atomic release decisions, raced through the platform on each implementation ----------------------
+def _versions(tmp_path, p, n):
+    out = []
+    for i in range(n):
+        dst = tmp_path / f"v{i}"
+        shutil.copytree(ROOT / "tasks" / "hello", dst)
+        (dst / "main.py").write_text((dst / "main.py").read_text() + f"\n# version {i}\n")
+        out.append(p.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(validate_task_dir(dst)[1]),
+                                                            author="op")))
+    return out
+
+
+def _race(fns):
+    """Run the callables at once (released together by a barrier); their results or errors."""
+    barrier = threading.Barrier(len(fns))
+    out = [None] * len(fns)
+
+    def run(i, fn):
+        barrier.wait()
+        try:
+            out[i] = fn()
+        except errors.WalleError as e:
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_racing_releases_leave_one_active_per_chain(tmp_path, state_url):
+    p = Platform(tmp_path / "data", state=state_url)
+    vs = _versions(tmp_path, p, 4)
+    got = _race([lambda v=v: p.releases.create("hello", v.version, actor=f"op{i}") for i, v in enumerate(vs)])
+    assert all(isinstance(r, dict) for r in got)
+    rows = p.state.releases(task="hello")
+    assert sorted(r["state"] for r in rows) == ["active", "fallback", "fallback", "fallback"]
+    assert rows[0]["state"] == "active"  # the newest one
+    p.state.close()
+
+
+def test_racing_rollouts_only_grow(tmp_path, state_url):
+    p = Platform(tmp_path / "data", state=state_url)
+    (v,) = _versions(tmp_path, p, 1)
+    rid = p.releases.create("hello", v.version, rollout=1, stage="gray")["id"]
+    asks = [5, 40, 20, 60, 10, 30]
+    got = _race([lambda a=a: p.releases.set_rollout(rid, a) for a in asks])
+    assert p.state.release(rid)["rollout"] == 60
+    steps = [c for c in (json.loads(e["change"]) for e in p.state.release_log(rid)) if "rollout" in c]
+    assert all(old < new for old, new in (c["rollout"] for c in steps))  # every recorded step grew
+    refused = [g for g in got if isinstance(g, errors.FailedPrecondition)]
+    assert len(steps) + len(refused) == len(asks) and all("may only grow" in e.message for e in refused)
+    p.state.close()
+
+
+def test_racing_rollbacks_decide_once(tmp_path, state_url):
+    """Three operators roll back at once from separate platform objects (separate connections): one
+    rollback happens, the others see it and are refused; devices get the earlier version."""
+    ps = [Platform(tmp_path / "data", state=state_url) for _ in range(3)]
+    v1, v2 = _versions(tmp_path, ps[0], 2)
+    ps[0].releases.create("hello", v1.version)
+    bad = ps[0].releases.create("hello", v2.version)
+    got = _race([lambda p=p, i=i: p.releases.rollback("hello", actor=f"op{i}") for i, p in enumerate(ps)])
+    done = [g for g in got if isinstance(g, dict)]
+    assert len(done) == 1 and done[0]["version"] == v1.version
+    # the others decided after it: nothing earlier than v1 is left to roll back to
+    assert all(isinstance(g, errors.FailedPrecondition) and "no earlier released version" in g.message
+               for g in got if g is not done[0])
+    assert ps[1].state.release(bad["id"])["state"] == "revoked"
+    info = device_pb2.DeviceInfo(device_id="d1", host_version="9.0.0")
+    assert [t.version for t in ps[2].releases.resolve(info)[0]] == [v1.version]
+    for p in ps:
+        p.state.close()
