@@ -1,0 +1,121 @@
+"""Host work is charged to the task: what is left of one run's wall and CPU budget for host API ops.
+
+The sandbox runner makes one Budget per run and runs every host API op of that run on a worker thread
+with the budget bound (`current()`). The runner's watchdog ends the run when the deadline passes or when
+the child's CPU plus the host CPU spent on its ops exceeds the run's CPU limit, even while an op is still
+executing; it then cancels the budget so the op stops at its next check:
+
+  * ops may call `check()` in loops (it raises ResourceExhausted once the run is over);
+  * SQLite work is interrupted through `sqlite_progress` (install it with set_progress_handler);
+  * an op may declare what it will cost before it starts (`declare_cost`): HostAPI refuses a call whose
+    estimate is over what the run has left, instead of starting work it cannot finish.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from walle.protos.errors import ResourceExhausted
+
+_local = threading.local()
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """An op's estimate before it starts: host CPU seconds and bytes of memory it will allocate."""
+    cpu_s: float = 0.0
+    memory_bytes: int = 0
+
+
+class Budget:
+    def __init__(self, deadline: float, cpu_seconds: float, memory_bytes: int, child_pid: int | None = None):
+        self.deadline = deadline  # time.monotonic() value
+        self.cpu_seconds = float(cpu_seconds)
+        self.memory_bytes = int(memory_bytes)
+        self.child_pid = child_pid
+        self.host_cpu_s = 0.0  # CPU the host spent on this run's finished ops
+        self.reason = ""
+        self._cancelled = threading.Event()
+
+    def child_cpu_s(self) -> float:
+        """CPU the task process has used so far (0 when it cannot be read)."""
+        if self.child_pid is None:
+            return 0.0
+        try:
+            with open(f"/proc/{self.child_pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def wall_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def cpu_left(self, running_op_s: float = 0.0) -> float:
+        return self.cpu_seconds - self.host_cpu_s - running_op_s - self.child_cpu_s()
+
+    def cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self.reason = reason
+            self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise ResourceExhausted(f"the run is over ({self.reason}); host work for it was stopped")
+        if self.wall_left() <= 0:
+            self.cancel("wall-clock limit reached")
+            raise ResourceExhausted("the run's wall-clock limit was reached during a host API call")
+
+    def admit(self, op: str, cost: Cost) -> None:
+        """Refuse an op whose declared cost is over what this run has left."""
+        left = self.cpu_left()
+        if cost.cpu_s > left:
+            raise ResourceExhausted(f"{op} would need about {cost.cpu_s:.1f} s of CPU; this run has {max(left, 0):.1f} s "
+                                    f"left of its {self.cpu_seconds:g} s limit (ask for less work per call)")
+        wall = self.wall_left()
+        if cost.cpu_s > wall:
+            raise ResourceExhausted(f"{op} would need about {cost.cpu_s:.1f} s; this run has {max(wall, 0):.1f} s "
+                                    f"of wall-clock time left")
+        if cost.memory_bytes > self.memory_bytes:
+            raise ResourceExhausted(f"{op} would allocate about {cost.memory_bytes >> 20} MiB in the host, over this "
+                                    f"run's {self.memory_bytes >> 20} MiB memory limit")
+
+
+def current() -> Budget | None:
+    """The budget of the run whose host op this thread is executing (None outside a run)."""
+    return getattr(_local, "budget", None)
+
+
+def bind(budget: Budget | None) -> None:
+    _local.budget = budget
+
+
+def check() -> None:
+    """Call in long host-side loops: raises ResourceExhausted once the calling run is over."""
+    b = current()
+    if b is not None:
+        b.check()
+
+
+def sqlite_progress() -> int:
+    """sqlite3 progress handler: a non-zero return interrupts the statement of a cancelled run."""
+    b = current()
+    return 1 if b is not None and (b.cancelled or b.wall_left() <= 0) else 0
+
+
+def declare_cost(fn: Callable, estimate: Callable[..., Cost]) -> Callable:
+    """Attach a cost estimate to a host op; `estimate` takes the op's arguments and returns a Cost."""
+    fn.walle_cost = estimate  # type: ignore[attr-defined]
+    return fn
+
+
+def cost_of(fn: Callable) -> Callable[..., Cost] | None:
+    return getattr(fn, "walle_cost", None)
