@@ -56,6 +56,21 @@ CASES = {
                     "from walle import events\ndef main(event):\n    n = 0\n    blob = 'x' * 60_000\n"
                     "    while True:\n        try:\n            events.emit('nothing.listens', blob)\n"
                     "        except Exception as e:\n            return [n, str(e)[:300]]\n        n += 1\n"),
+    "limit_lists": ('"storage"', 1024, 20, 30, "",
+                    "from walle import storage\ndef main(event):\n"
+                    "    try:\n        storage.get('k', [[1.5, 2.5, 3.5, 4.5] for _ in range(95_000)])\n"
+                    "    except Exception as e:\n        return str(e)[:200]\n    return 'accepted'\n"),
+    "limit_strings": ('"storage"', 1024, 20, 30, "",
+                      "from walle import storage\ndef main(event):\n"
+                      "    try:\n        storage.get('k', ['%d' % i for i in range(490_000)])\n"
+                      "    except Exception as e:\n        return str(e)[:200]\n    return 'accepted'\n"),
+    "commit_if_better": ('"model"', 512, 5, 10, "",
+                         "from walle import model\ndef main(event):\n"
+                         "    model.create(name='m', arch='din', seed=0, exist_ok=True)\n"
+                         "    s = [{'hist_items': [1, 2, 3], 'hist_cats': [1, 1, 1], 'item_id': 1 + i % 50, 'label': i % 2}"
+                         " for i in range(2000)]\n"
+                         "    try:\n        return model.commit_if_better(name='m', train_samples=s, val_samples=s[:400],"
+                         " epochs=20, batch_size=1)\n    except Exception as e:\n        return str(e)[:300]\n"),
     "trigger_loop": ('"events"', 64, 2, 5, '[[triggers]]\nkind = "event"\nevent = "again"\n',
                      "from walle import events\ndef main(event):\n    events.emit('again', {})\n    return 1\n"),
 }
@@ -112,7 +127,14 @@ def run_case(name: str, profile: str) -> dict:
             out["drain_s"] = round(time.monotonic() - t, 1)
         else:
             res = host.run_task(task)
-            out.update(status=res.status, value=str(res.value)[:160], error=(res.error or "")[:200])
+            out.update(status=res.status, value=str(res.value)[:160], error=(res.error or "")[:200],
+                       run_returned_s=round(time.monotonic() - t0, 2))
+            if name == "commit_if_better":  # host work still going on for the run after it returned?
+                ru = resource.getrusage(resource.RUSAGE_SELF)
+                c0 = ru.ru_utime + ru.ru_stime
+                time.sleep(10)
+                ru = resource.getrusage(resource.RUSAGE_SELF)
+                out["host_cpu_s_in_10s_after_run"] = round(ru.ru_utime + ru.ru_stime - c0, 2)
     except Exception as exc:  # the "before" figures: the host raised
         out["host_raised"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -137,14 +159,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="native", choices=["native", "android_sim"])
     ap.add_argument("--case", action="append", choices=sorted(CASES))
+    ap.add_argument("--case-timeout", type=float, default=300)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_case(args.one, args.profile)))
         return
     for name in args.case or list(CASES):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--profile", args.profile],
-                              capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--profile", args.profile],
+                                  capture_output=True, text=True, timeout=args.case_timeout, env=dict(os.environ))
+        except subprocess.TimeoutExpired:  # the "before" commit_if_better: the host never gave the run back
+            print(json.dumps({"case": name, "profile": args.profile, "host_still_busy_after_s": args.case_timeout}))
+            continue
         line = proc.stdout.strip().splitlines()[-1:] or [f'{{"case": "{name}", "crashed": {proc.returncode}}}']
         print(line[0], flush=True)
         if proc.returncode:

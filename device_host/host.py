@@ -34,14 +34,14 @@ from walle.protos import bundle, device_pb2, tunnel_pb2
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
 from .triggers import TriggerEngine
-from .tunnel import MAX_RECORD_BYTES, DownTunnel, UpTunnel, tunnel_ops
+from .tunnel import DownTunnel, UpTunnel, tunnel_ops
 
 log = logging.getLogger("walle.device.host")
 
 DEFAULT_LIMITS = {"memory_mb": 256, "cpu_seconds": 10.0, "wall_seconds": 30.0}
 MAX_LOG_LINES = 200
-MAX_LOG_RECORD_BYTES = MAX_RECORD_BYTES - 4096  # room for the record's other fields
-MAX_LOG_LINE_CHARS = 16 * 1024  # JSON-escaped, one line stays well under the record cap
+MAX_LOG_RECORD_BYTES = 60 * 1024  # the platform keeps the first 64 KiB of a log record; under the tunnel's cap too
+MAX_LOG_LINE_CHARS = 4096  # JSON-escaped (up to 6 bytes a character), one line still fits the record
 
 
 class TaskNotInstalled(LookupError):

@@ -30,8 +30,8 @@ _DTYPES = frozenset(
 )
 _TAG_KEYS = frozenset(("__ndarray__", "dtype", "shape"))
 MAX_DEPTH = 64  # nesting of lists/objects in one message
-MAX_CONTAINERS = 200_000  # lists and objects in one message
-MAX_ITEMS = 1_000_000  # values of any kind in one message
+MAX_CONTAINERS = 100_000  # lists and objects in one message
+MAX_ITEMS = 500_000  # values of any kind in one message (~40 MB of Python objects at most)
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
