@@ -469,6 +469,11 @@ class _Conversation:
                     reply = _api_error("TypeError", f"result of {op!r} is not JSON: {exc}")
             if len(reply) > protocol.MAX_MESSAGE:
                 reply = _api_error("ResourceExhausted", f"result of {op!r} is over the {protocol.MAX_MESSAGE}-byte cap")
+            else:
+                try:  # the child would refuse it: tell the task why instead
+                    protocol.check_expansion(reply)
+                except protocol.ProtocolError as exc:
+                    reply = _api_error("ResourceExhausted", f"result of {op!r}: {exc}")
         self.channel.send_bytes(reply, self.deadline)
 
     def _log(self, line: object) -> None:

@@ -299,3 +299,11 @@ def test_device_run_once_exits_on_a_trigger_loop(world, tmp_path, sandbox):
     assert res.exit_code == 0, res.output
     statuses = [r[0] for r in w.reports("loop")]
     assert statuses.count("ok") == triggers.MAX_CHAIN_DEPTH + 1 and statuses.count("refused") == 1
+
+
+def test_a_reply_the_child_would_refuse_becomes_the_tasks_error(sandbox, tmp_path):
+    script = ("from walle import test\ndef main(event):\n    try:\n        test.op()\n"
+              "    except HostAPIError as e:\n        return str(e)\n")
+    api = HostAPI(TaskStorage(tmp_path / "s.sqlite3"), "t", extra_ops={"test.op": lambda: [0] * (protocol.MAX_ITEMS + 1)})
+    res = sandbox.run({"main.py": script}, "main.py", {}, api_handler=api, allowed_apis={"test.op"})
+    assert res.status == "ok" and "ResourceExhausted" in res.value and "values" in res.value, res
