@@ -167,11 +167,12 @@ class DeviceHost:
         if task is None:
             raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
-        api = self._host_api(task)
-        # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
-        groups = set(task.manifest.apis)
-        allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
+        api = None
         try:
+            api = self._host_api(task)
+            # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
+            groups = set(task.manifest.apis)
+            allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
             result = self.sandbox.run(task.files(), task.manifest.entry, event or {},
                                       limits=self._limits(task.manifest), api_handler=api, allowed_apis=allowed)
         except Exception as exc:  # still this run's failure, reported like any other
@@ -179,13 +180,13 @@ class DeviceHost:
             log.exception("running %s failed in the host", name)
             status = "refused" if getattr(exc, "exit_code", 1) in (2, 5) else "crashed"
             result = RunResult(status, error=f"the host could not run the task: {type(exc).__name__}: {exc}")
-        self._report_run(task, result, trigger, api.logs)
+        self._report_run(task, result, trigger, api.logs if api else [])
         with self._stats_lock:
             self.stats["runs"] += 1
             self.stats["ok" if result.status == "ok" else "failed"] += 1
         if self.on_run is not None:
             self.on_run(name, result)
-        return result, [(e["name"], e["payload"]) for e in api.events]
+        return result, [(e["name"], e["payload"]) for e in api.events] if api else []
 
     def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
         """Queue the run's one RunReport, then its logs; never raises (a task cannot hide its own run)."""

@@ -307,3 +307,11 @@ def test_a_reply_the_child_would_refuse_becomes_the_tasks_error(sandbox, tmp_pat
     api = HostAPI(TaskStorage(tmp_path / "s.sqlite3"), "t", extra_ops={"test.op": lambda: [0] * (protocol.MAX_ITEMS + 1)})
     res = sandbox.run({"main.py": script}, "main.py", {}, api_handler=api, allowed_apis={"test.op"})
     assert res.status == "ok" and "ResourceExhausted" in res.value and "values" in res.value, res
+
+
+def test_a_run_the_host_cannot_start_is_still_reported(world):
+    w = world({"plain": {"main": "def main(event):\n    return 1\n"}})
+    res = w.host.run_task("plain", {"x": float("nan")})  # Sandbox.run refuses an event that is not JSON
+    assert res.status == "refused" and "event is not JSON" in res.error
+    assert [r[0] for r in w.reports("plain")] == ["refused"]
+    assert w.host.stats == {"runs": 1, "ok": 0, "failed": 1}
