@@ -218,6 +218,10 @@ class Sandbox:
             raise InvalidArgument(f"event is not JSON: {exc}") from None
         if len(task) > protocol.MAX_MESSAGE:
             raise InvalidArgument(f"task bundle + event is {len(task)} bytes, over the {protocol.MAX_MESSAGE}-byte cap")
+        try:
+            protocol.check_expansion(task)  # the child would refuse it
+        except protocol.ProtocolError as exc:
+            raise InvalidArgument(f"task bundle + event: {exc}") from None
         z = self._acquire()
         try:
             for attempt in (1, 2):
