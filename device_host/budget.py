@@ -9,6 +9,10 @@ executing; it then cancels the budget so the op stops at its next check:
   * SQLite work is interrupted through `sqlite_progress` (install it with set_progress_handler);
   * an op may declare what it will cost before it starts (`declare_cost`): HostAPI refuses a call whose
     estimate is over what the run has left, instead of starting work it cannot finish.
+
+Python cannot kill a thread: an op that ignores all of this runs on after its run has ended. Such a
+lingering op is reniced to 19, and while one of a task's ops lingers, that task's new ops are refused
+(`admit_new_op`), so one task never has more than MAX_LINGERING ops of ended runs working in the host.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from typing import Callable
 from walle.protos.errors import ResourceExhausted
 
 _local = threading.local()
+MAX_LINGERING = 1  # ops of a task's ended runs still executing in the host
+_lingering: dict[str, set[threading.Thread]] = {}
+_lingering_lock = threading.Lock()
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -119,3 +126,26 @@ def declare_cost(fn: Callable, estimate: Callable[..., Cost]) -> Callable:
 
 def cost_of(fn: Callable) -> Callable[..., Cost] | None:
     return getattr(fn, "walle_cost", None)
+
+
+def linger(owner: str, thread: threading.Thread) -> None:
+    """`thread` runs an op of `owner` whose run has ended: deprioritise it and count it against `owner`."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread.native_id, 19)  # Linux: a thread id renices that thread only
+    except (OSError, TypeError):
+        pass
+    with _lingering_lock:
+        _lingering.setdefault(owner, set()).add(thread)
+
+
+def admit_new_op(owner: str) -> None:
+    """Refuse a new op of `owner` while MAX_LINGERING of its ops from ended runs are still executing."""
+    with _lingering_lock:
+        alive = {t for t in _lingering.get(owner, ()) if t.is_alive()}
+        if alive:
+            _lingering[owner] = alive
+        else:
+            _lingering.pop(owner, None)
+    if len(alive) >= MAX_LINGERING:
+        raise ResourceExhausted(f"the host is still finishing {len(alive)} host API call(s) of an earlier run of "
+                                f"{owner!r} that overran its budget; try again later")

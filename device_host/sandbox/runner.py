@@ -343,8 +343,8 @@ class _OpWorker:
 
     POLL_S = 0.05
 
-    def __init__(self, run_budget: host_budget.Budget):
-        self.budget = run_budget
+    def __init__(self, run_budget: host_budget.Budget, owner: str):
+        self.budget, self.owner = run_budget, owner
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="walle-host-op", daemon=True)
         self._thread.start()
@@ -367,20 +367,25 @@ class _OpWorker:
 
     def call(self, fn: Callable[[], object]) -> object:
         """fn()'s value or exception; _Overrun when the run's wall or CPU budget runs out first."""
+        host_budget.admit_new_op(self.owner)
         done, box = threading.Event(), {}
         start = time.clock_gettime(self._clock)
         self._jobs.put((fn, done, box))
         while not done.wait(max(0.0, min(self.POLL_S, self.budget.wall_left()))):
             if self.budget.wall_left() <= 0:
-                self.budget.cancel("wall-clock limit reached")
+                self._abandon("wall-clock limit reached")
                 raise _Overrun("timeout")
             if self.budget.cpu_left(time.clock_gettime(self._clock) - start) <= 0:
-                self.budget.cancel("CPU limit reached")
+                self._abandon("CPU limit reached")
                 raise _Overrun("cpu")
         self.budget.host_cpu_s += box["cpu"]
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+    def _abandon(self, reason: str) -> None:
+        self.budget.cancel(reason)
+        host_budget.linger(self.owner, self._thread)
 
     def close(self) -> None:
         self._jobs.put(None)  # an abandoned op finishes (cancelled) on its own, then the thread ends
@@ -457,8 +462,8 @@ class _Conversation:
         elif self.api_handler is None:
             reply = _api_error("Unavailable", f"no host API handler is attached, so {op!r} cannot run")
         else:
-            if self.ops is None:
-                self.ops = _OpWorker(self.budget)
+            if self.ops is None:  # ops are charged to the task the handler serves (HostAPI.task)
+                self.ops = _OpWorker(self.budget, str(getattr(self.api_handler, "task", "") or id(self.api_handler)))
             handler = self.api_handler
             try:
                 value = self.ops.call(lambda: handler(op, args, kwargs))

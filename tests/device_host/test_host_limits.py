@@ -157,6 +157,16 @@ def _run_op(sandbox, tmp_path, op, cost=None, limits=Limits(memory_mb=64, cpu_se
                        allowed_apis={"test.op"})
 
 
+def _until_no_op_lingers(owner="t"):
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return budget.admit_new_op(owner)
+        except Exception:
+            assert time.monotonic() < deadline, "the abandoned op never ended"
+            time.sleep(0.02)
+
+
 def test_the_deadline_ends_the_run_while_a_host_op_executes(sandbox, tmp_path):
     release, seen = threading.Event(), []
 
@@ -165,9 +175,13 @@ def test_the_deadline_ends_the_run_while_a_host_op_executes(sandbox, tmp_path):
         seen.append(budget.current().cancelled)
 
     res = _run_op(sandbox, tmp_path, stuck_op)
-    release.set()
     assert res.status == "timeout", res
     assert sandbox.run({"main.py": "def main(event):\n    return 42\n"}, "main.py", {}).value == 42  # worker back
+    # while the abandoned op still executes, the same task gets no new host work
+    res = _run_op(sandbox, tmp_path, lambda: 1)
+    assert res.status == "error" and "still finishing" in res.error, res
+    release.set()
+    _until_no_op_lingers()
 
     def polite_op():  # checks the budget: stops as soon as the run is over
         while True:
@@ -195,6 +209,7 @@ def test_host_cpu_is_charged_to_the_run(sandbox, tmp_path):
 
     res = _run_op(sandbox, tmp_path, spin_op, limits=Limits(memory_mb=64, cpu_seconds=1, wall_seconds=60))
     stop.set()
+    _until_no_op_lingers()
     assert res.status == "cpu_limit" and "host work" in res.error, res
     assert res.host_cpu_s == 0  # the op never finished; the watchdog gave up on it
 
