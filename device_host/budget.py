@@ -17,6 +17,7 @@ lingering op is reniced to 19, and while one of a task's ops lingers, that task'
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +59,20 @@ class Budget:
             return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
         except (OSError, IndexError, ValueError):
             return 0.0
+
+    def charge(self, host_cpu_s: float) -> None:
+        """Add CPU the host spent on an op, and lower the child's own CPU limit by as much (RLIMIT_CPU is
+        whole seconds counted from the child's start), so task CPU + host CPU stays within the limit."""
+        self.host_cpu_s += host_cpu_s
+        if self.child_pid is None or self.host_cpu_s < 1:
+            return
+        soft = max(1, int(self.cpu_seconds - self.host_cpu_s))
+        try:
+            current = resource.prlimit(self.child_pid, resource.RLIMIT_CPU)[0]
+            if current == resource.RLIM_INFINITY or soft < current:
+                resource.prlimit(self.child_pid, resource.RLIMIT_CPU, (soft, soft + 1))
+        except (OSError, ValueError):
+            pass  # the child is gone, or this platform does not let the host lower it: the watchdog still counts
 
     def wall_left(self) -> float:
         return self.deadline - time.monotonic()

@@ -58,6 +58,7 @@ class RunResult:
     peak_memory_kb: int = 0
     logs: list[str] = field(default_factory=list)
     host_cpu_s: float = 0.0  # CPU the host spent on this run's host API ops
+    cpu_s: float = 0.0  # CPU of the task process itself
 
 
 class _ZygoteDied(Exception):
@@ -378,7 +379,7 @@ class _OpWorker:
             if self.budget.cpu_left(time.clock_gettime(self._clock) - start) <= 0:
                 self._abandon("CPU limit reached")
                 raise _Overrun("cpu")
-        self.budget.host_cpu_s += box["cpu"]
+        self.budget.charge(box["cpu"])
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -498,7 +499,8 @@ def _api_error(kind: str, message: str) -> bytes:
 
 def _classify(out: _Outcome, reaped: dict, limits: Limits, duration: float) -> RunResult:
     status_raw = int(reaped.get("status", 0))
-    res = RunResult("crashed", duration_s=duration, peak_memory_kb=int(reaped.get("maxrss_kb", 0)), logs=out.logs)
+    res = RunResult("crashed", duration_s=duration, peak_memory_kb=int(reaped.get("maxrss_kb", 0)), logs=out.logs,
+                    cpu_s=float(reaped.get("cpu_s", 0)))
     if out.timed_out:
         res.status, res.error = "timeout", f"wall-clock limit of {limits.wall_seconds} s exceeded; killed"
     elif out.kind == "host_cpu":

@@ -214,6 +214,21 @@ def test_host_cpu_is_charged_to_the_run(sandbox, tmp_path):
     assert res.host_cpu_s == 0  # the op never finished; the watchdog gave up on it
 
 
+def test_task_cpu_plus_host_cpu_stays_within_the_limit(sandbox, tmp_path):
+    def costly_op():  # finishes within the budget, but uses most of it
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 2.0:
+            pass
+
+    script = "from walle import test\ndef main(event):\n    test.op()\n    while True:\n        pass\n"
+    api = HostAPI(TaskStorage(tmp_path / "s.sqlite3"), "t", extra_ops={"test.op": costly_op})
+    limits = Limits(memory_mb=64, cpu_seconds=3, wall_seconds=60)
+    res = sandbox.run({"main.py": script}, "main.py", {}, limits=limits, api_handler=api, allowed_apis={"test.op"})
+    assert res.status == "cpu_limit" and res.host_cpu_s >= 2.0, res
+    # the child's own limit was lowered by the host's 2 s (to 1 s: RLIMIT_CPU is whole seconds), not left at 3 s
+    assert res.cpu_s < 2.5, res
+
+
 def test_a_declared_cost_over_the_budget_is_refused_before_the_op_starts(sandbox, tmp_path):
     ran = []
     res = _run_op(sandbox, tmp_path, lambda: ran.append(1), cost=lambda: budget.Cost(cpu_s=3600))
