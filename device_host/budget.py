@@ -17,7 +17,7 @@ lingering op is reniced to 19, and while one of a task's ops lingers, that task'
 from __future__ import annotations
 
 import os
-import resource
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +30,8 @@ MAX_LINGERING = 1  # ops of a task's ended runs still executing in the host
 _lingering: dict[str, set[threading.Thread]] = {}
 _lingering_lock = threading.Lock()
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+WATCH_FROM_S = 0.1  # host CPU for a run after which its child's CPU is watched
+WATCH_EVERY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,10 @@ class Budget:
         self.child_pid = child_pid
         self.host_cpu_s = 0.0  # CPU the host spent on this run's finished ops
         self.reason = ""
+        self.cpu_exceeded = False  # the watcher killed the child: task CPU + host CPU reached the limit
         self._cancelled = threading.Event()
+        self._kill_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
 
     def child_cpu_s(self) -> float:
         """CPU the task process has used so far (0 when it cannot be read)."""
@@ -61,18 +66,27 @@ class Budget:
             return 0.0
 
     def charge(self, host_cpu_s: float) -> None:
-        """Add CPU the host spent on an op, and lower the child's own CPU limit by as much (RLIMIT_CPU is
-        whole seconds counted from the child's start), so task CPU + host CPU stays within the limit."""
+        """Add CPU the host spent on an op. The child's RLIMIT_CPU cannot be lowered from here (it runs as
+        another uid under seccomp), so once the host has spent CPU for the run a watcher kills the child
+        when its CPU plus the host's reaches the limit (`cpu_exceeded`)."""
         self.host_cpu_s += host_cpu_s
-        if self.child_pid is None or self.host_cpu_s < 1:
-            return
-        soft = max(1, int(self.cpu_seconds - self.host_cpu_s))
-        try:
-            current = resource.prlimit(self.child_pid, resource.RLIMIT_CPU)[0]
-            if current == resource.RLIM_INFINITY or soft < current:
-                resource.prlimit(self.child_pid, resource.RLIMIT_CPU, (soft, soft + 1))
-        except (OSError, ValueError):
-            pass  # the child is gone, or this platform does not let the host lower it: the watchdog still counts
+        if self.child_pid is not None and self.host_cpu_s >= WATCH_FROM_S and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="walle-cpu-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._cancelled.wait(WATCH_EVERY_S):
+            with self._kill_lock:  # cancel() takes it too: never signal a child that was already reaped
+                if self._cancelled.is_set():
+                    return
+                if self.cpu_left() <= 0:
+                    self.cpu_exceeded = True
+                    self._cancel_locked("CPU limit reached")
+                    try:
+                        os.killpg(self.child_pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    return
 
     def wall_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -81,6 +95,10 @@ class Budget:
         return self.cpu_seconds - self.host_cpu_s - running_op_s - self.child_cpu_s()
 
     def cancel(self, reason: str) -> None:
+        with self._kill_lock:
+            self._cancel_locked(reason)
+
+    def _cancel_locked(self, reason: str) -> None:
         if not self._cancelled.is_set():
             self.reason = reason
             self._cancelled.set()

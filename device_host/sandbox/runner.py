@@ -404,7 +404,10 @@ class _Conversation:
 
     def run(self, task: bytes) -> _Outcome:
         try:
-            return self._converse(task)
+            out = self._converse(task)
+            if self.budget.cpu_exceeded and not out.timed_out:
+                out.kind = "host_cpu"  # the budget's watcher killed the child
+            return out
         finally:
             self.budget.cancel("the run ended")  # an op still executing stops at its next check
             if self.ops is not None:
