@@ -17,8 +17,9 @@ after itself, never inside itself.
 Trigger loops are stopped (a task emitting its own trigger event would otherwise run forever):
   * chain depth: an event emitted by a run triggered at depth d triggers runs at depth d + 1; runs past
     MAX_CHAIN_DEPTH are not queued;
-  * rate limit: each task's triggered runs draw from a token bucket (RATE_BURST runs, refilled at
-    RATE_PER_S); a run due with no token left is dropped.
+  * rate limit: each task's runs that tasks can keep going by themselves (events emitted by runs, and
+    table_rows) draw from a token bucket (RATE_BURST runs, refilled at RATE_PER_S); a run due with no
+    token left is dropped. Runs of app events and schedules are not limited: the app sets their pace.
 Each stop is reported through `on_refused(task, trigger, reason)` (the host sends a "refused" run report),
 once per chain and once per rate-limited stretch, not once per dropped run.
 
@@ -223,7 +224,7 @@ class TriggerEngine:
                     if name not in self._running:
                         del self._queue[name]
                         bucket = self._buckets.setdefault(name, _Bucket(self.clock()))
-                        if not bucket.take(self.clock()):
+                        if (p.depth > 0 or p.trigger.startswith("table_rows:")) and not bucket.take(self.clock()):
                             bucket.dropped += 1
                             if bucket.dropped == 1:  # once per rate-limited stretch
                                 return p, (f"trigger rate limit: {name} was triggered more than {RATE_BURST} times "
