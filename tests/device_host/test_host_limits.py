@@ -72,8 +72,8 @@ class World:
     def reports(self, task: str) -> list[tuple[str, str, str]]:
         """(status, error, trigger) of every run report of `task` the platform holds."""
         assert self.host.up.flush(timeout=30)
-        return self.platform.state.db.execute(
-            "SELECT status, error, trigger FROM run_reports WHERE task = ? ORDER BY seq", [task]).fetchall()
+        return [(r["status"], r["error"], r["trigger"]) for r in self.platform.state.reports("run_report")
+                if r["task"] == task]
 
     def close(self) -> None:
         self.host.close()
@@ -125,8 +125,7 @@ def test_every_run_ends_in_exactly_one_run_report(world, name):
     assert len(reports) == 1 and reports[0][0] == status and error in reports[0][1], reports
     assert w.host.run_task(name).status == status  # the host and its worker are still fine
     if name == "biglogs":
-        (lines,) = [json.loads(p)["lines"] for (p,) in w.platform.state.db.execute(
-            "SELECT payload FROM events WHERE topic = 'log' ORDER BY seq LIMIT 1")]
+        (lines,) = [json.loads(r["payload"])["lines"] for r in w.platform.state.reports("log")[:1]]
         assert "earlier log line(s) truncated" in lines[0]
         assert lines[-1] == "? end" and lines[-2].startswith("info: 999 ")
 
