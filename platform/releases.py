@@ -105,6 +105,17 @@ def info_from_attrs(attrs: dict) -> device_pb2.DeviceInfo:
 
 
 @dataclass
+class _Version:
+    """What a release needs of a task version: from the task repository when this process holds it,
+    else as the submitting process published it in the state (a serving replica)."""
+    version: str
+    bundle_digest: str
+    bundle_size: int
+    manifest: device_pb2.TaskManifest
+    local: bool
+
+
+@dataclass
 class _Compiled:
     row: dict
     rule: Rule
@@ -122,11 +133,13 @@ class ReleaseManager:
         self._chains: dict[tuple[str, str], list[_Compiled]] = {}
         self._chains_rev = -1
         self._lock = threading.Lock()
+        self._published: set[tuple[str, str]] = set()
 
     # -- operator actions -----------------------------------------------------------------------
     def create(self, task: str, version: str = "", *, rule: str = "", rollout: float | None = None,
                stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
                note: str = "") -> dict:
+        self.publish(task, version)  # before any replica can see the release
         with self.state.transaction() as tx:
             rid = self._create_in(tx, task, version, rule=rule, rollout=rollout, stage=stage, channel=channel,
                                   allow=allow, deny=deny, actor=actor, note=note)
@@ -135,7 +148,7 @@ class ReleaseManager:
     def _create_in(self, tx, task: str, version: str, *, rule: str, rollout: float | None, stage: str,
                    channel: str, allow, deny, actor: str, note: str, action: str = "release.create") -> str:
         """Insert a release inside the caller's write transaction; returns its id."""
-        tv = self.repo.get(task, version)  # NotFound for an unknown task or version
+        tv = self._version(task, version)  # NotFound for an unknown task or version
         compile_rule(rule)  # RuleError (InvalidArgument) with the position of a syntax error
         channel = channel or DEFAULT_CHANNEL
         if not CHANNEL_RE.match(channel):
@@ -156,10 +169,12 @@ class ReleaseManager:
             raise InvalidArgument("a gray release needs a rollout below 100%; use --stage full for everyone")
         # Inside the transaction: a submit confirms (or takes back) its commit in this database, so
         # a version still unconfirmed, or already taken back, can never be released.
-        if self.repo.pending_version(task, tv.version):
+        # (A published version was confirmed before it was published.)
+        if tv.local and self.repo.pending_version(task, tv.version):
             raise FailedPrecondition(f"{task}@{tv.version[:12]} is still being submitted; release it once the "
                                      "submit has returned")
-        self.repo.resolve(task, tv.version)  # NotFound if it was taken back meanwhile
+        if tv.local:
+            self.repo.resolve(task, tv.version)  # NotFound if it was taken back meanwhile
         rid, seq = tx.next_release_id()
         row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
                    channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
@@ -241,13 +256,15 @@ class ReleaseManager:
         one write transaction (concurrent operators see each other's changes), and every live release
         of the version rolled back is revoked, so pausing or revoking the rollback never re-ships it."""
         channel = channel or DEFAULT_CHANNEL
+        if to_version:
+            self.publish(task, to_version)
         with self.state.transaction() as tx:
             chain = tx.chain(task, channel, LIVE_STATES)
             if not chain:
                 raise NotFound(f"task {task!r} has no release on channel {channel!r} to roll back")
             current = chain[0]
             if to_version:
-                target = self.repo.resolve(task, to_version)
+                target = self._version(task, to_version).version
             else:
                 older = [r for r in chain[1:] if r["version"] != current["version"]]
                 if not older:
@@ -349,14 +366,40 @@ class ReleaseManager:
         return chains
 
     def _compile(self, row: dict) -> _Compiled:
-        tv = self.repo.get(row["task"], row["version"])
-        manifest = tv.manifest.to_proto()
+        tv = self._version(row["task"], row["version"])
+        manifest = tv.manifest
         signature = self.signer(row["bundle_digest"]) if self.signer else b""
         pb = device_pb2.ActiveTask(name=row["task"], version=row["version"], bundle_digest=row["bundle_digest"],
                                    bundle_size=tv.bundle_size, manifest=manifest, release_id=row["id"],
                                    signature=signature)
         min_host = parse_version(manifest.min_host_version) if manifest.min_host_version else None
         return _Compiled(row, compile_rule(row["rule"]), frozenset(row["allow"]), frozenset(row["deny"]), min_host, pb)
+
+    # -- task versions --------------------------------------------------------------------------
+    def publish(self, task: str, version: str = "") -> None:
+        """Put what devices need of a version of the task repository (manifest, bundle bytes) in the
+        shared state, once per process, so replicas without the repository can serve it."""
+        try:
+            tv = self.repo.get(task, version)
+        except NotFound:
+            return  # not ours: published by the process that holds the repository, or unknown
+        if (task, tv.version) in self._published:
+            return
+        digest, data = self.repo.bundle(task, tv.version)
+        self.state.publish_task_version(task, tv.version, digest, tv.manifest.to_proto().SerializeToString(), data,
+                                        tv.created_at)
+        self._published.add((task, tv.version))
+
+    def _version(self, task: str, version: str) -> _Version:
+        try:
+            tv = self.repo.get(task, version)
+        except NotFound:
+            pub = self.state.published_task_version(task, version)
+            if pub is None:
+                raise
+            return _Version(pub["version"], pub["digest"], pub["size"],
+                            device_pb2.TaskManifest.FromString(pub["manifest"]), local=False)
+        return _Version(tv.version, tv.bundle_digest, tv.bundle_size, tv.manifest.to_proto(), local=True)
 
     # -- helpers --------------------------------------------------------------------------------
     def _transition(self, release_id: str, frm: tuple[str, ...], to: str, action: str, actor: str) -> dict:

@@ -18,6 +18,7 @@ import re
 import os
 import pathlib
 import tempfile
+import uuid
 import threading
 import time
 import zlib
@@ -68,6 +69,9 @@ def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
                                  bundle_size=tv.bundle_size, manifest=tv.manifest.to_proto(), created=tv.created)
 
 
+BLOB_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
 class Platform:
     def __init__(self, data_dir: str | os.PathLike, *, keys=None, state: str = ""):
         """`keys`: the platform's PlatformKeys (walle.platform.pki); they sign every released bundle
@@ -78,7 +82,7 @@ class Platform:
         self.keys = keys
         signer = keys.sign if keys is not None else None
         self.state = open_state(state_url(self.data_dir, state))
-        self.repo = TaskRepository(self.data_dir / "tasks", journal=StateSubmitJournal(self.state))
+        self.repo = TaskRepository(self.data_dir / "tasks", journal=StateSubmitJournal(self.state, _repo_id(self.data_dir)))
         self.credentials = DeviceCredentials(self.state)
         self.operators = OperatorCredentials(self.state)
         self.releases = ReleaseManager(self.state, self.repo, signer=signer)
@@ -102,6 +106,7 @@ class Platform:
         check_runnable(files, validate_task_files(strip_ignored(files)).entry)
         # The audit entry is written by the repository's journal before the submit is acknowledged.
         tv = self.repo.submit_files(files, message=req.message or None, author=req.author or "walle")
+        self.releases.publish(tv.name, tv.version)  # replicas serve it from the shared state
         return task_version_to_proto(tv)
 
     def ListTasks(self, req: admin_pb2.Empty | None = None) -> admin_pb2.TaskList:
@@ -193,6 +198,7 @@ class Platform:
         except ValueError as e:
             raise InvalidArgument(f"resource metadata is not JSON: {e}") from None
         digest = self.put_blob(req.data)
+        self.state.put_blob(digest, req.data)  # for replicas: they do not share this disk
         with self.state.transaction() as tx:
             version = tx.add_resource(name, digest, len(req.data), req.metadata_json or "{}", int(time.time()))
             tx.audit(req.actor or "operator", "resource.publish", f"{name}@{version}", {"digest": digest})
@@ -218,11 +224,17 @@ class Platform:
         return digest
 
     def blob(self, digest: str) -> bytes:
-        """A bundle or resource by digest, re-verified on read."""
+        """A bundle or resource by digest, re-verified on read: from this disk, else from the shared
+        state (what another process published), else rebuilt from the task repository."""
         if digest.startswith("sha256:") and (self.blob_dir / digest[7:]).is_file() and len(digest) == 71:
             data = (self.blob_dir / digest[7:]).read_bytes()
             bundle.verify(data, digest)
             return data
+        if BLOB_DIGEST_RE.match(digest or ""):
+            data = self.state.blob(digest)
+            if data is not None:
+                bundle.verify(data, digest)
+                return data
         return self.repo.bundle_by_digest(digest)
 
     # -- device-facing --------------------------------------------------------------------------
@@ -439,11 +451,12 @@ class StateSubmitJournal:
     """The task repository's submit journal (taskrepo.SubmitJournal) in the state database: every
     acknowledged submit has its audit entry; a commit never confirmed is taken back, on the record."""
 
-    def __init__(self, state: PlatformState):
+    def __init__(self, state: PlatformState, repo_id: str = ""):
         self.state = state
+        self.repo_id = repo_id  # replicas share the state, each with its own repository
 
     def begin(self, task: str, parent: str, actor: str) -> int:
-        return self.state.begin_submit(task, parent, actor)
+        return self.state.begin_submit(task, parent, actor, self.repo_id)
 
     def confirm(self, intent: int, tv: TaskVersion) -> None:
         self.state.end_submit(intent, "task.submit", f"{tv.name}@{tv.version}",
@@ -462,7 +475,28 @@ class StateSubmitJournal:
                                "parent": parent})
 
     def pending(self) -> list[dict]:
-        return self.state.pending_submits()
+        return self.state.pending_submits(self.repo_id)
+
+
+def _repo_id(data_dir: pathlib.Path) -> str:
+    """The data folder's task repository's name, made once (a random one: paths repeat across hosts)."""
+    path = data_dir / "repo-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=data_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(uuid.uuid4().hex + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # the first writer wins; a racing one reads its name
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
 
 
 def _check_report(topic: str, seq: int, m) -> None:

@@ -114,101 +114,30 @@ def pytest_unconfigure(config):
         os._exit(_final["status"] or 1)
 
 
+
 # -- a real PostgreSQL for the state suite (like the Redis server in tests/coda/conftest.py) ---------
-def _pg_bindir() -> str:
-    """The folder holding initdb and postgres: pg_config's, else Debian's newest, else PATH's."""
-    import glob
-    import shutil
-    import subprocess
-    found = []
-    if shutil.which("pg_config"):
-        found.append(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip())
-    found += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
-    if shutil.which("initdb"):
-        found.append(os.path.dirname(os.path.realpath(shutil.which("initdb"))))
-    for d in found:
-        if d and os.path.exists(os.path.join(d, "initdb")) and os.path.exists(os.path.join(d, "postgres")):
-            return d
-    pytest.fail("PostgreSQL is not installed; the state tests need a real one: apt-get install -y postgresql "
-                "(or `make system-deps`)", pytrace=False)
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
     """postgresql://walle@127.0.0.1:<port>/postgres of a throwaway cluster started for this session
-    (initdb in a temp folder). PostgreSQL refuses to run as root, so as root it runs as `nobody`."""
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import tempfile
-
-    import psycopg
-    bindir = _pg_bindir()
-    workdir = tempfile.mkdtemp(prefix="walle-pg-")
-    as_user = {}
-    if os.geteuid() == 0:
-        import pwd
-        pw = pwd.getpwnam("nobody")
-        os.chown(workdir, pw.pw_uid, pw.pw_gid)
-        as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    data, log = os.path.join(workdir, "data"), os.path.join(workdir, "postgres.log")
-    init = subprocess.run([os.path.join(bindir, "initdb"), "-D", data, "-U", "walle", "--auth=trust", "-E", "UTF8",
-                           "--locale=C", "--no-sync"], cwd=workdir, capture_output=True, text=True, **as_user)
-    if init.returncode != 0:
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(f"initdb failed: {init.stderr[-1000:]}", pytrace=False)
-    last_error = ""
+    (initdb in a temp folder; as root the server runs as `nobody`, since PostgreSQL refuses root)."""
+    from walle.platform.errors import WalleError
+    from walle.platform.state.pgcluster import throwaway_cluster
     try:
-        for _attempt in range(3):  # the free port can be taken between probing and binding
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            with open(log, "ab") as logf:
-                proc = subprocess.Popen(
-                    [os.path.join(bindir, "postgres"), "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", workdir,
-                     "-F", "-c", "max_connections=400", "-c", "full_page_writes=off"],
-                    cwd=workdir, stdout=logf, stderr=subprocess.STDOUT, **as_user)
-            url = f"postgresql://walle@127.0.0.1:{port}/postgres"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    psycopg.connect(url, connect_timeout=2).close()
-                    break
-                except psycopg.OperationalError as e:
-                    last_error = str(e)
-                    time.sleep(0.1)
-            else:
-                with open(log, errors="replace") as f:
-                    last_error += f.read()[-800:]
-                proc.kill()
-                proc.wait()
-                continue
-            try:
-                yield url
-            finally:
-                proc.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            return
-        pytest.fail(f"postgres did not start: {last_error}", pytrace=False)
+        cluster = throwaway_cluster()
+        url = cluster.__enter__()
+    except WalleError as e:
+        pytest.fail(f"{e.message} (the state tests need a real PostgreSQL; `make system-deps`)", pytrace=False)
+    try:
+        yield url
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture
 def pg_state_url(postgres_url):
     """A state URL on the session's PostgreSQL, in a fresh schema (tests sharing the server stay apart)."""
-    import uuid
-
-    import psycopg
-    schema = f"t{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    return f"{postgres_url}?options=-csearch_path%3D{schema}"
+    from walle.platform.state.pgcluster import fresh_schema
+    return fresh_schema(postgres_url)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -165,10 +165,12 @@ class PlatformState(abc.ABC):
 
     # -- submits --------------------------------------------------------------------------------
     @abc.abstractmethod
-    def begin_submit(self, task: str, parent: str, actor: str) -> int: ...
+    def begin_submit(self, task: str, parent: str, actor: str, repo: str = "") -> int:
+        """Record a submit's intent; `repo` names the task repository it commits to."""
 
     @abc.abstractmethod
-    def pending_submits(self) -> list[dict]: ...
+    def pending_submits(self, repo: str = "") -> list[dict]:
+        """Unsettled intents of that repository (and of unnamed ones, from before they had names)."""
 
     @abc.abstractmethod
     def end_submit(self, intent_id: int, action: str = "", target: str = "", detail: dict | None = None) -> None:
@@ -180,13 +182,19 @@ class PlatformState(abc.ABC):
         """A resource's newest version, or the named one."""
 
     @abc.abstractmethod
-    def publish_task_version(self, task: str, version: str, digest: str, manifest: bytes, bundle: bytes) -> None:
+    def publish_task_version(self, task: str, version: str, digest: str, manifest: bytes, bundle: bytes,
+                             created_at: int) -> None:
         """What devices need of a submitted version (manifest proto bytes, bundle bytes), for
         replicas that do not hold the task repository. Idempotent."""
 
     @abc.abstractmethod
-    def published_task_version(self, task: str, version: str) -> dict | None:
-        """{"digest", "manifest", "size"} of a published version, or None."""
+    def published_task_version(self, task: str, version: str = "") -> dict | None:
+        """{"version", "digest", "manifest", "size"} of a published version (the newest when
+        `version` is ""), or None."""
 
     @abc.abstractmethod
-    def published_bundle(self, digest: str) -> bytes | None: ...
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Bytes by their digest (bundles, resources), shared by every replica. Idempotent."""
+
+    @abc.abstractmethod
+    def blob(self, digest: str) -> bytes | None: ...

@@ -64,21 +64,31 @@ SCHEMA = [
         device_id TEXT NOT NULL, release_id TEXT NOT NULL, first_at {int} NOT NULL,
         PRIMARY KEY (device_id, release_id))""",
     # Submits between their durable intent and their confirmation (audit); see SubmitJournal.
+    # `repo`: which task repository (serving replicas each open their own, and must leave the
+    # submitting process's intents alone).
     """CREATE TABLE IF NOT EXISTS submit_intents (
-        id {serial}, task TEXT NOT NULL, parent TEXT NOT NULL, actor TEXT NOT NULL, started_at {int} NOT NULL)""",
+        id {serial}, task TEXT NOT NULL, parent TEXT NOT NULL, actor TEXT NOT NULL, started_at {int} NOT NULL,
+        repo TEXT NOT NULL DEFAULT '')""",
     """CREATE TABLE IF NOT EXISTS resources (
         name TEXT NOT NULL, version TEXT NOT NULL, seq {int} NOT NULL, digest TEXT NOT NULL, size {int} NOT NULL,
         metadata TEXT NOT NULL, created_at {int} NOT NULL, PRIMARY KEY (name, version))""",
-    # Published task versions and their bundles, for replicas without the task repository.
+    # Published task versions, and bundle/resource bytes by digest, for replicas without the task
+    # repository or the publishing process's disk.
     """CREATE TABLE IF NOT EXISTS task_versions (
         task TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL, manifest {blob} NOT NULL,
-        size {int} NOT NULL, PRIMARY KEY (task, version))""",
-    "CREATE TABLE IF NOT EXISTS bundles (digest TEXT PRIMARY KEY, data {blob} NOT NULL)",
+        size {int} NOT NULL, created_at {int} NOT NULL, PRIMARY KEY (task, version))""",
+    "CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, data {blob} NOT NULL)",
 ]
 
 
 def _json(v) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def _where(select: str, **equal) -> tuple[str, list]:
+    """`select` narrowed to the rows whose columns equal the non-empty values given."""
+    given = {k: v for k, v in equal.items() if v}
+    return select + " WHERE 1=1" + "".join(f" AND {k} = ?" for k in given), list(given.values())
 
 
 def release_row(row: dict) -> dict:
@@ -264,14 +274,17 @@ class SqlState(PlatformState):
 
     # -- revision -------------------------------------------------------------------------------
     def revision(self) -> int:
-        return int(self.conn.value("SELECT value FROM meta WHERE key='revision'"))
+        rev = int(self.conn.value("SELECT value FROM meta WHERE key='revision'"))
+        # Every fresh read refreshes the cache: once a watcher has seen a change and woken devices,
+        # their pulls in this process see it too (never a stale list after the notice).
+        if rev >= self._rev_cache[0]:
+            self._rev_cache = (rev, time.monotonic())
+        return rev
 
     def cached_revision(self, max_age: float = 0.2) -> int:
         rev, at = self._rev_cache
-        now = time.monotonic()
-        if now - at > max_age:
+        if time.monotonic() - at > max_age:
             rev = self.revision()
-            self._rev_cache = (rev, now)
         return rev
 
     # -- audit and releases ---------------------------------------------------------------------
@@ -283,13 +296,7 @@ class SqlState(PlatformState):
         return release_row(rows[0]) if rows else None
 
     def releases(self, task: str = "", channel: str = "", active_only: bool = False) -> list[dict]:
-        sql, args = "SELECT * FROM releases WHERE 1=1", []
-        if task:
-            sql += " AND task = ?"
-            args.append(task)
-        if channel:
-            sql += " AND channel = ?"
-            args.append(channel)
+        sql, args = _where("SELECT * FROM releases", task=task, channel=channel)
         if active_only:
             sql += " AND state IN ('active', 'fallback', 'paused')"  # what devices may get
         sql += " ORDER BY seq DESC"
@@ -409,16 +416,8 @@ class SqlState(PlatformState):
 
     def reports(self, topic: str, device_id: str = "", status: str = "") -> list[dict]:
         table, _ = REPORT_TABLES.get(topic, ("events", 5))
-        sql, args = f"SELECT * FROM {table} WHERE 1=1", []
-        if table == "events":
-            sql += " AND topic = ?"
-            args.append(topic)
-        if device_id:
-            sql += " AND device_id = ?"
-            args.append(device_id)
-        if status:
-            sql += " AND status = ?"
-            args.append(status)
+        sql, args = _where(f"SELECT * FROM {table}", topic=topic if table == "events" else "", device_id=device_id,
+                           status=status)
         return self.conn.dicts(sql + " ORDER BY device_id, seq", args)
 
     def events(self, device_id: str) -> list[dict]:
@@ -442,13 +441,15 @@ class SqlState(PlatformState):
             [device_id, *ids]).fetchall()}
 
     # -- submits --------------------------------------------------------------------------------
-    def begin_submit(self, task: str, parent: str, actor: str) -> int:
+    def begin_submit(self, task: str, parent: str, actor: str, repo: str = "") -> int:
         with self._tx(serialize=False) as c:
-            return c.value("INSERT INTO submit_intents (task, parent, actor, started_at) VALUES (?, ?, ?, ?) "
-                           "RETURNING id", [task, parent, actor, int(time.time())])
+            return c.value("INSERT INTO submit_intents (task, parent, actor, started_at, repo) VALUES (?, ?, ?, ?, ?) "
+                           "RETURNING id", [task, parent, actor, int(time.time()), repo])
 
-    def pending_submits(self) -> list[dict]:
-        return self.conn.dicts("SELECT * FROM submit_intents ORDER BY id")
+    def pending_submits(self, repo: str = "") -> list[dict]:
+        # '' also matches intents from before repositories were told apart (one folder, one repository)
+        return self.conn.dicts("SELECT id, task, parent, actor, started_at FROM submit_intents "
+                               "WHERE repo = ? OR repo = '' ORDER BY id", [repo])
 
     def end_submit(self, intent_id: int, action: str = "", target: str = "", detail: dict | None = None) -> None:
         with self.transaction() as tx:
@@ -463,19 +464,26 @@ class SqlState(PlatformState):
         rows = self.conn.dicts(sql, [name, version] if version else [name])
         return rows[0] if rows else None
 
-    def publish_task_version(self, task: str, version: str, digest: str, manifest: bytes, bundle: bytes) -> None:
+    def publish_task_version(self, task: str, version: str, digest: str, manifest: bytes, bundle: bytes,
+                             created_at: int) -> None:
         with self._tx(serialize=False) as c:
-            c.run("INSERT INTO bundles (digest, data) VALUES (?, ?) ON CONFLICT DO NOTHING", [digest, bundle])
-            c.run("INSERT INTO task_versions (task, version, digest, manifest, size) VALUES (?, ?, ?, ?, ?) "
-                  "ON CONFLICT DO NOTHING", [task, version, digest, manifest, len(bundle)])
+            c.run("INSERT INTO blobs (digest, data) VALUES (?, ?) ON CONFLICT DO NOTHING", [digest, bundle])
+            c.run("INSERT INTO task_versions (task, version, digest, manifest, size, created_at) "
+                  "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  [task, version, digest, manifest, len(bundle), created_at])
 
-    def published_task_version(self, task: str, version: str) -> dict | None:
-        rows = self.conn.dicts("SELECT digest, manifest, size FROM task_versions WHERE task=? AND version=?",
-                               [task, version])
+    def published_task_version(self, task: str, version: str = "") -> dict | None:
+        sql = "SELECT version, digest, manifest, size FROM task_versions WHERE task=?"
+        rows = self.conn.dicts(sql + (" AND version=?" if version else " ORDER BY created_at DESC, version LIMIT 1"),
+                               [task, version] if version else [task])
         if not rows:
             return None
         return {**rows[0], "manifest": bytes(rows[0]["manifest"])}
 
-    def published_bundle(self, digest: str) -> bytes | None:
-        data = self.conn.value("SELECT data FROM bundles WHERE digest=?", [digest])
+    def put_blob(self, digest: str, data: bytes) -> None:
+        with self._tx(serialize=False) as c:
+            c.run("INSERT INTO blobs (digest, data) VALUES (?, ?) ON CONFLICT DO NOTHING", [digest, data])
+
+    def blob(self, digest: str) -> bytes | None:
+        data = self.conn.value("SELECT data FROM blobs WHERE digest=?", [digest])
         return None if data is None else bytes(data)

@@ -39,6 +39,8 @@ class SQLiteState(SqlState):
                 c.run("COMMIT")
 
     def _migrate(self, c: Conn) -> None:
-        cols = {r[1] for r in c.run("PRAGMA table_info(devices)").fetchall()}
-        if "user_id" not in cols:  # data folders from before users were bound at enrollment
-            c.run("ALTER TABLE devices ADD COLUMN user_id TEXT NOT NULL DEFAULT ''")
+        # Columns newer than some data folders: users bound at enrollment; intents per repository.
+        for table, column in (("devices", "user_id"), ("submit_intents", "repo")):
+            cols = {r[1] for r in c.run(f"PRAGMA table_info({table})").fetchall()}
+            if column not in cols:
+                c.run(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")

@@ -61,6 +61,21 @@ def test_revision_grows_with_each_change_and_is_seen_at_once(st):
     assert st.cached_revision(max_age=3600) == r0 + 1  # this object's own change, not a stale cache
 
 
+def test_another_writer_is_seen_by_a_fresh_read_and_then_by_the_cache(st, state_url):
+    """A replica's watcher reads the revision fresh and wakes devices; their pulls, which read it
+    through the cache, must not see the old one after that."""
+    other = open_state(state_url)
+    try:
+        r0 = st.cached_revision(max_age=3600)
+        with other.transaction() as tx:
+            tx.bump_revision()
+        assert st.cached_revision(max_age=3600) == r0  # within max_age, another writer is not seen yet
+        assert st.revision() == r0 + 1
+        assert st.cached_revision(max_age=3600) == r0 + 1
+    finally:
+        other.close()
+
+
 def test_a_failed_transaction_stores_nothing(st):
     r0 = st.revision()
     with pytest.raises(RuntimeError):
@@ -159,12 +174,15 @@ def test_up_streams_and_deliveries(st):
 
 
 def test_submit_intents_and_audit(st):
-    i1 = st.begin_submit("t", "", "ana")
-    i2 = st.begin_submit("t", "abc", "bob")
-    assert i2 > i1 and [p["actor"] for p in st.pending_submits()] == ["ana", "bob"]
+    i1 = st.begin_submit("t", "", "ana", repo="A")
+    i2 = st.begin_submit("t", "abc", "bob", repo="A")
+    i3 = st.begin_submit("t", "abc", "cy", repo="B")
+    assert i2 > i1 and [p["actor"] for p in st.pending_submits("A")] == ["ana", "bob"]
+    assert [p["actor"] for p in st.pending_submits("B")] == ["cy"]  # a replica's repository is its own
+    st.end_submit(i3)
     st.end_submit(i1, "task.submit", "t@v1", {"digest": "x"})
     st.end_submit(i2)
-    assert st.pending_submits() == []
+    assert st.pending_submits("A") == [] and st.pending_submits("B") == []
     assert [(e["actor"], e["action"], e["target"], e["detail"]) for e in st.audit_entries()] == [
         ("ana", "task.submit", "t@v1", '{"digest": "x"}')]
 
@@ -176,11 +194,17 @@ def test_resources_and_published_task_versions(st):
     assert st.resource("m/emb")["digest"] == "d2" and st.resource("m/emb", "v1")["size"] == 10
     assert st.resource("m/none") is None
     blob = bytes(range(256)) * 10
-    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob)
-    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob)  # idempotent
-    assert st.published_task_version("t", "v1") == {"digest": "dg", "manifest": b"\x00manifest", "size": 2560}
-    assert st.published_bundle("dg") == blob and st.published_bundle("zz") is None
-    assert st.published_task_version("t", "v2") is None
+    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob, 100)
+    st.publish_task_version("t", "v1", "dg", b"\x00manifest", blob, 100)  # idempotent
+    st.publish_task_version("t", "v0", "dg0", b"m0", b"old", 50)
+    assert st.published_task_version("t", "v1") == {"version": "v1", "digest": "dg", "manifest": b"\x00manifest",
+                                                    "size": 2560}
+    assert st.published_task_version("t")["version"] == "v1"  # the newest
+    assert st.blob("dg") == blob and st.blob("dg0") == b"old" and st.blob("zz") is None
+    st.put_blob("r1", b"\x00resource")
+    st.put_blob("r1", b"\x00resource")
+    assert st.blob("r1") == b"\x00resource"
+    assert st.published_task_version("t", "v2") is None and st.published_task_version("u") is None
 
 
 # -- atomic release decisions, raced through the platform on each implementation ----------------------
