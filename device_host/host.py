@@ -7,7 +7,7 @@ Data folder layout:
   tunnel.sqlite3     the up-tunnel queue (tunnel.UpTunnel)
   resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
   storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
-  models/            on-device models (walle.device_host.models.store.ModelStore)
+  models/<scope>/    on-device models, one scope per storage namespace (walle.device_host.models.store)
 
 `run_task` always runs the INSTALLED version at the moment the run starts, so a newly synced version is
 picked up by the next run with nothing restarted (hot deploy). Each run sends a RunReport up the tunnel.
@@ -97,8 +97,8 @@ class DeviceHost:
     def models(self):
         with self._storage_lock:
             if self._models is None:
-                from .models.store import ModelStore
-                self._models = ModelStore(self.data_dir / "models")
+                from .models.store import ModelStores
+                self._models = ModelStores(self.data_dir / "models")
             return self._models
 
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
@@ -145,8 +145,9 @@ class DeviceHost:
         if "tunnel" in apis:
             extra.update(tunnel_ops(task.name, self.up, self.down))
         if "model" in apis:
-            from .models.api import make_model_ops
-            extra.update(make_model_ops(self.models, self.model_pool))
+            from .models.ops import make_model_ops
+            fetch = (lambda name: self.down.fetch_resource(name)[1]) if "tunnel" in apis else None
+            extra.update(make_model_ops(self.models.scope(self.namespace(task.manifest)), fetch))
         return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):

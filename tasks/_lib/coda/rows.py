@@ -1,0 +1,154 @@
+"""The on-device tables `local` and `outside` (storage namespace "coda") and the CoDA settings.
+
+Task storage holds scalars only, so a sample's list fields (item_cats, hist_items, hist_cats,
+profile) are stored as compact JSON text; `sample` turns a row back into the sample dict the
+features take. Rows of `outside` also carry batch_id, state ("new" | "kept") and score."""
+import json
+
+import walle
+from walle import storage
+
+from coda.features import short
+
+LIST_COLUMNS = ("item_cats", "hist_items", "hist_cats", "profile")
+PAGE = 1000
+ID_CHUNK = 500
+
+# name: (type, lo, hi, default). The paper's values (section 5.2); the demo compresses t / t'.
+SETTINGS = {
+    "sigma": (float, 0.0, 1.0, 0.2),
+    "t": (int, 0, 10000, 3),
+    "t_prime": (int, 0, 10000, 7),
+    "max_rows": (int, 2, 5000, 200),
+    "train_at": (int, 1, 100000, 100),
+    "lr": (float, 1e-9, 1.0, 0.005),
+    "epochs": (int, 1, 20, 1),
+    "clf_lr": (float, 1e-9, 1.0, 0.01),
+    "clf_epochs": (int, 1, 20, 5),
+    "clf_hidden": (int, 1, 256, 16),
+    "clf_dim": (int, 1, 64, 8),
+    "din_mlp": (str, 0, 40, ""),  # "" = the global model's MLP; e.g. "64,16" changes it
+    "seed": (int, 0, 2147483647, 7),
+    "max_per_run": (int, 1, 5000, 2000),
+}
+
+
+def check_setting(key, value):
+    kind, lo, hi, default = SETTINGS[key]
+    ok = isinstance(value, str) if kind is str else (
+        isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"config {key} must be {kind.__name__}, got {short(value)}")
+    size = len(value) if kind is str else value
+    if not lo <= size <= hi:
+        raise ValueError(f"config {key} must be in [{lo}, {hi}], got {short(value)}")
+    return float(value) if kind is float else value
+
+
+def settings():
+    """The release's config (`walle.config`, set per release) when the host offers it; otherwise the
+    defaults overridden by the KV "config" object. Checked either way."""
+    cfg = {k: v[3] for k, v in SETTINGS.items()}
+    if hasattr(walle, "config"):
+        for key in SETTINGS:
+            value = walle.config.get(key)
+            if value is not None:
+                cfg[key] = value
+    else:
+        raw = storage.get("config", None) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"KV 'config' must be an object of overrides, got {short(raw)}")
+        unknown = sorted(k for k in raw if k not in SETTINGS)
+        if unknown:
+            raise ValueError(f"KV 'config' has unknown keys {unknown}; allowed: {sorted(SETTINGS)}")
+        cfg.update(raw)
+    out = {k: check_setting(k, v) for k, v in cfg.items()}
+    if out["t_prime"] < out["t"]:
+        raise ValueError(f"config t_prime ({out['t_prime']}) must be >= t ({out['t']})")
+    return out
+
+
+def mlp_widths(text):
+    """"64,16" -> [64, 16]; "" -> None (keep the stored model's)."""
+    if not text:
+        return None
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"config din_mlp must be comma-separated integers like '32,16', got {text!r}") from None
+
+
+def today_or_none():
+    """KV "today" (written by the app)."""
+    day = storage.get("today", None)
+    if day is not None and (isinstance(day, bool) or not isinstance(day, int)):
+        raise ValueError(f"KV 'today' must be an integer day, got {short(day)}")
+    return day
+
+
+def rows_of(table, where=None, order_by="ts"):
+    """All matching rows, paged (a query returns at most 10,000)."""
+    out = []
+    offset = 0
+    while True:
+        page = storage.query(table, where=where, order_by=order_by, limit=PAGE, offset=offset)
+        out.extend(page)
+        if len(page) < PAGE:
+            return out
+        offset = offset + PAGE
+
+
+def sample(row):
+    """A stored row -> the sample dict the features take; a malformed row is an error naming it."""
+    sid = row.get("sample_id")
+    if not isinstance(sid, str) or not sid:
+        raise ValueError(f"a row has no sample_id (got {short(sid)})")
+    s = {"sample_id": sid, "item_id": row.get("item_id") or 0, "label": row.get("label") or 0.0,
+         "ts": row.get("ts"), "day": row.get("day")}
+    for col in LIST_COLUMNS:
+        text = row.get(col)
+        value = []
+        if text is not None:
+            try:
+                value = json.loads(text) if isinstance(text, str) else None
+            except ValueError:
+                value = None
+        if not isinstance(value, list):
+            raise ValueError(f"row {sid!r}: column {col!r} must hold a JSON list, got {str(text)[:80]!r}")
+        s[col] = value
+    for col in ("day", "ts"):
+        if isinstance(s[col], bool) or not isinstance(s[col], int):
+            raise ValueError(f"row {sid!r}: column {col!r} must be an integer, got {short(s[col])}")
+    return s
+
+
+def delete_ids(table, ids, state=None):
+    n = 0
+    for start in range(0, len(ids), ID_CHUNK):
+        where = {"sample_id": {"in": ids[start:start + ID_CHUNK]}}
+        if state is not None:
+            where["state"] = state
+        n = n + storage.delete_rows(table, where)
+    return n
+
+
+def halve_until_below(table, max_rows, order_by):
+    """Section 4.4.1's forced cleanup: delete the first half by `order_by` until < max_rows rows."""
+    removed = 0
+    n = storage.count(table)
+    while n >= max_rows:
+        doomed = storage.query(table, order_by=order_by, limit=n - n // 2)
+        gone = delete_ids(table, sorted(set(r["sample_id"] for r in doomed)))
+        if gone == 0:
+            break
+        removed = removed + gone
+        n = storage.count(table)
+    return removed
+
+
+def stable_hash(text):
+    """FNV-1a of the code points: the same split on every device and every run."""
+    h = 2166136261
+    for ch in text:
+        h = ((h ^ ord(ch)) * 16777619) % 4294967296
+    return h
