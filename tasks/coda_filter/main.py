@@ -77,9 +77,9 @@ def main(event):
     data = data.with_labels([1.0] * len(local) + [0.0] * len(outside))
     training.train(net, data, cfg["clf_epochs"], cfg["clf_lr"], cfg["seed"])
     if update is None:
-        stored.create(CLASSIFIER, net, "classifier", {"n_train": len(data)})
+        stored.create(CLASSIFIER, net, "classifier", {"n_train": data.n})
     else:
-        update.commit({"n_train": len(data), "migrated": update.fresh})
+        update.commit({"n_train": data.n, "migrated": update.fresh})
     counts["trained_on"] = len(outside)
     rows.delete_ids("outside", [r["sample_id"] for r in clf_part], "new")  # 4.4.1: used, removed
 

@@ -43,7 +43,8 @@ class Batch:
     def get(self, field):
         return self.cols[field]
 
-    def __len__(self):
+    @property
+    def n(self):
         return int(self.cols["label"].shape[0])
 
     @property
@@ -61,8 +62,8 @@ class Batch:
     def with_labels(self, labels):
         """Same features, new labels (the sample classifier's local = 1 / outside = 0)."""
         lab = np.asarray(labels, dtype=np.float32).reshape(-1)
-        if lab.shape[0] != len(self):
-            raise ValueError(f"{lab.shape[0]} labels for {len(self)} samples")
+        if lab.shape[0] != self.n:
+            raise ValueError(f"{lab.shape[0]} labels for {self.n} samples")
         cols = dict(self.cols)
         cols["label"] = lab
         return Batch(cols)

@@ -14,35 +14,35 @@ LIST_COLUMNS = ("item_cats", "hist_items", "hist_cats", "profile")
 PAGE = 1000
 ID_CHUNK = 500
 
-# name: (type, lo, hi, default). The paper's values (section 5.2); the demo compresses t / t'.
+KINDS = {"int": int, "float": float, "str": str}
+# name: (type, lo, hi, default); lo/hi bound the length of a str. The paper's values (section 5.2); the demo compresses t / t'.
 SETTINGS = {
-    "sigma": (float, 0.0, 1.0, 0.2),
-    "t": (int, 0, 10000, 3),
-    "t_prime": (int, 0, 10000, 7),
-    "max_rows": (int, 2, 5000, 200),
-    "train_at": (int, 1, 100000, 100),
-    "lr": (float, 1e-9, 1.0, 0.005),
-    "epochs": (int, 1, 20, 1),
-    "clf_lr": (float, 1e-9, 1.0, 0.01),
-    "clf_epochs": (int, 1, 20, 5),
-    "clf_hidden": (int, 1, 256, 16),
-    "clf_dim": (int, 1, 64, 8),
-    "din_mlp": (str, 0, 40, ""),  # "" = the global model's MLP; e.g. "64,16" changes it
-    "seed": (int, 0, 2147483647, 7),
-    "max_per_run": (int, 1, 5000, 2000),
+    "sigma": ("float", 0.0, 1.0, 0.2),
+    "t": ("int", 0, 10000, 3),
+    "t_prime": ("int", 0, 10000, 7),
+    "max_rows": ("int", 2, 5000, 200),
+    "train_at": ("int", 1, 100000, 100),
+    "lr": ("float", 1e-9, 1.0, 0.005),
+    "epochs": ("int", 1, 20, 1),
+    "clf_lr": ("float", 1e-9, 1.0, 0.01),
+    "clf_epochs": ("int", 1, 20, 5),
+    "clf_hidden": ("int", 1, 256, 16),
+    "clf_dim": ("int", 1, 64, 8),
+    "din_mlp": ("str", 0, 40, ""),  # "" = the global model's MLP; e.g. "64,16" changes it
+    "seed": ("int", 0, 2147483647, 7),
+    "max_per_run": ("int", 1, 5000, 2000),
 }
 
 
 def check_setting(key, value):
     kind, lo, hi, default = SETTINGS[key]
-    ok = isinstance(value, str) if kind is str else (
-        isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+    ok = isinstance(value, (int, float)) if kind == "float" else isinstance(value, KINDS[kind])
     if isinstance(value, bool) or not ok:
-        raise ValueError(f"config {key} must be {kind.__name__}, got {short(value)}")
-    size = len(value) if kind is str else value
+        raise ValueError(f"config {key} must be {kind}, got {short(value)}")
+    size = len(value) if kind == "str" else value
     if not lo <= size <= hi:
         raise ValueError(f"config {key} must be in [{lo}, {hi}], got {short(value)}")
-    return float(value) if kind is float else value
+    return float(value) if kind == "float" else value
 
 
 def settings():

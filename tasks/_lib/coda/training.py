@@ -78,7 +78,7 @@ def train(net, data, epochs, lr, seed, batch_size=32, on_step=None):
     params = net.params()
     opt = Adam(params, lr)
     engine = MNN.optim.Grad()
-    n, steps = len(data), 0
+    n, steps = data.n, 0
     for epoch in range(epochs):
         order = rng.permutation(n)
         for s in range(0, n, batch_size):
@@ -99,8 +99,8 @@ def predict(net, data):
     net.check_ids(data)
     net.mode = "gather"
     out = []
-    for s in range(0, len(data), PRED_CHUNK):
-        idx = np.arange(s, min(s + PRED_CHUNK, len(data)))
+    for s in range(0, data.n, PRED_CHUNK):
+        idx = np.arange(s, min(s + PRED_CHUNK, data.n))
         prob = nets.raw.sigmoid(net.forward(inputs(net, data, idx)))
         out.append(prob.read().copy().reshape(-1))  # `prob` is alive while we copy
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -108,4 +108,4 @@ def predict(net, data):
 
 def evaluate(net, data):
     probs = predict(net, data)
-    return {"auc": metrics.auc(data.label, probs), "logloss": metrics.logloss(data.label, probs), "n": len(data)}
+    return {"auc": metrics.auc(data.label, probs), "logloss": metrics.logloss(data.label, probs), "n": data.n}
