@@ -89,13 +89,14 @@ class Platform:
 
     def ShowTask(self, req: admin_pb2.TaskRef) -> admin_pb2.TaskFiles:
         tv = self.repo.get(req.name, req.version)
-        files = {}
+        files, digests = {}, {}
         for path, data in self.repo.files(req.name, tv.version).items():
+            digests[path] = bundle.digest(data)
             try:
                 files[path] = data.decode("utf-8")
             except UnicodeDecodeError:
                 files[path] = f"<binary {len(data)} bytes>"
-        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files)
+        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files, digests=digests)
 
     # -- releases -------------------------------------------------------------------------------
     def _release(self, row: dict) -> admin_pb2.Release:

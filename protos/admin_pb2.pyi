@@ -76,8 +76,15 @@ class DiffReply(_message.Message):
     def __init__(self, unified_diff: _Optional[str] = ...) -> None: ...
 
 class TaskFiles(_message.Message):
-    __slots__ = ("version", "files")
+    __slots__ = ("version", "files", "digests")
     class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -86,9 +93,11 @@ class TaskFiles(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     version: TaskVersion
     files: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    digests: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ..., digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReleaseStats(_message.Message):
     __slots__ = ("delivered", "ran", "runs", "failed", "p50_duration_s", "rejected", "rolled_back")
