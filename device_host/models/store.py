@@ -194,7 +194,7 @@ class ModelStore:
         sizes = {s: os.path.getsize(p) for s in SLOTS if os.path.exists(p := self._path(name, s))}
         shapes = {k: list(v) for k, v in cur.get("shapes", {}).items()}
         return {"name": name, "version": cur["version"], "meta": cur.get("meta", {}), "record": _public(cur),
-                "M0": _public(m0), "shapes": shapes, "has_buffer": "Mbuf" in sizes,
+                "M0": _public(m0), "m0_meta": m0.get("meta", {}), "shapes": shapes, "has_buffer": "Mbuf" in sizes,
                 "locked": self.is_locked(name), "sizes": sizes}
 
     # ---- writing ---------------------------------------------------------------------------

@@ -269,8 +269,8 @@ class Experiment:
             arr = features.batch([sample_dict(s) for s in samples], glob.config["hist_len"],
                                  glob.config["profile_dim"])
             y = arr.label.astype(float)
-            for arm, model in (("cloud", glob), ("local", self._device_net(dev, "ctr_local")),
-                               ("coda", self._device_net(dev, "ctr"))):
+            for arm, model in (("cloud", glob), ("local", self._device_net(dev, "ctr_local") or glob),
+                               ("coda", self._device_net(dev, "ctr") or glob)):
                 p = training.predict(model, arr)
                 arms[arm].append((y, p))
                 per_user[arm].append((auc(y, p), logloss(y, p)))
@@ -287,8 +287,13 @@ class Experiment:
     @staticmethod
     def _device_net(dev, name: str):
         """A device's stored model (M) as the library's DIN, read by the harness, not the device."""
+        from walle.platform.errors import NotFound
+
         from .tasklib import coda_module
-        got = dev.models.scope("coda").load(name)
+        try:
+            got = dev.models.scope("coda").load(name)
+        except NotFound:  # coda_train never ran on this device: it would serve the global model
+            return None
         net = coda_module("din").DIN(got["meta"]["config"])
         net.set_params(got["params"])
         return net

@@ -30,7 +30,7 @@ def new_batches():
 
 
 def classifier_net(cfg, seed):
-    catalogue = stored.config_of(stored.ensure_from_resource(CTR_MODEL, GLOBAL_RESOURCE))
+    catalogue = stored.base_config(stored.ensure_from_resource(CTR_MODEL, GLOBAL_RESOURCE))
     return classifier.Classifier({"n_items": catalogue["n_items"], "n_cats": catalogue["n_cats"],
                                   "hist_len": catalogue["hist_len"], "dim": cfg["clf_dim"],
                                   "hidden": cfg["clf_hidden"]}, seed)

@@ -32,7 +32,7 @@ def train_arm(name, train, val, cfg):
     if not train:
         return skipped(f"no training samples (local samples of ({cfg['t']}, {cfg['t_prime']}] days or kept "
                        f"outside samples)", 0, len(val))
-    shape = dict(stored.config_of(stored.ensure_from_resource(name, GLOBAL_RESOURCE)))
+    shape = dict(stored.base_config(stored.ensure_from_resource(name, GLOBAL_RESOURCE)))
     if rows.mlp_widths(cfg["din_mlp"]):
         shape["mlp"] = rows.mlp_widths(cfg["din_mlp"])
     update = stored.Update(name, din.DIN(shape, cfg["seed"]), "din")
@@ -58,6 +58,8 @@ def main(event):
     if not isinstance(local_arm, bool):
         raise ValueError(f"KV 'experiment.local_arm' must be true or false, got {features.short(local_arm)}")
     arms = [CTR_MODEL, LOCAL_MODEL] if local_arm else [CTR_MODEL]
+    for name in arms:  # 5.2 (4): M_u starts as the cloud's global model
+        stored.ensure_from_resource(name, GLOBAL_RESOURCE)
     tables = storage.tables()
     today = rows.today_or_none()
     if today is None and "local" in tables:

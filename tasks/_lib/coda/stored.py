@@ -27,8 +27,11 @@ def ensure_from_resource(name, resource):
     return info
 
 
-def config_of(info):
-    meta = info["meta"]
+def base_config(info):
+    """The config of M0, the model as it was created (the global model it started from): the
+    architecture a release asks for is this plus the release's own overrides, so a rolled-back
+    release trains its own architecture again."""
+    meta = info["m0_meta"]
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError(f"model {info['name']!r} has no config in its metadata: not a CoDA model")
     return meta["config"]
