@@ -63,6 +63,7 @@ def settings():
             raise ValueError(f"KV 'config' has unknown keys {unknown}; allowed: {sorted(SETTINGS)}")
         cfg.update(raw)
     out = {k: check_setting(k, v) for k, v in cfg.items()}
+    mlp_widths(out["din_mlp"])
     if out["t_prime"] < out["t"]:
         raise ValueError(f"config t_prime ({out['t_prime']}) must be >= t ({out['t']})")
     return out
@@ -73,9 +74,12 @@ def mlp_widths(text):
     if not text:
         return None
     try:
-        return [int(p) for p in text.split(",")]
+        widths = [int(p) for p in text.split(",")]
     except ValueError:
-        raise ValueError(f"config din_mlp must be comma-separated integers like '32,16', got {text!r}") from None
+        widths = []
+    if not 1 <= len(widths) <= 4 or not all(1 <= w <= 512 for w in widths):
+        raise ValueError(f"config din_mlp must be 1-4 comma-separated integers in [1, 512] like '32,16', got {text!r}")
+    return widths
 
 
 def today_or_none():
