@@ -103,7 +103,8 @@ class DeviceHost:
 
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
         key = self.credentials.bundle_public_key
-        if key and not bundle.verify_signature(bytes.fromhex(key), task.bundle_digest, task.signature):
+        statement = bundle.release_statement(task.bundle_digest, task.release_id, task.config_json)
+        if key and not bundle.verify_signature(bytes.fromhex(key), statement, task.signature):
             # "bundle ..." reasons are retried on later pulls (the platform may re-sign and re-release)
             return ("bundle signature invalid: not signed by the platform key this device pinned at enrollment"
                     if task.signature else "bundle signature missing: this device only installs signed bundles")
@@ -148,7 +149,7 @@ class DeviceHost:
             from .models.ops import make_model_ops
             fetch = (lambda name: self.down.fetch_resource(name)[1]) if "tunnel" in apis else None
             extra.update(make_model_ops(self.models.scope(self.namespace(task.manifest)), fetch))
-        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
+        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra, config=task.config())
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
         """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""
@@ -163,7 +164,7 @@ class DeviceHost:
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
         api = self._host_api(task)
         # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
-        groups = set(task.manifest.apis)
+        groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
         allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
         result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=self._limits(task.manifest),
                                   api_handler=api, allowed_apis=allowed)

@@ -8,6 +8,7 @@ Scripts are only compiled, never executed: their `from walle import ...` exists 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from walle.platform import taskconfig
 from walle.platform.errors import InvalidArgument
 from walle.protos import bundle as _bundle
 from walle.protos import device_pb2
@@ -40,7 +42,7 @@ IGNORED_FILES = {".DS_Store"}
 RESERVED_NAMES = {".git", ".gitattributes"}
 
 _TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "namespace", "limits", "triggers",
-             "libraries")
+             "libraries", "config")
 # Storage namespaces: what the device storage accepts as a task name (no "-", no "__").
 NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds")
@@ -91,6 +93,7 @@ class Manifest:
     triggers: tuple[Trigger, ...] = ()
     namespace: str = ""
     libraries: tuple[str, ...] = ()
+    config: tuple[taskconfig.ConfigParam, ...] = ()
 
     @property
     def storage_namespace(self) -> str:
@@ -105,7 +108,7 @@ class Manifest:
             limits=device_pb2.Limits(memory_mb=self.limits.memory_mb, cpu_seconds=self.limits.cpu_seconds,
                                      wall_seconds=self.limits.wall_seconds),
             apis=list(self.apis), min_host_version=self.min_host_version, namespace=self.namespace,
-            libraries=list(self.libraries))
+            libraries=list(self.libraries), config=[_param_proto(p) for p in self.config])
 
     @classmethod
     def from_proto(cls, pb: device_pb2.TaskManifest) -> "Manifest":
@@ -119,6 +122,8 @@ class Manifest:
             data["namespace"] = pb.namespace
         if pb.libraries:
             data["libraries"] = list(pb.libraries)
+        if pb.config:
+            data["config"] = {p.name: _param_dict(p) for p in pb.config}
         if pb.HasField("limits"):
             data["limits"] = {"memory_mb": pb.limits.memory_mb, "cpu_seconds": pb.limits.cpu_seconds,
                               "wall_seconds": pb.limits.wall_seconds}
@@ -145,6 +150,9 @@ class Manifest:
             lines.append("libraries = [" + ", ".join(_toml_str(lib) for lib in self.libraries) + "]")
         lines += ["", "[limits]", f"memory_mb = {self.limits.memory_mb}",
                   f"cpu_seconds = {self.limits.cpu_seconds!r}", f"wall_seconds = {self.limits.wall_seconds!r}"]
+        for p in self.config:
+            lines += ["", f"[config.{p.name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in p.describe().items()]
         for t in self.triggers:
             lines += ["", "[[triggers]]", f"kind = {_toml_str(t.kind)}"]
             if t.kind == "event":
@@ -154,6 +162,37 @@ class Manifest:
             else:
                 lines.append(f"every_seconds = {t.every_seconds!r}")
         return "\n".join(lines) + "\n"
+
+
+def _param_proto(p: taskconfig.ConfigParam) -> device_pb2.ConfigParam:
+    return device_pb2.ConfigParam(
+        name=p.name, type=p.type, default_json=json.dumps(p.default), help=p.help,
+        min_json="" if p.min is None else json.dumps(p.min), max_json="" if p.max is None else json.dumps(p.max),
+        choices_json=[json.dumps(c) for c in p.choices])
+
+
+def _param_dict(pb: device_pb2.ConfigParam) -> dict:
+    try:
+        d: dict[str, Any] = {"type": pb.type, "default": json.loads(pb.default_json), "help": pb.help}
+        if pb.min_json:
+            d["min"] = json.loads(pb.min_json)
+        if pb.max_json:
+            d["max"] = json.loads(pb.max_json)
+        if pb.choices_json:
+            d["choices"] = [json.loads(c) for c in pb.choices_json]
+    except ValueError as e:
+        raise ManifestError(f"task manifest: config.{pb.name} holds invalid JSON: {e}") from None
+    return d
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
 
 
 def _toml_str(s: str) -> str:
@@ -253,9 +292,10 @@ def _from_dict(data: dict, src: str) -> Manifest:
     limits = _limits(data.get("limits", {}), src)
     triggers = _triggers(data.get("triggers", []), src)
     libraries = _library_names(data.get("libraries", []), src, "libraries")
+    config = taskconfig.parse_schema(data.get("config", {}), src)
     return Manifest(name=name, entry=entry, description=description, apis=tuple(apis),
                     min_host_version=min_host_version, limits=limits, triggers=triggers, namespace=namespace,
-                    libraries=libraries)
+                    libraries=libraries, config=config)
 
 
 def _library_names(raw: Any, src: str, label: str) -> tuple[str, ...]:

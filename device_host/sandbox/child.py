@@ -19,7 +19,7 @@ import traceback
 from . import landlock, policy, protocol, seccomp
 from .policy import Namespace
 
-API_GROUPS = ("storage", "model", "tunnel", "events", "log")
+API_GROUPS = ("storage", "model", "tunnel", "events", "log", "config")
 LIB_DIR = "_lib"  # where a bundle holds its task libraries (walle.platform.manifest.LIB_DIR)
 NOBODY = 65534
 _PR_SET_PDEATHSIG = 1
