@@ -51,7 +51,7 @@ class Config:
     t_prime: int = 2          # local samples older than this are dropped (the paper's t' = 7)
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
-    task_config: dict = field(default_factory=dict)  # overrides for the tasks' config (SIGMA, epochs, lr, ...)
+    task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
     out_dir: str = "demo-output"
 
 
@@ -95,12 +95,7 @@ class Experiment:
         sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
-            for name in TASKS:  # the operator: submit and release
-                _m, files = manifest_mod.validate_task_dir(tasks_dir() / name)
-                tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
-                                                                     message=f"{name} for the demo"))
-                platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version,
-                                                                      rule='app_version >= "1.0"', actor="demo"))
+            self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
@@ -148,6 +143,22 @@ class Experiment:
                 channel.close()
             stop(0)
 
+    def _release_tasks(self, platform: Platform, seed: int) -> None:
+        """The operator: submit the CoDA tasks and release them with the run's config (the demo's
+        compressed t / t', the seed, and any overrides), like `walle release create ... --set`."""
+        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "seed": seed, **self.cfg.task_config}
+        tasks = {name: manifest_mod.validate_task_dir(tasks_dir() / name) for name in TASKS}
+        unknown = sorted(set(overrides) - {p.name for m, _f in tasks.values() for p in m.config})
+        if unknown:
+            raise ValueError(f"task config overrides {unknown} are declared by none of {', '.join(TASKS)}")
+        for name, (m, files) in tasks.items():
+            keys = {p.name for p in m.config}
+            tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
+                                                                 message=f"{name} for the demo"))
+            platform.CreateRelease(admin_pb2.CreateReleaseRequest(
+                task=name, version=tv.version, rule='app_version >= "1.0"', actor="demo",
+                config={k: str(v) for k, v in overrides.items() if k in keys}))
+
     def _each(self, fleet, label: str, fn) -> None:
         items = [(d.device_id, d) for d in fleet.devices]
         errors = []
@@ -175,7 +186,6 @@ class Experiment:
         from walle.device_host.sample_client import SampleClient
         st = dev.storage
         st.put("coda", "today", day)
-        st.put("coda", "config", {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "seed": seed, **self.cfg.task_config})
         st.put("coda", "experiment.local_arm", True)
         if own:
             st.insert("coda", "local", [sample_row(s) for s in own])

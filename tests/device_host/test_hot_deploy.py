@@ -177,14 +177,16 @@ def submit_coda(platform, tmp, name, version_tag, edit=None):
 
 
 def release(platform, host, name, tv):
-    platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version, rule='os == "android"'))
+    config = {"t": "0", "t_prime": "3", "max_rows": "1000"} if name == "coda_train" else {"t_prime": "3"}
+    platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version, rule='os == "android"',
+                                                          config=config))
     assert wait_for(lambda: name in host.installed() and host.installed()[name].version == tv.version)
 
 
 @pytest.mark.slow
 def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
-    """coda_train and coda_filter v1 train; v2 changes the DIN's MLP and the classifier's width in
-    the script; the running host trains v2 (the script migrates the stored model: same-shaped
+    """coda_train and coda_filter v1 train; coda_filter v2 changes the classifier's width in its code,
+    a coda_train release changes the DIN's MLP by per-release config; the running host trains them (the script migrates the stored model: same-shaped
     parameters kept, the rest fresh), and after a rollback v1 trains its own architecture again."""
     from walle.platform.coda.experiment import sample_row
     from walle.platform.coda.global_model import train_global
@@ -200,7 +202,6 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
         platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=data, actor="t"))
         st = host.storage
         st.put("coda", "today", 5)
-        st.put("coda", "config", {"t": 0, "t_prime": 3, "max_rows": 1000})
         st.insert("coda", "local", [sample_row(s) for d in (3, 4, 5) for s in coda_samples(60, rng, d, "local")])
         host.start()
         models = host.models.scope("coda")
@@ -224,10 +225,12 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
 
         v2f = submit_coda(platform, tmp_path, "coda_filter", "v2", lambda s: s.replace(
             "cfg = rows.settings()", "cfg = rows.settings()\n    cfg[\"clf_hidden\"] = 24"))
-        v2t = submit_coda(platform, tmp_path, "coda_train", "v2", lambda s: s.replace(
-            "cfg = rows.settings()", "cfg = rows.settings()\n    cfg[\"din_mlp\"] = \"48,16,8\""))
         release(platform, host, "coda_filter", v2f)
-        release(platform, host, "coda_train", v2t)
+        # coda_train v2: the same code, a release that changes the DIN's MLP (per-release config).
+        r2 = platform.CreateRelease(admin_pb2.CreateReleaseRequest(
+            task="coda_train", version=v1t.version, rule='os == "android"',
+            config={"t": "0", "t_prime": "3", "max_rows": "1000", "din_mlp": "48,16,8"}))
+        assert wait_for(lambda: host.installed()["coda_train"].release_id == r2.id)
         run("coda_filter", 2)
         out = run("coda_train")["ctr"]
         assert out["committed"] and "mlp_w0" in out["migrated"] and "item_emb" not in out["migrated"]
@@ -236,10 +239,13 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
         assert info["meta"]["config"]["mlp"] == [48, 16, 8]
         assert models.info("clf")["shapes"]["w1"] == [32, 24]
 
-        platform.Rollback(admin_pb2.RollbackRequest(task="coda_train", actor="t"))
-        platform.Rollback(admin_pb2.RollbackRequest(task="coda_filter", actor="t"))
-        assert wait_for(lambda: host.installed()["coda_train"].version == v1t.version
+        platform.Rollback(admin_pb2.RollbackRequest(task="coda_filter", actor="t"))  # to v1's code
+        r5 = platform.CreateRelease(admin_pb2.CreateReleaseRequest(  # v1's config again (same code)
+            task="coda_train", version=v1t.version, rule='os == "android"',
+            config={"t": "0", "t_prime": "3", "max_rows": "1000"}))
+        assert wait_for(lambda: host.installed()["coda_train"].release_id == r5.id
                         and host.installed()["coda_filter"].version == v1f.version)
+        assert host.installed()["coda_train"].config()["din_mlp"] == ""
         run("coda_filter", 3)
         out = run("coda_train")["ctr"]
         assert out["committed"] and "mlp_w3" not in str(models.info("ctr")["shapes"])

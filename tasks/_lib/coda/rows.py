@@ -1,12 +1,11 @@
-"""The on-device tables `local` and `outside` (storage namespace "coda") and the CoDA settings.
+"""The on-device tables `local` and `outside` (storage namespace "coda") and the tasks' settings.
 
 Task storage holds scalars only, so a sample's list fields (item_cats, hist_items, hist_cats,
 profile) are stored as compact JSON text; `sample` turns a row back into the sample dict the
 features take. Rows of `outside` also carry batch_id, state ("new" | "kept") and score."""
 import json
 
-import walle
-from walle import storage
+from walle import config, storage
 
 from coda.features import short
 
@@ -14,59 +13,16 @@ LIST_COLUMNS = ("item_cats", "hist_items", "hist_cats", "profile")
 PAGE = 1000
 ID_CHUNK = 500
 
-KINDS = {"int": int, "float": float, "str": str}
-# name: (type, lo, hi, default); lo/hi bound the length of a str. The paper's values (section 5.2); the demo compresses t / t'.
-SETTINGS = {
-    "sigma": ("float", 0.0, 1.0, 0.2),
-    "t": ("int", 0, 10000, 3),
-    "t_prime": ("int", 0, 10000, 7),
-    "max_rows": ("int", 2, 5000, 200),
-    "train_at": ("int", 1, 100000, 100),
-    "lr": ("float", 1e-9, 1.0, 0.005),
-    "epochs": ("int", 1, 20, 1),
-    "clf_lr": ("float", 1e-9, 1.0, 0.01),
-    "clf_epochs": ("int", 1, 20, 5),
-    "clf_hidden": ("int", 1, 256, 16),
-    "clf_dim": ("int", 1, 64, 8),
-    "din_mlp": ("str", 0, 40, ""),  # "" = the global model's MLP; e.g. "64,16" changes it
-    "seed": ("int", 0, 2147483647, 7),
-    "max_per_run": ("int", 1, 5000, 2000),
-}
-
-
-def check_setting(key, value):
-    kind, lo, hi, default = SETTINGS[key]
-    ok = isinstance(value, (int, float)) if kind == "float" else isinstance(value, KINDS[kind])
-    if isinstance(value, bool) or not ok:
-        raise ValueError(f"config {key} must be {kind}, got {short(value)}")
-    size = len(value) if kind == "str" else value
-    if not lo <= size <= hi:
-        raise ValueError(f"config {key} must be in [{lo}, {hi}], got {short(value)}")
-    return float(value) if kind == "float" else value
-
 
 def settings():
-    """The release's config (`walle.config`, set per release) when the host offers it; otherwise the
-    defaults overridden by the KV "config" object. Checked either way."""
-    cfg = {k: v[3] for k, v in SETTINGS.items()}
-    if hasattr(walle, "config"):
-        for key in SETTINGS:
-            value = walle.config.get(key)
-            if value is not None:
-                cfg[key] = value
-    else:
-        raw = storage.get("config", None) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"KV 'config' must be an object of overrides, got {short(raw)}")
-        unknown = sorted(k for k in raw if k not in SETTINGS)
-        if unknown:
-            raise ValueError(f"KV 'config' has unknown keys {unknown}; allowed: {sorted(SETTINGS)}")
-        cfg.update(raw)
-    out = {k: check_setting(k, v) for k, v in cfg.items()}
-    mlp_widths(out["din_mlp"])
-    if out["t_prime"] < out["t"]:
-        raise ValueError(f"config t_prime ({out['t_prime']}) must be >= t ({out['t']})")
-    return out
+    """The release's task config (declared in task.toml, set per release, checked by the platform),
+    plus the rules across parameters that a schema cannot say."""
+    cfg = config.all()
+    if "t" in cfg and cfg["t_prime"] < cfg["t"]:
+        raise ValueError(f"config t_prime ({cfg['t_prime']}) must be >= t ({cfg['t']})")
+    if "din_mlp" in cfg:
+        mlp_widths(cfg["din_mlp"])
+    return cfg
 
 
 def mlp_widths(text):
