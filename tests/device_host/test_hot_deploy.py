@@ -63,12 +63,18 @@ def sandbox():
     sb.close()
 
 
-def test_release_update_and_rollback_reach_a_running_device(tmp_path, sandbox):
+def platform_and_device(tmp_path, sandbox):
+    """A live platform and one enrolled, connected-ready device host."""
     platform = Platform(tmp_path / "platform")
-    server, port, stop = build_server(platform, port=0)
+    _server, port, stop = build_server(platform, port=0)
     token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-1")).token
     host = DeviceHost(tmp_path / "device", f"127.0.0.1:{port}", attrs={"user_id": "u1", "os": "android"},
                       sandbox=sandbox, credentials=Credentials("phone-1", token))
+    return platform, stop, host
+
+
+def test_release_update_and_rollback_reach_a_running_device(tmp_path, sandbox):
+    platform, stop, host = platform_and_device(tmp_path, sandbox)
     try:
         host.start()
         assert wait_for(lambda: host.sync.revision != "")  # first pull done (nothing released yet)
@@ -191,11 +197,7 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
     from walle.platform.coda.experiment import sample_row
     from walle.platform.coda.global_model import train_global
     rng = np.random.default_rng(0)
-    platform = Platform(tmp_path / "platform")
-    server, port, stop = build_server(platform, port=0)
-    token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-1")).token
-    host = DeviceHost(tmp_path / "device", f"127.0.0.1:{port}", attrs={"user_id": "u1", "os": "android"},
-                      sandbox=sandbox, credentials=Credentials("phone-1", token))
+    platform, stop, host = platform_and_device(tmp_path, sandbox)
     try:
         data, _m = train_global([s for d in (1, 2) for s in coda_samples(300, rng, d, "global")], epochs=1, seed=0,
                                 catalog=VOCAB)

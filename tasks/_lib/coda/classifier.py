@@ -12,13 +12,7 @@ DEFAULTS = {"dim": 8, "hist_len": 50, "hidden": 16}
 
 
 def config(given):
-    cfg = nets.settle(dict(DEFAULTS, n_items=None, n_cats=None), given, "classifier")
-    nets.check_int(cfg, "n_items", 2, 100000)
-    nets.check_int(cfg, "n_cats", 2, 10000)
-    nets.check_int(cfg, "dim", 1, 64)
-    nets.check_int(cfg, "hist_len", 1, 512)
-    nets.check_int(cfg, "hidden", 1, 256)
-    return cfg
+    return nets.model_config(DEFAULTS, given, "classifier", {"hidden": (1, 256)})
 
 
 class Classifier(nets.Net):

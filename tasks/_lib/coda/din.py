@@ -15,13 +15,7 @@ DEFAULTS = {"dim": 8, "hist_len": 50, "profile_dim": 0, "att_hidden": 16, "mlp":
 
 def config(given):
     """The full config: `given` must name the vocabularies (n_items, n_cats); widths default."""
-    cfg = nets.settle(dict(DEFAULTS, n_items=None, n_cats=None), given, "din")
-    nets.check_int(cfg, "n_items", 2, 100000)
-    nets.check_int(cfg, "n_cats", 2, 10000)
-    nets.check_int(cfg, "dim", 1, 64)
-    nets.check_int(cfg, "hist_len", 1, 512)
-    nets.check_int(cfg, "profile_dim", 0, 256)
-    nets.check_int(cfg, "att_hidden", 1, 256)
+    cfg = nets.model_config(DEFAULTS, given, "din", {"profile_dim": (0, 256), "att_hidden": (1, 256)})
     mlp = cfg["mlp"]
     if not isinstance(mlp, (list, tuple)) or not 1 <= len(mlp) <= 4 or not all(
             isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 512 for h in mlp):

@@ -55,14 +55,21 @@ def check_int(cfg, key, lo, hi):
     return v
 
 
-def settle(defaults, given, name):
-    """`defaults` overridden by `given`; unknown keys are refused by name."""
+SIZE_RANGES = {"n_items": (2, 100000), "n_cats": (2, 10000), "dim": (1, 64), "hist_len": (1, 512)}
+
+
+def model_config(defaults, given, name, ranges):
+    """`defaults` overridden by `given` (unknown keys refused by name), each integer size checked.
+    The vocabularies (n_items, n_cats) have no default: they come from the cloud's catalogue."""
+    defaults = dict(defaults, n_items=None, n_cats=None)
     given = given or {}
     unknown = sorted(k for k in given if k not in defaults)
     if unknown:
         raise ValueError(f"unknown {name} config keys {unknown}; allowed {sorted(defaults)}")
     cfg = dict(defaults)
     cfg.update(given)
+    for key, (lo, hi) in dict(SIZE_RANGES, **ranges).items():
+        check_int(cfg, key, lo, hi)
     return cfg
 
 
