@@ -336,4 +336,3 @@ def test_a_device_without_mnn_still_runs_tasks_and_refuses_mnn_clearly():
                        limits=Limits(memory_mb=128, cpu_seconds=5, wall_seconds=10), api_handler=None,
                        allowed_apis=set())
         assert needs.status == "error" and "MNN is not installed on this device" in needs.error
-
