@@ -49,8 +49,7 @@ def mnn_available() -> bool:
 class DeviceHost:
     def __init__(self, data_dir: str | os.PathLike, platform_address: str = "", *, attrs: Mapping[str, Any] | None = None,
                  sandbox: Any = None, credentials: Credentials | None = None, channel: grpc.Channel | None = None,
-                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1,
-                 model_pool: Any = None):
+                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
@@ -61,7 +60,6 @@ class DeviceHost:
         self.channel = channel or self.credentials.channel(self.platform_address)
         self.attrs = dict(attrs or {})
         self.sandbox = sandbox
-        self.model_pool = model_pool  # shared model worker processes (fleets); None: ops run here
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
