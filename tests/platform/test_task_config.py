@@ -123,6 +123,9 @@ def test_cli_release_set_show_and_audit(task_dir, tmp_path):
     run = CliRunner()
     base = ["--data-dir", str(tmp_path / "data")]
     assert run.invoke(cli, base + ["task", "submit", str(task_dir)]).exit_code == 0
+    shown = run.invoke(cli, base + ["task", "show", "tuned"]).output
+    assert "config sigma: float = 0.2 in [0.0, 1.0]  keep outside samples" in shown
+    assert 'config metric: str = "auc" one of "auc", "logloss"  validation metric' in shown
     bad = run.invoke(cli, base + ["release", "create", "tuned", "--set", "sigma=2"])
     assert bad.exit_code == 2 and "sigma must be in [0.0, 1.0] (got 2.0)" in bad.output
     bad = run.invoke(cli, base + ["release", "create", "tuned", "--set", "sigam=0.3"])
@@ -182,7 +185,8 @@ def test_two_releases_deliver_different_config_to_two_user_buckets(task_dir, tmp
         # Ann's bucket moves to arm B: same version, new release, new config; no new download.
         platform.CreateRelease(admin_pb2.CreateReleaseRequest(
             task="tuned", version=tv.version, rule='user_id == "ann"', config={"sigma": "0.9", "K": "9"}))
-        ann.sync_now()
+        assert ann.sync_now().installed == []  # same code: re-pointed to the new release, nothing fetched
+        assert ann.installed()["tuned"].release_id != r_a.id
         assert ann.run_task("tuned", {}).value["all"] == {"K": 9, "metric": "auc", "sigma": 0.9, "warm": False}
         assert hosts[3].sync_now() and hosts[3].run_task("tuned", {}).value["sigma"] == 0.2
     finally:
