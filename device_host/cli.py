@@ -15,6 +15,9 @@ import time
 import click
 import grpc
 
+from walle.protos.clikit import WalleCommand
+from walle.protos.errors import InvalidArgument
+
 from .identity import Credentials, IdentityError, credentials_path, parse_attrs
 
 log = logging.getLogger("walle.device.cli")
@@ -24,11 +27,6 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO  # a device host narrates by default
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("walle").setLevel(level)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def _sandbox(profile: str, allow_unconfined: bool, workers: int = 1):
@@ -47,7 +45,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
               help="Platform server address (default: the one in the credential file).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False),
@@ -79,7 +77,7 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             cred.save(credentials_path(data))
         elif token:
             if not device_id:
-                _fail("--token needs --device-id (or use --token-file)")
+                raise InvalidArgument("--token needs --device-id (or use --token-file)")
             cred = Credentials(device_id, token, platform_addr or "")
             log.warning("--token: no platform CA or bundle key pinned; plaintext gRPC and unsigned bundles "
                         "(use --token-file from `walle device enroll --out` for TLS and signature checks)")
@@ -88,16 +86,16 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             cred = Credentials.load(credentials_path(data))
         address = platform_addr or cred.platform
         if not address:
-            _fail("no platform address: pass --platform HOST:PORT")
+            raise InvalidArgument("no platform address: pass --platform HOST:PORT")
         parsed_events = []
         for spec in events:
             name, _, raw = spec.partition("=")
             try:
                 parsed_events.append((name, json.loads(raw) if raw else {}))
             except ValueError as e:
-                _fail(f"--event {spec!r}: payload is not JSON: {e}")
+                raise InvalidArgument(f"--event {spec!r}: payload is not JSON: {e}") from None
     except IdentityError as e:
-        _fail(str(e))
+        raise InvalidArgument(str(e)) from None
     sandbox = _sandbox(profile, allow_unconfined_tasks)
     host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
@@ -141,7 +139,7 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
     sys.exit(code)
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--devices", "n", required=True, type=click.IntRange(1, 100_000), help="How many devices to emulate.")
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", required=True, metavar="HOST:PORT",
               help="Platform server address.")
@@ -186,16 +184,15 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     try:
         payload = json.loads(raw) if raw else {}
     except ValueError as e:
-        _fail(f"--event: payload is not JSON: {e}")
+        raise InvalidArgument(f"--event: payload is not JSON: {e}") from None
     sandbox = _sandbox("native", allow_unconfined_tasks, workers=2) if event_name else None
     try:
         t0 = time.perf_counter()
         fleet = Fleet(n, platform_addr, base, profile_file=profile_file, seed=seed, sandbox=sandbox,
                       enroll=None if credentials_file else enroll, credentials_file=credentials_file,
                       workers=workers, channel=channel, progress=True)
-    except (IdentityError, grpc.RpcError) as e:
-        detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
-        _fail(f"cannot set up the fleet: {detail}")
+    except IdentityError as e:
+        raise InvalidArgument(f"cannot set up the fleet: {e}") from None
     console.print(f"{n} devices ready in {time.perf_counter() - t0:.1f}s (folders under {base})")
 
     def on_round(st):

@@ -8,17 +8,21 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from walle.protos.clikit import WalleGroup, json_option, print_json
+
+from ..cli.context import Ctx, data_dir_option, pass_ctx
+
 console = Console(stderr=True)
 
 
-@click.group("cloud")
+@click.group("cloud", cls=WalleGroup)
 def cloud():
     """The CoDA cloud side: ingestion, samples, matching, mappings."""
 
 
 @cloud.command("pipeline")
 @click.option("--day", type=int, required=True, help="The work-cycle day to process.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@data_dir_option
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
               help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
                    "with the data spread over N_DAYS simulated days (the last 10%% of each user is held out).")
@@ -26,17 +30,15 @@ def cloud():
 @click.option("--k", type=int, default=100, show_default=True, help="Neighbours per user (Algorithm 1).")
 @click.option("--kv", default="", help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.pass_context
-def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
+@json_option
+@pass_ctx
+def pipeline(root: Ctx, day, replay_days, users, k, kv, scheduler):
     """Run ingestion -> samples -> matching -> mappings for one day and print a summary."""
     from walle.platform.service import Platform
 
     from . import movielens
     from .cloud import CodaCloud
-    root = ctx.find_root().obj
-    data_dir = data_dir or root.data_dir
-    as_json = as_json or root.as_json
+    data_dir = root.data_dir
     ml = movielens.load()
     platform = Platform(data_dir)
     coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
@@ -64,8 +66,8 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
                "stored_samples": result.stored_samples, "expired": result.expired,
                "mean_top10_cosine": round(result.vector_top10_cosine, 4),
                "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "total_seconds": round(elapsed, 3)}
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    if root.as_json:
+        print_json(summary)
         return
     t = Table("step", "result", "seconds", title=f"CoDA cloud pipeline, day {day}")
     t.add_row("ingestion", f"{ingested} new records ({result.raw_rows} rows of history)", f"{result.seconds['load']:.2f}")
@@ -80,21 +82,21 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
 @cloud.command("global-model")
 @click.option("--day", type=int, required=True, help="Train on the samples of the days up to this one.")
 @click.option("--days-back", type=int, default=7, show_default=True, help="How many days of samples to use.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@data_dir_option
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="coda/global_model", show_default=True, help="Resource name devices download.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.pass_context
-def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
+@json_option
+@pass_ctx
+def global_model(root: Ctx, day, days_back, epochs, seed, name):
     """Train the global DIN model on recent samples and publish it as a versioned resource."""
     from walle.protos import admin_pb2
+    from walle.platform.errors import FailedPrecondition
     from walle.platform.service import Platform
 
     from . import movielens, samples as samplegen
     from .global_model import train_global
-    root = ctx.find_root().obj
-    data_dir = data_dir or root.data_dir
+    data_dir = root.data_dir
     ml = movielens.load()
     platform = Platform(data_dir)
     from .cloud import CodaCloud
@@ -106,7 +108,7 @@ def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
             gen = samplegen.generate(raw[raw["day"] <= d], ml.items, ml.users, key=coda.key, day=d)
             pool.extend(s for ss in gen.samples.values() for s in ss)
     if not pool:
-        raise click.ClickException(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
+        raise FailedPrecondition(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
     with console.status(f"training on {len(pool)} samples"):
         npz, graph, metrics = train_global(pool, epochs=epochs, seed=seed)
     params = platform.PublishResource(admin_pb2.PublishResourceRequest(
@@ -115,8 +117,8 @@ def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
                                                                           actor=root.actor))
     out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,
            "graph": f"{graph_ref.name}@{graph_ref.version}", "metrics": metrics}
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
+    if root.as_json:
+        print_json(out)
     else:
         Console().print(f"published {params.name}@{params.version} ({params.size / 1024:.0f} KB, "
                         f"{metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}) and {out['graph']}",
