@@ -207,3 +207,16 @@ def test_sandbox_run_reads_config_defaults_and_refuses_unknown_keys(task_dir, tm
     typo = dict(src, **{"main.py": "from walle import config\ndef main(event):\n    return config.get('sigmaa')\n"})
     res = sandbox.run(typo, "main.py", {}, api_handler=api, allowed_apis=api.allowed_apis())
     assert res.status == "error" and "config key 'sigmaa' is not declared in task.toml" in res.error
+
+
+def test_rollback_releases_the_target_with_the_config_it_last_ran_with(task_dir, tmp_path):
+    platform = Platform(tmp_path / "p")
+    _m, files = validate_task_dir(task_dir)
+    v1 = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="t"))
+    platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="tuned", version=v1.version, config={"sigma": "0.4"}))
+    files["main.py"] += b"\n# v2\n"
+    v2 = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="t"))
+    r2 = platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="tuned", version=v2.version))
+    assert json.loads(r2.config_json)["sigma"] == 0.2
+    back = platform.Rollback(admin_pb2.RollbackRequest(task="tuned"))
+    assert back.version == v1.version and json.loads(back.config_json)["sigma"] == 0.4
