@@ -220,3 +220,20 @@ def test_rollback_releases_the_target_with_the_config_it_last_ran_with(task_dir,
     assert json.loads(r2.config_json)["sigma"] == 0.2
     back = platform.Rollback(admin_pb2.RollbackRequest(task="tuned"))
     assert back.version == v1.version and json.loads(back.config_json)["sigma"] == 0.4
+
+
+def test_an_ab_test_with_the_cli_alone(task_dir, tmp_path):
+    run = CliRunner()
+    base = ["--data-dir", str(tmp_path / "data")]
+    assert run.invoke(cli, base + ["task", "submit", str(task_dir)]).exit_code == 0
+    a = run.invoke(cli, base + ["release", "create", "tuned"])
+    b = run.invoke(cli, base + ["release", "create", "tuned", "--rollout", "50", "--set", "sigma=0.5"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    arms = {}
+    for i in range(40):
+        out = run.invoke(cli, base + ["--json", "device", "preview", "--attrs", f"user_id=u{i},host_version=0.1.0"])
+        task = json.loads(out.output)["tasks"][0]
+        arms.setdefault(json.loads(task["config_json"])["sigma"], set()).add(task["release_id"])
+    assert set(arms) == {0.2, 0.5} and all(len(ids) == 1 for ids in arms.values())  # one release per arm
+    human = run.invoke(cli, base + ["device", "preview", "--attrs", "user_id=u1,host_version=0.1.0"]).output
+    assert '  config {"K":5,"metric":"auc","sigma":' in human
