@@ -14,7 +14,9 @@ from walle.protos.clikit import WalleGroup, json_option
 from .context import Ctx, console, data_dir_option, emit, parse_attrs, pass_ctx, ts
 
 
-@click.group("device", cls=WalleGroup, lazy={"run": "walle.device_host.cli:device_run"})
+@click.group("device", cls=WalleGroup, lazy={"run": "walle.device_host.cli:device_run",
+                                             "emit": "walle.device_host.cli:device_emit",
+                                             "ask": "walle.device_host.cli:device_ask"})
 def device_group():
     """Enroll devices, preview what they receive, run a device host."""
 
@@ -75,6 +77,8 @@ def device_preview(obj: Ctx, attrs):
         for t in reply.tasks:
             console.print(f"[bold]{t.name}@{t.version[:12]}[/bold] from {t.release_id} ({t.bundle_digest[:19]}…)",
                           highlight=False)
+            if t.config_json:  # the release's task config this device would run with
+                click.echo(f"  config {t.config_json}")
         for line in reply.explanation:
             console.print(f"  {line}", highlight=False)
     emit(obj, obj.api().Preview(parse_attrs(attrs)), human)
