@@ -183,12 +183,13 @@ class Experiment:
         dev.up.flush(timeout=30)
 
     def _device_day(self, dev, log: DeviceLog, day: int, own: list, seed: int) -> None:
+        from walle.device_host.coda_rows import sample_to_row
         from walle.device_host.sample_client import SampleClient
         st = dev.storage
         st.put("coda", "today", day)
         st.put("coda", "experiment.local_arm", True)
         if own:
-            st.insert("coda", "local", [sample_row(s) for s in own])
+            st.insert("coda", "local", [sample_to_row(s) for s in own])
         if day == 1:
             return  # the first day's data trains the global model; devices start the next day
         rss0 = _reset_peak_rss()
@@ -202,7 +203,7 @@ class Experiment:
         room = (MAX_OUTSIDE - have) // 25
         pulled = client.pull(day, max_batches=min(room, 12)) if room > 0 else []
         for b in pulled:
-            st.insert("coda", "outside", [sample_row(s, batch_id=b.batch_id, state="new", score=None)
+            st.insert("coda", "outside", [sample_to_row(s, batch_id=b.batch_id, state="new", score=None)
                                           for s in b.samples])
             log.bytes_down += b.wire_bytes
             log.batches += 1
@@ -384,17 +385,6 @@ class Experiment:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         plot(results, out_dir / "results.png")
         return results
-
-
-def sample_row(sample: coda_pb2.Sample, **extra) -> dict:
-    """The app's row for one of its samples in the device tables `local` / `outside` (the layout
-    tasks/_lib/coda/rows.py reads): scalars as they are, list fields as compact JSON text."""
-    row = {"sample_id": sample.sample_id, "day": int(sample.day), "ts": int(sample.ts), "label": float(sample.label),
-           "item_id": int(sample.item_id)}
-    for col in ("item_cats", "hist_items", "hist_cats", "profile"):
-        row[col] = json.dumps(list(getattr(sample, col)), separators=(",", ":"))
-    row.update(extra)
-    return row
 
 
 def _status_mb(field: str) -> float:
