@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
@@ -20,11 +21,33 @@ from rich.table import Table
 from walle.protos import admin_pb2, bundle, device_pb2
 
 from . import config as config_mod
-from .errors import InvalidArgument, WalleError
+from .errors import FailedPrecondition, InvalidArgument, WalleError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA_DIR = "walle-data"
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+
+
+def platform_address(text: str) -> str:
+    """A --platform value checked as HOST:PORT (port 1..65535): a typo must not dial somewhere else."""
+    m = _ADDRESS.match(text.strip())
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise InvalidArgument(f"--platform {text!r} is not HOST:PORT with a port in 1..65535 (e.g. localhost:50051)")
+    return text.strip()
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """Paths are resolved once, against the directory the command was started in."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def existing_data_dir(path: str | os.PathLike) -> str:
+    path = absolute(path)
+    if not os.path.isdir(path):
+        raise InvalidArgument(f"no platform data folder at {path}: create one with "
+                              f"`walle --data-dir {path} platform init`")
+    return path
 
 
 # -- plumbing ---------------------------------------------------------------------------------------
@@ -32,13 +55,26 @@ class Ctx:
     def __init__(self, platform: str | None, data_dir: str | None, as_json: bool, actor: str | None,
                  ca: str | None = None, insecure: bool = False):
         self.cfg = config_mod.load()
-        self.platform_addr = platform or self.cfg.get("platform")
-        self.data_dir = data_dir or self.cfg.get("data_dir") or DEFAULT_DATA_DIR
+        addr = platform or self.cfg.get("platform")
+        self.platform_addr = platform_address(addr) if addr else None
+        configured = data_dir or self.cfg.get("data_dir")
+        self.data_dir_given = absolute(configured) if configured else None
         self.as_json = as_json
         self.actor = actor or self.cfg.get("actor", "operator")
         self.ca = ca or self.cfg.get("ca")
         self.insecure = insecure or str(self.cfg.get("insecure", "")).lower() in ("1", "true", "yes")
         self._api = None
+
+    @property
+    def data_dir(self) -> str:
+        """The platform data folder (absolute). Never made up on the fly: it comes from --data-dir,
+        WALLE_DATA_DIR or data_dir in the config file, else ./walle-data, and it must exist (only
+        `walle platform init` creates one), so a typo never shows an empty platform."""
+        if not self.data_dir_given and not os.path.isdir(DEFAULT_DATA_DIR):
+            raise InvalidArgument(f"no platform data folder: pass --data-dir DIR (or set WALLE_DATA_DIR, or data_dir "
+                                  f"in {config_mod.config_path()}), or talk to a server with --platform HOST:PORT; "
+                                  f"`walle platform init` creates one (default ./{DEFAULT_DATA_DIR})")
+        return existing_data_dir(self.data_dir_given or DEFAULT_DATA_DIR)
 
     def channel(self):
         """A channel to --platform: TLS checked against the platform CA unless --insecure."""
@@ -46,7 +82,7 @@ class Ctx:
         if self.insecure:
             err_console.print("[bold red]WARNING: --insecure: plaintext gRPC, no server authentication[/bold red]")
             return grpc.insecure_channel(self.platform_addr)
-        ca = self.ca or (pathlib.Path(self.data_dir) / "pki" / "ca.pem")
+        ca = self.ca or (pathlib.Path(self.data_dir_given or DEFAULT_DATA_DIR) / "pki" / "ca.pem")
         try:
             root = pathlib.Path(ca).read_bytes()
         except OSError:
@@ -190,7 +226,7 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
     """Create the platform's CA, server certificate, bundle-signing key and a first operator token."""
     from . import pki
     from .service import Platform
-    data_dir = init_dir or obj.data_dir
+    data_dir = absolute(init_dir or obj.data_dir_given or DEFAULT_DATA_DIR)
     keys = pki.init(data_dir, list(hosts) or None, force=force)
     token = Platform(data_dir, keys=keys).operators.create(operator, actor=obj.actor)
     out = {"data_dir": str(data_dir), "ca": str(pathlib.Path(data_dir) / "pki" / "ca.pem"), "operator": operator,
@@ -206,14 +242,15 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
 @platform_group.command("serve")
 @click.option("--data-dir", "serve_dir", type=click.Path(file_okay=False), help="Data folder (default: global --data-dir).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0 = any free port). A port in use exits with code 5.")
 @click.option("--workers", default=8, show_default=True, type=int,
               help="Threads for the synchronous handlers (polls and watch streams are async; more threads only contend for the GIL).")
 @click.option("--insecure", "serve_insecure", is_flag=True,
               help="Serve plaintext gRPC and unsigned bundles (debugging only; devices cannot trust it).")
 @click.option("--coda/--no-coda", default=True, show_default=True,
               help="Also serve the CoDA behaviour upload and sample-query service (MovieLens catalogue).")
-@click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
+@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None, help="Also serve the read-only web dashboard on this port.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
@@ -221,11 +258,13 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
 def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, coda, dashboard_port, processes,
                    reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
+    import subprocess
+
     from . import pki
     from .server import build_server, operator_authorizer, tls_credentials
     from .service import Platform
     logging.getLogger("walle").setLevel(min(logging.getLogger().level, logging.INFO))
-    data_dir = serve_dir or obj.data_dir
+    data_dir = existing_data_dir(serve_dir) if serve_dir else obj.data_dir
     insecure = serve_insecure or obj.insecure
     keys = None
     if insecure and not reuseport:
@@ -246,41 +285,52 @@ def platform_serve(obj: Ctx, serve_dir, host, port, workers, serve_insecure, cod
         extra = CodaCloud(platform, items=ml.items, users=ml.users).add_services
     if processes > 1 and port == 0:
         raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
-    _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
-                                        authorize_admin=operator_authorizer(platform),
-                                        credentials=None if insecure else tls_credentials(platform),
-                                        reuseport=processes > 1 or reuseport)
-    children = []
-    if processes > 1:
-        import subprocess
-        args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
-                "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
-                "--coda" if coda else "--no-coda"] + (["--insecure"] if insecure else [])
-        children = [subprocess.Popen(args) for _ in range(processes - 1)]
-    if not reuseport:
-        err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
-                          f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
+    try:
+        _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
+                                            authorize_admin=operator_authorizer(platform),
+                                            credentials=None if insecure else tls_credentials(platform),
+                                            reuseport=processes > 1 or reuseport)
+    except OSError as e:
+        raise FailedPrecondition(f"{e}; is another server running? choose another --port") from None
+    children: list = []
     stop_dashboard = None
-    if dashboard_port is not None:
-        from .dashboard import start_dashboard
-        pki_dir = pathlib.Path(data_dir) / "pki"
-        tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
-        dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
-        err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
-                          + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    if not reuseport:
-        err_console.print("shutting down")
-    for child in children:
-        child.terminate()
-    if stop_dashboard:
-        stop_dashboard()
-    stop(2.0)
-    for child in children:
-        child.wait(10)
+    try:
+        if processes > 1:
+            args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
+                    "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
+                    "--coda" if coda else "--no-coda"] + (["--insecure"] if insecure else [])
+            children = [subprocess.Popen(args) for _ in range(processes - 1)]
+        if not reuseport:
+            err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
+                              f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
+        if dashboard_port is not None:
+            from .dashboard import start_dashboard
+            pki_dir = pathlib.Path(data_dir) / "pki"
+            tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
+            try:
+                dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
+            except OSError as e:
+                raise FailedPrecondition(f"{e}; choose another --dashboard-port") from None
+            err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
+                              + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        if not reuseport:
+            err_console.print("shutting down")
+    finally:  # bounded: stop() cancels what is still running after its grace period
+        for child in children:
+            child.terminate()
+        if stop_dashboard:
+            stop_dashboard()
+        stop(2.0)
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 @main.group("operator")

@@ -64,7 +64,7 @@ class CodaCloud:
         authenticate devices. `items`/`users`: the app's catalogue (item categories) and user
         profiles, keyed by the user ids devices report."""
         self.platform = platform
-        self.dir = pathlib.Path(platform.data_dir) / "coda"
+        self.dir = pathlib.Path(platform.data_dir).absolute() / "coda"  # absolute: it goes into a sqlite:/// URL
         self.dir.mkdir(parents=True, exist_ok=True)
         self.items, self.users = items, users
         self.key = self._load_key()
