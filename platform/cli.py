@@ -5,6 +5,7 @@ Operator commands work on a local data folder (`--data-dir`) or talk to a runnin
 4 already exists, 5 refused in the current state, 6 not authenticated/allowed, 7 quota, 8 unreachable."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -233,9 +234,10 @@ def platform_init(obj: Ctx, init_dir, hosts, operator, force):
            "operator_token": token, "bundle_public_key": keys.bundle_public_key.hex()}
 
     def human(d):
-        console.print(f"keys written to {d['data_dir']}/pki (private keys mode 0600)", highlight=False)
-        console.print(f"operator {d['operator']} token (shown once): {d['operator_token']}", highlight=False)
-        console.print(f"  export WALLE_OPERATOR_TOKEN={d['operator_token']} WALLE_CA={d['ca']}", highlight=False)
+        line = functools.partial(console.print, highlight=False, soft_wrap=True)  # unwrapped: copy-pasteable
+        line(f"keys written to {d['data_dir']}/pki (private keys mode 0600)")
+        line(f"operator {d['operator']} token (shown once): {d['operator_token']}")
+        line(f"  export WALLE_OPERATOR_TOKEN={d['operator_token']} WALLE_CA={d['ca']}")
     emit(obj, out, human)
 
 
