@@ -321,6 +321,7 @@ class LoopServer:
         except BaseException:
             self._close(0.0)
             raise
+        self.address = f"{host}:{self.port}"
         _running.add(self)
 
     def _run_loop(self) -> None:
@@ -361,8 +362,10 @@ class LoopServer:
     def _close(self, timeout: float) -> None:
         """Stop the loop, then the pool: queued work is dropped, running work gets `timeout` to end."""
         self.stopped = True
-        if self.loop.is_running() or not self.loop.is_closed():
+        try:
             self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop has already closed
+            pass
         self._thread.join(timeout=timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
