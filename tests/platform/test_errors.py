@@ -4,8 +4,10 @@ failures are a status and no traceback, and each admin call writes one access-lo
 from __future__ import annotations
 
 import logging
+import pathlib
 import re
 import sqlite3
+import sys
 
 import grpc
 import pytest
@@ -15,12 +17,15 @@ from walle.platform.server import operator_authorizer
 from walle.platform.service import Platform
 from walle.protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_server_streams import setup_platform  # noqa: E402
+
 
 class Env:
     def __init__(self, tmp_path, serve, authorize: bool = False):
         self.platform = p = Platform(tmp_path / "data")
-        self.md = bearer_metadata(p.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-1")).token)
         self.res = p.PublishResource(admin_pb2.PublishResourceRequest(name="models/m", data=b"weights" * 1000))
+        _tv, self.md = setup_platform(p, tmp_path)  # a device released a task that may download resources
         self.op = bearer_metadata(p.operators.create("alice", actor="tester"))
         _s, port, self.stop = serve(p, port=0, authorize_admin=operator_authorizer(p) if authorize else None)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -74,7 +79,8 @@ def test_unexpected_errors_are_internal_and_logged_once_with_a_traceback(env, ca
     # Known errors keep their status and message, on streams too, without a traceback.
     code, details = status(lambda: list(env.dev.FetchBundle(device_pb2.FetchBundleRequest(digest="sha256:" + "0" * 64),
                                                             metadata=env.md, timeout=10)))
-    assert code == grpc.StatusCode.NOT_FOUND and "sha256:" + "0" * 64 in details
+    assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED,
+                               f"bundle sha256:{'0' * 64} is not released to device 'phone-1'")
     code, details = status(lambda: env.tun.GetResource(tunnel_pb2.ResourceRequest(name="nope"), metadata=env.md,
                                                        timeout=10))
     assert (code, details) == (grpc.StatusCode.NOT_FOUND, "unknown resource 'nope'")
@@ -111,7 +117,8 @@ def test_auth_failures_are_a_status_and_no_traceback(authed, caplog):
 
 def test_each_admin_call_writes_one_access_log_line(authed, caplog):
     caplog.set_level(logging.INFO, logger="walle.platform.access")
-    assert authed.admin.ListTasks(admin_pb2.Empty(), metadata=authed.op, timeout=10).tasks == []
+    tasks = authed.admin.ListTasks(admin_pb2.Empty(), metadata=authed.op, timeout=10).tasks
+    assert [t.name for t in tasks] == ["hello"]
     code, _ = status(lambda: authed.admin.GetRelease(admin_pb2.ReleaseRef(id="r999"), metadata=authed.op, timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND
     reply = authed.admin.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-2", actor="mallory"),

@@ -64,7 +64,8 @@ def busy_rpc_threads() -> list[str]:
     for t in threading.enumerate():
         frame = sys._current_frames().get(t.ident)
         while t.name.startswith("walle-rpc") and frame is not None:
-            if frame.f_code.co_name == "run" and frame.f_code.co_filename.endswith(os.path.join("futures", "thread.py")):
+            code = frame.f_code
+            if code.co_name == "run" and code.co_filename.endswith(os.path.join("futures", "thread.py")):
                 out.append(t.name)
                 break
             frame = frame.f_back
