@@ -21,7 +21,7 @@ from .context import DEFAULT_DATA_DIR, Ctx
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
               help="Talk to a running platform server (default: work on --data-dir directly).")
 @click.option("--data-dir", envvar="WALLE_DATA_DIR", type=click.Path(file_okay=False),
-              help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR}).")
+              help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR} if it exists; `platform init` makes it).")
 @click.option("--state", "state", envvar="WALLE_STATE", metavar="URL",
               help="Platform state database: sqlite:///path/state.sqlite3 (default: in --data-dir) or "
                    "postgresql://user@host/db (shared by serving replicas).")

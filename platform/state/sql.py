@@ -15,7 +15,7 @@ from .base import PlatformState, Transaction
 SCHEMA_VERSION = 1
 LIVE_FOR_DEVICES = ("active", "fallback", "paused")
 RELEASE_FIELDS = ("id", "seq", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at",
-                  "created_by", "note", "bundle_digest", "allow", "deny", "salt")
+                  "created_by", "note", "bundle_digest", "allow", "deny", "salt", "config")
 REPORT_TABLES = {"run_report": ("run_reports", 11), "delivery": ("deliveries", 8)}
 
 # {int} 64-bit integer, {real} double, {serial} auto-increment key, {blob} bytes
@@ -25,7 +25,8 @@ SCHEMA = [
         id TEXT PRIMARY KEY, seq {int} NOT NULL UNIQUE, task TEXT NOT NULL, version TEXT NOT NULL,
         rule TEXT NOT NULL, rollout {real} NOT NULL, stage TEXT NOT NULL, channel TEXT NOT NULL,
         state TEXT NOT NULL, created_at {int} NOT NULL, created_by TEXT NOT NULL, note TEXT NOT NULL,
-        bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL)""",
+        bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL,
+        config TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS releases_task ON releases(task, channel, seq)",
     # Append-only: every change to a release (its creation, rollout, pause, ...).
     """CREATE TABLE IF NOT EXISTS release_log (

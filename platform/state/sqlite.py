@@ -39,8 +39,9 @@ class SQLiteState(SqlState):
                 c.run("COMMIT")
 
     def _migrate(self, c: Conn) -> None:
-        # Columns newer than some data folders: users bound at enrollment; intents per repository.
-        for table, column in (("devices", "user_id"), ("submit_intents", "repo")):
+        # Columns newer than some data folders: users bound at enrollment, task config of a release,
+        # intents per repository.
+        for table, column in (("devices", "user_id"), ("releases", "config"), ("submit_intents", "repo")):
             cols = {r[1] for r in c.run(f"PRAGMA table_info({table})").fetchall()}
             if column not in cols:
                 c.run(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")

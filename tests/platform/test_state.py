@@ -28,7 +28,7 @@ def st(state_url):
 def _release_row(rid, seq, task="t", version="v1", state="active", channel="stable", rollout=100.0):
     return dict(id=rid, seq=seq, task=task, version=version, rule="", rollout=rollout, stage="full",
                 channel=channel, state=state, created_at=1, created_by="op", note="", bundle_digest="d" * 64,
-                allow=["u1"], deny=[], salt="s")
+                allow=["u1"], deny=[], salt="s", config='{"k": 1}')
 
 
 # -- the factory ------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_releases_chain_and_log_round_trip(st):
         with pytest.raises(ValueError):
             tx.update_release("r2", id="r9")
     r2 = st.release("r2")
-    assert (r2["rollout"], r2["stage"], r2["allow"], r2["deny"]) == (12.5, "gray", ["u1"], [])
+    assert (r2["rollout"], r2["stage"], r2["allow"], r2["deny"], r2["config"]) == (12.5, "gray", ["u1"], [], '{"k": 1}')
     assert [r["id"] for r in st.releases()] == ["r3", "r2", "r1"]
     assert [r["id"] for r in st.releases(task="t", channel="stable")] == ["r2", "r1"]
     with st.transaction() as tx:
