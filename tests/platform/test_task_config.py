@@ -159,7 +159,7 @@ def test_two_releases_deliver_different_config_to_two_user_buckets(task_dir, tmp
         assert r_b.version == r_a.version and r_b.bundle_digest == r_a.bundle_digest  # one shared bundle
         got = {}
         for user in ("ann", "bob", "carol", "dave"):
-            r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{user}"))
+            r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{user}", user_id=user))
             cred = Credentials(f"phone-{user}", r.token, f"localhost:{port}", r.platform_ca_pem,
                                r.bundle_public_key.hex())
             host = DeviceHost(tmp_path / user, attrs={"user_id": user}, sandbox=sandbox, credentials=cred)
