@@ -7,7 +7,7 @@ Data folder layout:
   tunnel.sqlite3     the up-tunnel queue (tunnel.UpTunnel)
   resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
   storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
-  models/            on-device models (walle.device_host.models.store.ModelStore)
+  models/<scope>/    on-device models, one scope per storage namespace (walle.device_host.models.store)
   app_events.sqlite3 the app's event log (walle.device_host.app.AppEventLog)
   app/app.sock       the app interface socket while `walle device run` serves it (app.AppServer)
 
@@ -58,8 +58,7 @@ def mnn_available() -> bool:
 class DeviceHost:
     def __init__(self, data_dir: str | os.PathLike, platform_address: str = "", *, attrs: Mapping[str, Any] | None = None,
                  sandbox: Any = None, credentials: Credentials | None = None, channel: grpc.Channel | None = None,
-                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1,
-                 model_pool: Any = None):
+                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
@@ -70,7 +69,6 @@ class DeviceHost:
         self.channel = channel or self.credentials.channel(self.platform_address)
         self.attrs = dict(attrs or {})
         self.sandbox = sandbox
-        self.model_pool = model_pool  # shared model worker processes (fleets); None: ops run here
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
@@ -111,8 +109,8 @@ class DeviceHost:
     def models(self):
         with self._storage_lock:
             if self._models is None:
-                from .models.store import ModelStore
-                self._models = ModelStore(self.data_dir / "models")
+                from .models.store import ModelStores
+                self._models = ModelStores(self.data_dir / "models")
             return self._models
 
     @property
@@ -171,8 +169,9 @@ class DeviceHost:
             extra["tunnel.pull"] = pull_op(self.storage, self.namespace(task.manifest), self.channel,
                                            self.credentials.metadata, self.emit)
         if "model" in apis:
-            from .models.api import make_model_ops
-            extra.update(make_model_ops(self.models, self.model_pool))
+            from .models.ops import make_model_ops
+            fetch = (lambda name: self.down.fetch_resource(name)[1]) if "tunnel" in apis else None
+            extra.update(make_model_ops(self.models.scope(self.namespace(task.manifest)), fetch))
         if "events" in apis:
             from .app import event_ops
             extra.update(event_ops(self.app_log))

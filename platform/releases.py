@@ -174,7 +174,10 @@ class ReleaseManager:
         if resolved:
             created["config"] = resolved
         self.state.log_release_change(db, rid, actor, {"created": created})
-        detail = dict(created)
+        detail = {"task": task, "version": tv.version, "rule": rule, "rollout": rollout, "stage": stage,
+                  "channel": channel}
+        if resolved:
+            detail["config"] = resolved
         if note:
             detail["note"] = note
         self.state.audit(db, actor, action, rid, detail)
@@ -266,16 +269,17 @@ class ReleaseManager:
                 target = older[0]["version"]
             if target == current["version"]:
                 raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
+            # The target version goes out with the config it last ran with (its defaults if never released).
+            before = next((r for r in chain if r["version"] == target and r.get("config")), None)
+            config = json.loads(before["config"]) if before else None
             for r in chain:
                 if r["version"] == current["version"]:
                     self._revoke_in(db, r, actor, "release.revoke", f"rolled back to {target[:12]}")
-            # The target version goes out with the config it last ran with (its defaults if never released).
-            before = next((r for r in chain if r["version"] == target and r.get("config")), None)
             # Same audience at 100%: every device that could get the bad version now gets the target.
             rid = self._create_in(db, task, target, rule=current["rule"], rollout=100.0, stage="full",
                                   channel=channel, allow=current["allow"], deny=current["deny"], actor=actor,
-                                  config=json.loads(before["config"]) if before else None,
-                                  note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
+                                  note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}",
+                                  config=config)
         return self.get(rid)
 
     def get(self, release_id: str) -> dict:

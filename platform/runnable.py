@@ -45,7 +45,10 @@ def check_runnable(files: dict[str, bytes], entry: str) -> None:
                 sources[path] = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidArgument(f"{path} is not UTF-8 text") from None
-    bundle = {_module_name(p) for p in sources}
+    # Task libraries travel at _lib/<name>/ and are imported by their own name (docs/libraries-and-config.md).
+    modules = [p[len("_lib/"):] if p.startswith("_lib/") else p for p in sources]
+    bundle = {p[:-3].replace("/", ".") for p in modules}
+    bundle |= {p[:-len("/__init__.py")].replace("/", ".") for p in modules if p.endswith("/__init__.py")}
     trees = {}
     for path, src in sources.items():
         try:
@@ -59,28 +62,15 @@ def check_runnable(files: dict[str, bytes], entry: str) -> None:
                 for alias in node.names:
                     _check_import(policy, walle_names, bundle, path, node.lineno, alias.name, ())
             elif isinstance(node, ast.ImportFrom):
-                module = node.module or ""
-                if node.level:  # resolved like the sandbox does: against the importing file's package
-                    name = _module_name(path)
-                    parts = (name if path.endswith("__init__.py") else name.rpartition(".")[0]).split(".")
-                    parts = [p for p in parts if p]
-                    if node.level > len(parts):
-                        raise InvalidArgument(f"{path}:{node.lineno}: relative imports work only inside a package "
-                                              "(a library, a task sub-folder); use `import helpers`")
-                    base = ".".join(parts[:len(parts) - node.level + 1])
-                    module = f"{base}.{module}" if module else base
-                _check_import(policy, walle_names, bundle, path, node.lineno, module,
+                if node.level and path.startswith("_lib/"):
+                    continue  # inside a library package, the sandbox resolves relative imports
+                if node.level:
+                    raise InvalidArgument(f"{path}:{node.lineno}: relative imports are not supported in tasks; "
+                                          "use `import helpers`")
+                _check_import(policy, walle_names, bundle, path, node.lineno, node.module or "",
                               tuple(a.name for a in node.names))
     if entry in trees and not _defines_main(trees[entry]):
         raise InvalidArgument(f"entry script {entry} does not define main(event): the device calls main(event)")
-
-
-def _module_name(path: str) -> str:
-    """The name the sandbox imports a bundle file by: libraries (_lib/<name>/...) by their own name."""
-    name = path[:-3]
-    if name.startswith("_lib/"):
-        name = name[len("_lib/"):]
-    return name.removesuffix("/__init__").replace("/", ".")
 
 
 def _check_import(policy, walle_names, bundle: set, path: str, line: int, dotted: str, names: tuple) -> None:
@@ -88,7 +78,7 @@ def _check_import(policy, walle_names, bundle: set, path: str, line: int, dotted
     if "*" in names:
         raise InvalidArgument(f"{where}: `import *` is not allowed in tasks")
     head, *rest = dotted.split(".")
-    allowed = sorted(policy.MODULES) + ["walle", "the task bundle's own .py files and its libraries"]
+    allowed = sorted(policy.MODULES) + ["walle", "the task bundle's own .py files"]
     if head == "walle":
         if rest:
             raise InvalidArgument(f"{where}: module {dotted!r} is not available in the sandbox; "
