@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import grpc
 
 from walle.protos import bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
@@ -53,6 +54,7 @@ class DeviceHost:
                  model_pool: Any = None):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
         self.platform_address = platform_address or self.credentials.platform
         if channel is None and not self.platform_address:

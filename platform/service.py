@@ -22,6 +22,7 @@ from typing import Callable
 from google.protobuf import json_format
 
 from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
 
 from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound
@@ -51,6 +52,7 @@ class Platform:
         and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure)."""
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.keys = keys
         signer = keys.sign if keys is not None else None
         self.state = PlatformState(self.data_dir / "state.sqlite3")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from walle.protos import admin_pb2
 from walle.protos.clikit import WalleCommand, json_option
 
-from .context import Ctx, console, data_dir_option, emit, pass_ctx, ts
+from .context import Ctx, CutTable, data_dir_option, emit, pass_ctx, ts
 
 
 @click.command("audit", cls=WalleCommand)
@@ -18,10 +17,10 @@ from .context import Ctx, console, data_dir_option, emit, pass_ctx, ts
 def audit(obj: Ctx, limit):
     """The audit trail: who did what, when."""
     def human(reply):
-        t = Table("when", "who", "action", "target", "detail")
+        t = CutTable("when", "who", "action", "target", "detail", long=("target", "detail"))
         for e in reply.entries:
             t.add_row(ts(e.ts), e.actor, e.action, e.target, e.detail)
-        console.print(t)
+        t.show()
     emit(obj, obj.api().GetAudit(admin_pb2.AuditRequest(limit=limit)), human)
 
 

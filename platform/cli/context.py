@@ -6,7 +6,9 @@ import datetime
 import pathlib
 
 import click
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from walle.protos import device_pb2
 from walle.protos.clikit import print_json, want_json
@@ -17,6 +19,7 @@ from ..errors import InvalidArgument
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA_DIR = "walle-data"
+WIDE_KEY = "walle.wide"
 
 
 class Ctx:
@@ -90,6 +93,49 @@ def emit(ctx: Ctx, message, human) -> None:
         human(message)
 
 
+def _wide() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(WIDE_KEY))
+
+
+class CutTable(Table):
+    """A table that fits the terminal (80 columns when not a terminal): short columns keep their
+    natural width and never wrap; the `long` ones share what is left and are cut with an ellipsis
+    (shown whole, folded over lines, with the global --wide)."""
+
+    def __init__(self, *columns: str, long: tuple[str, ...] = (), title: str | None = None):
+        super().__init__(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left")
+        self.wide, self.cut = _wide(), False
+        self._long = [c in long for c in columns]
+        self._natural = [len(c) for c in columns]
+        self._rows: list[list[str]] = []
+        for c, is_long in zip(columns, self._long):
+            self.add_column(c, no_wrap=not (is_long and self.wide),
+                            overflow="fold" if is_long and self.wide else "ellipsis")
+
+    def add_row(self, *cells, **kwargs) -> None:
+        cells = tuple("" if c is None else str(c) for c in cells)
+        self._natural = [max(n, len(c)) for n, c in zip(self._natural, cells)]
+        self._rows.append(list(cells))
+        super().add_row(*cells, **kwargs)
+
+    def show(self) -> None:
+        n_long = sum(self._long)
+        short = sum(n for n, is_long in zip(self._natural, self._long) if not is_long)
+        room = console.width - short - 3 * (len(self.columns) - 1)  # padding and the column divider
+        share = max(10, room // n_long) if n_long else 0
+        for col, natural, is_long in zip(self.columns, self._natural, self._long):
+            if is_long:
+                col.max_width = None if self.wide else min(natural, share)
+                col.min_width = min(natural, share)
+                self.cut = self.cut or natural > share
+            else:
+                col.min_width = natural
+        console.print(self)
+        if self.cut and not self.wide:
+            err_console.print("[dim](long cells cut with …: add --wide, or --json, to see them whole)[/dim]")
+
+
 def parse_attrs(text: str) -> device_pb2.DeviceInfo:
     """`user_id=u1,app_version=2.3.0,tags=a|b` -> DeviceInfo."""
     info = device_pb2.DeviceInfo()
@@ -115,4 +161,4 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 
 def ts(t: int) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from walle.protos import admin_pb2
 from walle.protos.clikit import WalleGroup, json_option
 
-from .context import Ctx, console, data_dir_option, emit, pass_ctx, split_ref
+from .context import Ctx, CutTable, console, data_dir_option, emit, pass_ctx, split_ref
 
 
 @click.group("release", cls=WalleGroup)
@@ -16,12 +15,13 @@ def release_group():
 
 
 def _release_table(releases) -> None:
-    t = Table("id", "task@version", "channel", "stage", "state", "rule", "deliv/ran/fail", "p50")
+    t = CutTable("id", "task@version", "state", "stage", "rule", "deliv/ran/fail", "p50", long=("rule",))
     for r in releases:
         s = r.stats
-        t.add_row(r.id, f"{r.task}@{r.version[:8]}", r.channel, f"{r.stage} {r.rollout:g}%", r.state,
+        channel = "" if r.channel in ("", "stable") else f" [{r.channel}]"
+        t.add_row(r.id, f"{r.task}@{r.version[:8]}{channel}", r.state, f"{r.stage} {r.rollout:g}%",
                   r.rule or "(all)", f"{s.delivered}/{s.ran}/{s.failed}", f"{s.p50_duration_s:.2f}s")
-    console.print(t)
+    t.show()
 
 
 def _print_release(r) -> None:

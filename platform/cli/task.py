@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from walle.protos import admin_pb2, bundle
 from walle.protos.clikit import WalleGroup, json_option
 
-from .context import Ctx, console, data_dir_option, emit, pass_ctx, split_ref, ts
+from .context import Ctx, CutTable, console, data_dir_option, emit, pass_ctx, split_ref, ts
 
 
 @click.group("task", cls=WalleGroup)
@@ -42,10 +41,10 @@ def task_submit(obj: Ctx, task_dir, message):
 def task_list(obj: Ctx):
     """List tasks with their latest version."""
     def human(reply):
-        t = Table("task", "latest", "submitted", "author", "message")
+        t = CutTable("task", "latest", "submitted", "author", "message", long=("message",))
         for v in reply.tasks:
             t.add_row(v.name, v.version[:12], ts(v.created_at), v.author, v.message)
-        console.print(t)
+        t.show()
     emit(obj, obj.api().ListTasks(admin_pb2.Empty()), human)
 
 
@@ -57,10 +56,10 @@ def task_list(obj: Ctx):
 def task_history(obj: Ctx, name):
     """Versions of a task, newest first."""
     def human(reply):
-        t = Table("version", "submitted", "author", "message", "bundle")
+        t = CutTable("version", "submitted", "author", "message", "bundle", long=("message",))
         for v in reply.versions:
-            t.add_row(v.version[:12], ts(v.created_at), v.author, v.message, v.bundle_digest[:19])
-        console.print(t)
+            t.add_row(v.version[:12], ts(v.created_at), v.author, v.message, v.bundle_digest[7:19])
+        t.show()
     emit(obj, obj.api().GetTaskHistory(admin_pb2.TaskRef(name=name)), human)
 
 

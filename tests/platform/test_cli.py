@@ -71,3 +71,49 @@ def test_unreachable_platform_exits_8(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--platform", "127.0.0.1:1", "--insecure", "--json", "task", "list"])
     assert res.exit_code == 8, res.output
     assert json.loads(res.output.splitlines()[-1])["error"]["code"] == "UNAVAILABLE"
+
+
+def test_tables_fit_80_columns_and_wide_shows_cells_whole(walle):
+    walle("task", "submit", str(ROOT / "tasks" / "hello"))
+    rule = 'os == "android" and app_version >= "2.3" and region in ["cn-east", "cn-north", "overseas"]'
+    walle("release", "create", "hello", "--rule", rule, "--rollout", "10")
+    res = walle("release", "list")
+    lines = res.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), res.output
+    header = next(line for line in lines if line.strip().startswith("id"))
+    for name in ("id", "task@version", "state", "stage", "rule", "deliv/ran/fail", "p50"):
+        assert name in header.split(), header
+    assert "…" in res.output and rule not in res.output and "--wide" in res.output
+    wide = walle("--wide", "release", "list").output
+    assert all(len(line) <= 80 for line in wide.splitlines())
+    wlines = wide.splitlines()
+    start, end = wlines[0].index("rule"), wlines[0].index("deliv/ran/fail")
+    column = " ".join(line[start:end].strip() for line in wlines[2:])
+    assert " ".join(column.split()) == rule  # folded over lines, but all there
+
+
+def test_enroll_writes_the_token_to_a_private_file_not_the_terminal(walle, tmp_path):
+    out = tmp_path / "phone.json"
+    res = walle("device", "enroll", "--device-id", "phone-1", "--out", str(out))
+    cred = json.loads(out.read_text())
+    assert cred["device_id"] == "phone-1" and len(cred["token"]) > 20
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert cred["token"] not in res.output and str(out) in res.output
+    again = walle("--json", "device", "enroll", "--device-id", "phone-1", "--out", str(out), code=4)
+    assert json.loads(again.output)["error"]["code"] == "ALREADY_EXISTS"
+    assert json.loads(out.read_text())["token"] == cred["token"]  # the refused call changed nothing
+    forced = json.loads(walle("--json", "device", "enroll", "--device-id", "phone-1", "--out", str(out),
+                              "--force").output)
+    assert forced == {"device_id": "phone-1", "credentials_file": str(out), "ttl_seconds": 0}
+    assert json.loads(out.read_text())["token"] != cred["token"]
+
+
+def test_data_folder_is_ignored_by_git(walle, tmp_path):
+    import subprocess
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    walle("platform", "init")
+    assert (walle.data / ".gitignore").exists() and (walle.data / "pki" / "ca-key.pem").exists() or \
+        any((walle.data / "pki").glob("*key*"))
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "data/" not in status, status
