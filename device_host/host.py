@@ -188,8 +188,9 @@ class DeviceHost:
         if result.status == "ok":
             log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
         else:
+            # the error's first line is "Type: message"; the task's own traceback follows it
             log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
-                        (result.error or "").strip().splitlines()[-1:] or "")
+                        ((result.error or "").strip().splitlines() or [""])[0])
 
     def _triggered_run(self, name: str, event: dict, trigger: str) -> list:
         try:

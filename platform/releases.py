@@ -76,7 +76,7 @@ class ReleaseManager:
     # -- operator actions -----------------------------------------------------------------------
     def create(self, task: str, version: str = "", *, rule: str = "", rollout: float | None = None,
                stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
-               note: str = "") -> dict:
+               note: str = "", audit_action: str = "release.create") -> dict:
         tv = self.repo.get(task, version)  # NotFound for an unknown task or version
         compile_rule(rule)  # RuleError (InvalidArgument) with the position of a syntax error
         channel = channel or DEFAULT_CHANNEL
@@ -112,8 +112,9 @@ class ReleaseManager:
             db["releases"].insert(row)
             self.state.log_release_change(db, rid, actor, {"created": {k: row[k] for k in (
                 "task", "version", "rule", "rollout", "stage", "channel")}})
-            self.state.audit(db, actor, "release.create", rid, {"task": task, "version": tv.version, "rule": rule,
-                                                               "rollout": rollout, "stage": stage, "channel": channel})
+            self.state.audit(db, actor, audit_action, rid, {"task": task, "version": tv.version, "rule": rule,
+                                                            "rollout": rollout, "stage": stage, "channel": channel,
+                                                            **({"note": note} if note else {})})
             self.state.bump_revision(db)
         return self.get(rid)
 
@@ -177,7 +178,7 @@ class ReleaseManager:
             raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
         # Same audience at 100%: every device that could get the bad version now gets the target.
         return self.create(task, target, rule=current["rule"], rollout=100.0, stage="full", channel=channel,
-                           allow=current["allow"], deny=current["deny"], actor=actor,
+                           allow=current["allow"], deny=current["deny"], actor=actor, audit_action="release.rollback",
                            note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
 
     def get(self, release_id: str) -> dict:

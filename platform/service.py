@@ -26,6 +26,8 @@ from walle.protos.datadir import keep_out_of_git
 
 from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound
+from .guards import GuardRPCs
+from .observe import Observe
 from .releases import ReleaseManager, device_attrs, release_to_proto
 from .state import PlatformState
 from .taskrepo import TaskRepository, TaskVersion
@@ -46,7 +48,7 @@ def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
                                  bundle_size=tv.bundle_size, manifest=tv.manifest.to_proto(), created=tv.created)
 
 
-class Platform:
+class Platform(Observe, GuardRPCs):
     def __init__(self, data_dir: str | os.PathLike, *, keys=None):
         """`keys`: the platform's PlatformKeys (walle.platform.pki); they sign every released bundle
         and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure)."""
@@ -154,10 +156,6 @@ class Platform:
     def Preview(self, info: device_pb2.DeviceInfo) -> admin_pb2.PreviewReply:
         tasks, why = self.releases.resolve(info, explain=True)
         return admin_pb2.PreviewReply(tasks=tasks, explanation=why)
-
-    def GetAudit(self, req: admin_pb2.AuditRequest) -> admin_pb2.AuditLog:
-        limit = req.limit if req.limit > 0 else 100
-        return admin_pb2.AuditLog(entries=[admin_pb2.AuditEntry(**e) for e in self.state.audit_entries(limit)])
 
     # -- resources (down tunnel) ----------------------------------------------------------------
     def PublishResource(self, req: admin_pb2.PublishResourceRequest) -> admin_pb2.ResourceInfoRef:
@@ -309,6 +307,8 @@ class Platform:
                     cur = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
                                      [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
                 accepted += cur.rowcount
+        if topic == "run_report" and accepted:
+            self.after_run_reports({m.release_id for _seq, _ts, _payload, m in parsed})
         return accepted, len(parsed) - accepted
 
 

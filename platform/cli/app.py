@@ -11,7 +11,7 @@ import click
 
 from walle.protos.clikit import WalleGroup, json_option
 
-from . import audit, demo, device, operator, platform_cmd, release, task
+from . import audit, demo, device, logs, operator, platform_cmd, release, task
 from .context import DEFAULT_DATA_DIR, WIDE_KEY, Ctx
 
 
@@ -41,7 +41,7 @@ def main(ctx, platform_addr, data_dir, actor, ca, insecure, wide, verbose):
     ctx.obj = Ctx(platform_addr, data_dir, actor, ca, insecure)
 
 
-for module in (platform_cmd, operator, task, release, device, audit, demo):
+for module in (platform_cmd, operator, task, release, device, logs, audit, demo):
     module.register(main)
 
 

@@ -160,5 +160,23 @@ def split_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def parse_since(text: str | None) -> int:
+    """`--since`: an age (90s, 10m, 2h, 7d), a date (2026-05-01 or 2026-05-01T10:00), or unix seconds."""
+    import re
+    import time
+    if not text:
+        return 0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return int(time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        return int(datetime.datetime.fromisoformat(text.strip()).timestamp())
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r}: give an age (90s, 10m, 2h, 7d), a date (2026-05-01[T10:00]) "
+                              "or unix seconds") from None
+
+
 def ts(t: int) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"

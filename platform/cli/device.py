@@ -2,6 +2,7 @@
 host's own commands (`device run`, `fleet run`) live in walle.device_host.cli and load on demand."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import click
@@ -66,6 +67,33 @@ def device_list(obj: Ctx):
             t.add_row(d.device_id, ts(d.enrolled_at), ts(d.last_seen), d.app_version or "-", "yes" if d.revoked else "")
         t.show()
     emit(obj, obj.api().ListDevices(admin_pb2.Empty()), human)
+
+
+@device_group.command("show")
+@click.argument("device_id")
+@data_dir_option
+@json_option
+@pass_ctx
+def device_show(obj: Ctx, device_id):
+    """One device: bound user, attributes as last reported, installed versions, last runs and errors."""
+    from .logs import format_entry
+
+    def human(r):
+        d = r.device
+        console.print(f"[bold]{d.device_id}[/bold]  user {r.user_id or '-'}  enrolled {ts(d.enrolled_at)}  "
+                      f"last seen {ts(d.last_seen)}" + ("  [red]REVOKED[/red]" if d.revoked else ""), highlight=False)
+        attrs = json.loads(d.attrs_json or "{}")
+        console.print("attributes: " + (", ".join(f"{k}={v}" for k, v in sorted(attrs.items()) if v not in ("", []))
+                                        or "none reported yet"), highlight=False)
+        t = CutTable("task", "version", "release", "status", "when", "error", long=("error",), title="installed")
+        for i in r.installed:
+            t.add_row(i.task, i.version[:12], i.release_id, i.status, ts(i.ts), (i.error.splitlines() or [""])[0])
+        t.show()
+        for title, entries in (("last runs", r.last_runs), ("last errors", r.errors)):
+            console.print(f"[bold]{title}[/bold]" + ("" if entries else ": none"))
+            for e in reversed(entries):
+                click.echo(format_entry(e))
+    emit(obj, obj.api().GetDevice(admin_pb2.DeviceRef(device_id=device_id)), human)
 
 
 @device_group.command("preview")

@@ -37,7 +37,9 @@ def test_submit_release_and_inspect_with_json_numbers(walle):
     listed = _json(walle("release", "list", "--json"))
     assert [r["id"] for r in listed["releases"]] == [rel["id"]]
     shown = _json(walle("--json", "release", "show", rel["id"]))
-    assert shown["stats"].get("delivered", 0) == 0
+    stats = shown["health"]["release"]["stats"]
+    assert stats["delivered"] == 0 and isinstance(stats["delivered"], int)  # zero is printed, as a number
+    assert shown["health"]["targeted"] == 0 and shown["guard"] is None
     assert "hello" in walle("task", "list").output
     audit = _json(walle("audit", "--json"))
     assert {"task.submit", "release.create"} <= {e["action"] for e in audit["entries"]}
