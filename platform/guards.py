@@ -43,6 +43,13 @@ def health_figures(db, release_id: str) -> dict:
     return {"runs": runs, "failed": failed, "failure_rate": failed / runs if runs else 0.0, "p99_seconds": p99}
 
 
+def guard_states(state) -> dict[str, str]:
+    """release id -> "watching" | "tripped" for every guarded release (for lists of releases)."""
+    if not state.db["release_guards"].exists():  # no guard yet: do not write on a read path
+        return {}
+    return dict(state.db.execute("SELECT release_id, status FROM release_guards").fetchall())
+
+
 def tripped_by(guard: dict, fig: dict) -> str:
     """Why a guard trips on these figures ("" if it holds). Nothing is judged before min_runs."""
     if fig["runs"] < max(1, guard["min_runs"]):
