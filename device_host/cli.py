@@ -61,9 +61,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option("--once", is_flag=True, help="Sync once, run what is due, upload reports, and exit.")
 @click.option("--event", "events", multiple=True, metavar="NAME[=JSON]",
               help="Emit an app event after syncing (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Expose Prometheus metrics (runs, durations, installed tasks, queue) on 127.0.0.1:PORT.")
 @click.option("-v", "--verbose", count=True, help="-v info (default), -vv debug.")
 def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, allow_unconfined_tasks, profile, once,
-               events, verbose):
+               events, metrics_port, verbose):
     """Run a device host: keep tasks in sync with the platform and run them in the sandbox."""
     _setup_logging(verbose)
     from .host import DeviceHost
@@ -99,6 +101,11 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
     host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
              ", ".join(f"{k}={v}" for k, v in attributes.items()) or "none")
+    stop_metrics = None
+    if metrics_port is not None:
+        from .metrics import DeviceMetrics
+        mport, stop_metrics = DeviceMetrics(host).serve(metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", mport)
     try:
         if once:
             try:
@@ -130,6 +137,8 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                               host.sync.unauthenticated)
                     break
     finally:
+        if stop_metrics is not None:
+            stop_metrics()
         host.stop(flush_timeout=3)
         host.close()
         sandbox.close()

@@ -213,7 +213,8 @@ def tls_credentials(platform: Platform) -> grpc.ServerCredentials:
 
 def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
                  extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
-                 credentials: grpc.ServerCredentials | None = None, reuseport: bool = False):
+                 credentials: grpc.ServerCredentials | None = None, reuseport: bool = False,
+                 interceptors: tuple = ()):
     """Create and start a server; returns (server, bound port, stop function). Pass
     `credentials=tls_credentials(platform)` for TLS and `authorize_admin=operator_authorizer(platform)`
     to require operator credentials on the admin API (`walle platform serve` does both)."""
@@ -232,7 +233,8 @@ def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, 
             # stale server on the same port would silently take part of the traffic.
             options=[("grpc.so_reuseport", 1 if reuseport else 0),
                      ("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.max_send_message_length", MAX_MESSAGE)])
+                     ("grpc.max_send_message_length", MAX_MESSAGE)],
+            interceptors=list(interceptors))  # e.g. walle.platform.metrics: calls counted per RPC
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
         tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)

@@ -58,9 +58,13 @@ def platform_init(obj: Ctx, hosts, operator, force):
 @click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Expose Prometheus metrics (RPCs, latencies, watch streams, devices, release health) over HTTP "
+                   "on this port (same --host).")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @pass_ctx
-def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboard_port, processes, reuseport):
+def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboard_port, metrics_port, processes,
+                   reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -87,10 +91,21 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboar
         extra = CodaCloud(platform, items=ml.items, users=ml.users).add_services
     if processes > 1 and port == 0:
         raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
+    if processes > 1 and metrics_port is not None:
+        raise InvalidArgument("--metrics-port counts one process's calls; use it with --processes 1")
+    metrics = None
+    if metrics_port is not None:
+        from ..metrics import PlatformMetrics
+        metrics = PlatformMetrics(platform)
     _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
                                         authorize_admin=operator_authorizer(platform),
                                         credentials=None if insecure else tls_credentials(platform),
-                                        reuseport=processes > 1 or reuseport)
+                                        reuseport=processes > 1 or reuseport,
+                                        interceptors=(metrics.interceptor(),) if metrics else ())
+    stop_metrics = None
+    if metrics is not None:
+        mport, stop_metrics = metrics.serve(metrics_port, host)
+        err_console.print(f"metrics on http://{host}:{mport}/metrics")
     children = []
     if processes > 1:
         import subprocess
@@ -119,6 +134,8 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboar
         child.terminate()
     if stop_dashboard:
         stop_dashboard()
+    if stop_metrics:
+        stop_metrics()
     stop(2.0)
     for child in children:
         child.wait(10)
