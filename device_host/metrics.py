@@ -47,10 +47,16 @@ class DeviceMetrics:
         yield ok
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[int, Callable[[], None]]:
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return serve_registry(self.registry, port, host)
 
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-        return server.server_port, stop
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "127.0.0.1"
+                   ) -> tuple[int, Callable[[], None]]:
+    """Serve a registry's /metrics over HTTP from a background thread; returns (bound port, stop)."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    return server.server_port, stop

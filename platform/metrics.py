@@ -17,8 +17,10 @@ import time
 from typing import Callable
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from walle.device_host.metrics import serve_registry
 
 from .guards import guard_states
 
@@ -70,13 +72,7 @@ class PlatformMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[int, Callable[[], None]]:
         """Serve /metrics over HTTP from a background thread; returns (bound port, stop)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-        return server.server_port, stop
+        return serve_registry(self.registry, port, host)
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -95,54 +91,65 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _wrap(self, method: str, behavior, streaming: bool):
-        m, service_name = self.m, _split(method)
+        m = self.m
         # keep the handler's kind: coroutine / async generator run on the loop, the rest in the thread pool
         if inspect.isasyncgenfunction(behavior):
             async def wrapped(request, context):
-                t0, exc = time.perf_counter(), None
-                m.streams.labels(*service_name).inc()
+                call = _Call(m, method, stream=True)
                 try:
                     async for item in behavior(request, context):
                         yield item
                 except BaseException as e:
-                    exc = e
+                    call.exc = e
                     raise
                 finally:
-                    m.streams.labels(*service_name).dec()
-                    m.observe_rpc(method, _code(context, exc), time.perf_counter() - t0)
+                    call.done(context)
         elif inspect.iscoroutinefunction(behavior):
             async def wrapped(request, context):
-                t0, exc = time.perf_counter(), None
+                call = _Call(m, method)
                 try:
                     return await behavior(request, context)
                 except BaseException as e:
-                    exc = e
+                    call.exc = e
                     raise
                 finally:
-                    m.observe_rpc(method, _code(context, exc), time.perf_counter() - t0)
+                    call.done(context)
         elif streaming:
             def wrapped(request, context):
-                t0, exc = time.perf_counter(), None
-                m.streams.labels(*service_name).inc()
+                call = _Call(m, method, stream=True)
                 try:
                     yield from behavior(request, context)
                 except BaseException as e:
-                    exc = e
+                    call.exc = e
                     raise
                 finally:
-                    m.streams.labels(*service_name).dec()
-                    m.observe_rpc(method, _code(context, exc), time.perf_counter() - t0)
+                    call.done(context)
         else:
             def wrapped(request, context):
-                t0, exc = time.perf_counter(), None
+                call = _Call(m, method)
                 try:
                     return behavior(request, context)
                 except BaseException as e:
-                    exc = e
+                    call.exc = e
                     raise
                 finally:
-                    m.observe_rpc(method, _code(context, exc), time.perf_counter() - t0)
+                    call.done(context)
         return wrapped
+
+
+class _Call:
+    """One call being timed; streams count as open until they end."""
+
+    def __init__(self, metrics: PlatformMetrics, method: str, stream: bool = False):
+        self.m, self.method, self.stream, self.exc = metrics, method, stream, None
+        self.t0 = time.perf_counter()
+        if stream:
+            metrics.streams.labels(*_split(method)).inc()
+
+    def done(self, context) -> None:
+        if self.stream:
+            self.m.streams.labels(*_split(self.method)).dec()
+        self.m.observe_rpc(self.method, _code(context, self.exc), time.perf_counter() - self.t0)
 
 
 class _StateCollector:

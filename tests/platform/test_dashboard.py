@@ -192,7 +192,8 @@ def test_json_api_needs_the_operator_token_and_sends_security_headers(live, dash
     base, token = dashboard
     live.submit(ROOT / "tasks" / "hello", "first")
     for headers, url in [({}, "/api/overview"), ({"Authorization": "Bearer wot1.wrong"}, "/api/overview"),
-                         ({}, f"/api/overview?token={token}"), ({}, "/api/tasks/hello/history")]:
+                         ({}, f"/api/overview?token={token}"), ({}, "/api/tasks/hello/history"),
+                         ({}, "/api/devices"), ({}, "/api/devices/phone-1"), ({}, "/api/releases/r1")]:
         status, _h, body = http_get(base + url, headers)
         assert status == 401, url
         assert "operator credential" in json.loads(body)["error"]
@@ -204,6 +205,16 @@ def test_json_api_needs_the_operator_token_and_sends_security_headers(live, dash
     assert status == 400 and "v2" in json.loads(body)["error"]
     status, _h, body = http_get(base + "/api/tasks/nosuchtask/history", auth)
     assert status == 404 and "nosuchtask" in json.loads(body)["error"]
+    for url, what in (("/api/releases/r99", "r99"), ("/api/devices/nosuchphone", "nosuchphone")):
+        status, _h, body = http_get(base + url, auth)
+        assert status == 404 and what in json.loads(body)["error"], url
+    live.enroll("phone-1")
+    status, _h, body = http_get(base + "/api/devices?q=phone", auth)
+    devices = json.loads(body)
+    assert status == 200 and devices["total"] == 1 and devices["devices"][0]["device_id"] == "phone-1"
+    assert devices["devices"][0]["failed_runs"] == 0
+    status, _h, body = http_get(base + "/api/devices?q=nobody", auth)
+    assert json.loads(body)["total"] == 0
     status, hdrs, body = http_get(base + "/")
     csp = {k.lower(): v for k, v in hdrs.items()}["content-security-policy"]
     assert status == 200 and "script-src 'self'" in csp and "unsafe-inline" not in csp
