@@ -29,14 +29,18 @@ def _ensure_table(state) -> None:
             max_p99_seconds REAL NOT NULL, on_trip TEXT NOT NULL, actor TEXT NOT NULL, status TEXT NOT NULL,
             trip_detail TEXT NOT NULL DEFAULT '', tripped_at INTEGER NOT NULL DEFAULT 0,
             action_release_id TEXT NOT NULL DEFAULT '', created_at INTEGER NOT NULL)""")
+        # Guards judge a release after every batch of its reports: index-only counts and percentiles.
+        db.execute("CREATE INDEX IF NOT EXISTS run_reports_release_status ON run_reports(release_id, status)")
+        db.execute("CREATE INDEX IF NOT EXISTS run_reports_release_duration ON run_reports(release_id, duration_s)")
 
 
-def health_figures(db, release_id: str) -> dict:
-    """Runs, failures, failure rate and p99 duration of a release, from its devices' run reports."""
+def health_figures(db, release_id: str, p99: bool = True) -> dict:
+    """Runs, failures, failure rate and (when asked) p99 duration of a release, from its devices'
+    run reports."""
     runs, failed = db.execute("SELECT COUNT(*), COALESCE(SUM(status != 'ok'), 0) FROM run_reports "
                               "WHERE release_id = ?", [release_id]).fetchone()
-    p99 = 0.0
-    if runs:
+    want_p99, p99 = p99, 0.0
+    if runs and want_p99:
         offset = min(runs - 1, int(0.99 * runs))
         p99 = db.execute("SELECT duration_s FROM run_reports WHERE release_id = ? ORDER BY duration_s "
                          "LIMIT 1 OFFSET ?", [release_id, offset]).fetchone()[0]
@@ -72,10 +76,15 @@ class GuardRPCs:
     _guards_ready = False
 
     def _guard_table(self):
+        """Create the guard table (and its indexes) on first use of a guard."""
         if not self._guards_ready:
             _ensure_table(self.state)
             self._guards_ready = True
         return self.state
+
+    def _any_guards(self) -> bool:
+        # read path: no table yet means no guard (another process may create it at any time)
+        return self._guards_ready or self.state.db["release_guards"].exists()
 
     def SetReleaseGuard(self, req: admin_pb2.ReleaseGuard) -> admin_pb2.ReleaseGuard:
         rel = self.releases.get(req.release_id)  # NotFound
@@ -104,8 +113,8 @@ class GuardRPCs:
         return self.GetReleaseGuard(admin_pb2.ReleaseRef(id=rel["id"]))
 
     def GetReleaseGuard(self, req: admin_pb2.ReleaseRef) -> admin_pb2.ReleaseGuard:
-        rows = self._guard_table().db.execute_returning_dicts("SELECT * FROM release_guards WHERE release_id = ?",
-                                                              [req.id])
+        rows = self.state.db.execute_returning_dicts("SELECT * FROM release_guards WHERE release_id = ?",
+                                                     [req.id]) if self._any_guards() else []
         if not rows:
             self.releases.get(req.id)  # NotFound for an unknown release
             raise NotFound(f"release {req.id} has no guard")
@@ -115,15 +124,15 @@ class GuardRPCs:
         """Judge the watching guards of these releases; trip those whose figures break them. Returns
         the ids of the releases that tripped."""
         ids = sorted({r for r in release_ids if r})
-        if not ids:
+        if not ids or not self._any_guards():
             return []
-        state = self._guard_table()
+        state = self.state
         marks = ",".join("?" * len(ids))
         guards = state.db.execute_returning_dicts(
             f"SELECT * FROM release_guards WHERE status = 'watching' AND release_id IN ({marks})", ids)
         tripped = []
         for guard in guards:
-            fig = health_figures(state.db, guard["release_id"])
+            fig = health_figures(state.db, guard["release_id"], p99=guard["max_p99_seconds"] > 0)
             why = tripped_by(guard, fig)
             if why and self._trip(guard, fig, why):
                 tripped.append(guard["release_id"])
