@@ -171,3 +171,21 @@ def test_guard_waits_for_min_runs_then_pauses_and_a_p99_guard_trips_on_latency(t
     assert "between 0% and 100%" in json.loads(bad.output)["error"]["message"]
     assert len(platform.ListReleases(admin_pb2.ReleaseFilter()).releases) == 2
     cli("release", "guard", "r99", "--max-failure-rate", "5%", code=3)
+
+
+def test_log_cursor_returns_only_newer_runs_for_following(tmp_path, cli):
+    platform = Platform(tmp_path / "platform")
+    v1 = submit(platform, tmp_path, "v1")
+    rel = platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=v1.version))
+    _upload(platform, "d1", rel.id, ["ok", "error"], [0.1, 0.2])
+    first = platform.GetLogs(admin_pb2.LogRequest(release_id=rel.id))
+    assert [e.status for e in first.entries] == ["error", "ok"]  # newest first
+    assert not platform.GetLogs(admin_pb2.LogRequest(release_id=rel.id, after=first.cursor)).entries
+    _upload(platform, "d2", rel.id, ["timeout"], [5.0])
+    newer = platform.GetLogs(admin_pb2.LogRequest(release_id=rel.id, after=first.cursor))
+    assert [(e.device_id, e.status) for e in newer.entries] == [("d2", "timeout")]
+    assert int(newer.cursor) > int(first.cursor)
+    failed = json.loads(cli("--json", "logs", "--status", "failed", "--device", "d1").output)
+    assert failed["status"] == "error" and failed["error"] == "ValueError: boom"
+    cli("logs", "--since", "yesterday-ish", code=2)
+    cli("--json", "logs", "--release", rel.id, "--since", "1h")
