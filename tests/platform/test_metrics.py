@@ -35,6 +35,7 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 def test_platform_metrics_count_rpcs_streams_devices_and_release_health(tmp_path):
+    threads_before = set(threading.enumerate())
     platform = Platform(tmp_path / "platform")
     metrics = PlatformMetrics(platform)
     _server, port, stop = build_server(platform, port=0, interceptors=(metrics.interceptor(),))
@@ -109,4 +110,5 @@ def test_platform_metrics_count_rpcs_streams_devices_and_release_health(tmp_path
         channel.close()
         stop_metrics()
         stop(0)
-    assert not [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    # the metrics servers and the interceptor leave no thread that would keep the process alive
+    assert not [t for t in set(threading.enumerate()) - threads_before if not t.daemon]
