@@ -42,6 +42,15 @@ def _run_entry(row: dict) -> admin_pb2.LogEntry:
                               peak_memory_kb=row["peak_memory_kb"])
 
 
+def _action_match() -> str:
+    # an exact action, or a family when the pattern ends in "." ("release." = release.create, ...)
+    return "(action = ? OR (substr(?, -1) = '.' AND substr(action, 1, length(?)) = ?))"
+
+
+def _action_args(pattern: str) -> list[str]:
+    return [pattern, pattern, pattern, pattern]
+
+
 class Observe:
     """AdminService RPCs that read reports; needs `self.state`, `self.releases`, `self.credentials`."""
 
@@ -154,12 +163,12 @@ class Observe:
     def GetAudit(self, req: admin_pb2.AuditRequest) -> admin_pb2.AuditLog:
         limit = min(req.limit if req.limit > 0 else DEFAULT_LIMIT, MAX_LIMIT)
         sql, args = "SELECT ts, actor, action, target, detail FROM audit WHERE 1=1", []
-        if req.action.endswith("."):
-            sql += " AND action LIKE ? ESCAPE '\\'"
-            args.append(req.action.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        elif req.action:
-            sql += " AND action = ?"
-            args.append(req.action)
+        if req.action:
+            sql += " AND " + _action_match()
+            args += _action_args(req.action)
+        for excluded in req.exclude_action:
+            sql += " AND NOT " + _action_match()
+            args += _action_args(excluded)
         for column, value in (("actor", req.actor), ("target", req.target)):
             if value:
                 sql += f" AND {column} = ?"

@@ -291,18 +291,20 @@ class AuditEntry(_message.Message):
     def __init__(self, ts: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("limit", "action", "actor", "since", "target")
+    __slots__ = ("limit", "action", "actor", "since", "target", "exclude_action")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ACTION_FIELD_NUMBER: _ClassVar[int]
     limit: int
     action: str
     actor: str
     since: int
     target: str
-    def __init__(self, limit: _Optional[int] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., since: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
+    exclude_action: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, limit: _Optional[int] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., since: _Optional[int] = ..., target: _Optional[str] = ..., exclude_action: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuditLog(_message.Message):
     __slots__ = ("entries",)

@@ -130,6 +130,10 @@ def test_failing_version_trips_the_guard_which_rolls_back_and_every_view_says_wh
         assert {"release.create", "release.guard", "release.guard_trip", "release.rollback"} == \
             {e["action"] for e in family}
         assert not any(e["action"].startswith("device.") for e in family)
+        # after a fleet run, leave out the enrollments to see the real actions
+        rest = json.loads(cli("--json", "audit", "--exclude", "device.", "--exclude", "task.submit").output)
+        assert {e["action"] for e in rest["entries"]} == {e["action"] for e in family}
+        assert len(json.loads(cli("--json", "audit", "--action", "device.enroll").output)["entries"]) == 8
     finally:
         fleet.close()
         sandbox.close()
