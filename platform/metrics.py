@@ -147,9 +147,10 @@ class _Call:
             metrics.streams.labels(*_split(method)).inc()
 
     def done(self, context) -> None:
+        # counted before the stream closes: a scrape never sees it neither open nor finished
+        self.m.observe_rpc(self.method, _code(context, self.exc), time.perf_counter() - self.t0)
         if self.stream:
             self.m.streams.labels(*_split(self.method)).dec()
-        self.m.observe_rpc(self.method, _code(context, self.exc), time.perf_counter() - self.t0)
 
 
 class _StateCollector:
