@@ -87,7 +87,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         for field in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, field)
             if behavior is not None:
-                return handler._replace(**{field: self._wrap(method, behavior, field.endswith("stream"))})
+                return handler._replace(**{field: self._wrap(method, behavior, handler.response_streaming)})
         return handler
 
     def _wrap(self, method: str, behavior, streaming: bool):
@@ -104,9 +104,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     call.done(context)
-        elif inspect.iscoroutinefunction(behavior):
+        elif inspect.iscoroutinefunction(behavior):  # streams too, when they write with context.write
             async def wrapped(request, context):
-                call = _Call(m, method)
+                call = _Call(m, method, stream=streaming)
                 try:
                     return await behavior(request, context)
                 except BaseException as e:

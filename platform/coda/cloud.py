@@ -7,6 +7,7 @@ Data folder: <platform data>/coda/ holds raw.sqlite3 (raw behaviour table), kv.s
 mapping store; or a Redis URL), and pseudonym.key (the key of the user pseudonyms, mode 0600)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pathlib
@@ -93,7 +94,8 @@ class CodaCloud:
         return samplegen.pseudonym(self.user_of(device_id), self.key)
 
     def add_services(self, server) -> None:
-        servicer = SampleServicer(self.mappings, self.platform.credentials.authenticate, self.pseudonym_of_device,
+        from ..server import device_of
+        servicer = SampleServicer(self.mappings, functools.partial(device_of, self.platform), self.pseudonym_of_device,
                                   today=lambda: self.today, daily_limit=self.daily_limit)
         add_to_server(server, servicer)
 

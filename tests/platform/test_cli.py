@@ -119,3 +119,29 @@ def test_data_folder_is_ignored_by_git(walle, tmp_path):
     status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
                             capture_output=True, text=True, check=True).stdout
     assert "data/" not in status, status
+
+
+def test_observe_commands_work_against_a_remote_platform(tmp_path, monkeypatch):
+    from walle.platform.server import build_server, operator_authorizer
+    from walle.platform.service import Platform
+    monkeypatch.setenv("WALLE_CONFIG", str(tmp_path / "no-config.toml"))
+    platform = Platform(tmp_path / "data")
+    monkeypatch.setenv("WALLE_OPERATOR_TOKEN", platform.operators.create("ann", actor="test"))
+    _server, port, stop = build_server(platform, port=0, authorize_admin=operator_authorizer(platform))
+    try:
+        def run(*args, code=0):
+            res = CliRunner().invoke(main, ["--platform", f"127.0.0.1:{port}", "--insecure", "--json", *args])
+            assert res.exit_code == code, (args, res.output)
+            return res.stdout  # the --insecure warning goes to stderr
+        run("task", "submit", str(ROOT / "tasks" / "hello"))
+        rid = json.loads(run("release", "create", "hello", "--max-failure-rate", "5%"))["release"]["id"]
+        shown = json.loads(run("release", "show", rid))
+        assert shown["guard"]["status"] == "watching" and shown["guard"]["min_runs"] == 50
+        assert shown["health"]["release"]["created_by"] == "ann"  # the operator, from the token
+        assert run("logs", "--release", rid) == ""  # no runs yet: nothing on stdout
+        assert [o["name"] for o in json.loads(run("operator", "list"))["operators"]] == ["ann"]
+        audit = json.loads(run("audit", "--exclude", "operator.", "--actor", "ann"))
+        assert [e["action"] for e in audit["entries"]] == ["release.guard", "release.create", "task.submit"]
+        assert json.loads(run("device", "show", "nosuch", code=3))["error"]["code"] == "NOT_FOUND"
+    finally:
+        stop(0)
