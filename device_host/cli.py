@@ -1,5 +1,6 @@
-"""Device-side commands, mounted by the main `walle` CLI: `walle device run` (one device host) and
-`walle fleet run` (N emulated devices in one process)."""
+"""Device-side commands, mounted by the main `walle` CLI: `walle device run` (one device host),
+`walle device emit|ask` (talk to a running host through its app socket) and `walle fleet run`
+(N emulated devices in one process)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import time
 import click
 import grpc
 
-from walle.protos.clikit import WalleCommand
+from walle.protos.clikit import WalleCommand, json_option, print_json, want_json
 from walle.protos.errors import InvalidArgument, Unauthenticated
 
 from .identity import Credentials, IdentityError, credentials_path, parse_attrs
@@ -60,7 +61,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
               help="Sandbox profile; android_sim emulates an Android app's seccomp policy.")
 @click.option("--once", is_flag=True, help="Sync once, run what is due, upload reports, and exit.")
 @click.option("--event", "events", multiple=True, metavar="NAME[=JSON]",
-              help="Emit an app event after syncing (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
+              help="Emit an app event after the first sync (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
 @click.option("--metrics-port", type=int, default=None,
               help="Expose Prometheus metrics (runs, durations, installed tasks, queue) on 127.0.0.1:PORT.")
 @click.option("-v", "--verbose", count=True, help="-v info (default), -vv debug.")
@@ -97,6 +98,7 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 raise InvalidArgument(f"--event {spec!r}: payload is not JSON: {e}") from None
     except IdentityError as e:
         raise InvalidArgument(str(e)) from None
+    from . import app
     sandbox = _sandbox(profile, allow_unconfined_tasks)
     host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
@@ -107,19 +109,25 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
         mport, stop_metrics = DeviceMetrics(host).serve(metrics_port)
         log.info("metrics on http://127.0.0.1:%d/metrics", mport)
     try:
+        # The first sync comes before any --event: an event fired before it would find no task installed.
+        try:
+            res = host.sync_now()
+            log.info("in sync: %d installed, %d dropped, %d refused; now running: %s", len(res.installed),
+                     len(res.dropped), len(res.rejected), ", ".join(sorted(host.installed())) or "nothing")
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                host.sync.unauthenticated = e.details() or "unauthenticated"
+                log.error("the platform refused this device's credential (%s); enroll it again", e.details())
+            else:
+                log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
+        for name, payload in parsed_events:
+            tasks = app.emit(host, name, payload)[0]
+            if tasks:
+                log.info("event %s -> %s", name, ", ".join(tasks))
+            else:
+                log.warning("event %s triggers no installed task (installed: %s)", name,
+                            ", ".join(sorted(host.installed())) or "none")
         if once:
-            try:
-                res = host.sync_now()
-                log.info("in sync: %d installed, %d dropped, %d refused; now running: %s", len(res.installed),
-                         len(res.dropped), len(res.rejected), ", ".join(sorted(host.installed())) or "nothing")
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    host.sync.unauthenticated = e.details() or "unauthenticated"
-                    log.error("the platform refused this device's credential (%s); enroll it again", e.details())
-                else:
-                    log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
-            for name, payload in parsed_events:
-                log.info("event %s -> %s", name, ", ".join(host.emit(name, payload)) or "no task")
             host.triggers.check_tables()
             runs = host.triggers.drain()
             ok = host.up.flush(timeout=10)
@@ -128,14 +136,16 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             stop = threading.Event()
             _stop_on_signals(stop)
             host.start()
-            for name, payload in parsed_events:
-                host.emit(name, payload)
-            log.info("running; Ctrl-C to stop")
-            while not stop.wait(1.0):
-                if host.sync.unauthenticated:
-                    log.error("stopping: the platform no longer accepts this device's credential (%s)",
-                              host.sync.unauthenticated)
-                    break
+            server = app.AppServer(host)  # refuses (exit 6) a data folder others can write
+            log.info("running; app socket %s; Ctrl-C to stop", server.path)
+            try:
+                while not stop.wait(1.0):
+                    if host.sync.unauthenticated:
+                        log.error("stopping: the platform no longer accepts this device's credential (%s)",
+                                  host.sync.unauthenticated)
+                        break
+            finally:
+                server.stop()
     finally:
         if stop_metrics is not None:
             stop_metrics()
@@ -145,6 +155,55 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
     if host.sync.unauthenticated:
         raise Unauthenticated(f"the platform refused this device's credential ({host.sync.unauthenticated}); "
                               "enroll it again")
+
+
+def _payload(text: str) -> object:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError as e:
+        raise InvalidArgument(f"payload is not JSON: {e}") from None
+
+
+@click.command("emit", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("name")
+@click.argument("payload", default="")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="The running device host's folder.")
+@json_option
+def device_emit(name, payload, data_dir):
+    """Send an app event (NAME, optional JSON PAYLOAD) to a running device host: it is logged and
+    queues the tasks it triggers."""
+    from .app import AppClient
+    with AppClient(data_dir) as client:
+        reply = client.emit(name, _payload(payload))
+    if want_json():
+        print_json({"seq": reply.seq, "tasks": list(reply.tasks)})
+    else:
+        click.echo(f"event #{reply.seq} {name} -> {', '.join(reply.tasks) or 'no task'}")
+
+
+@click.command("ask", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("event")
+@click.argument("payload", default="")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="The running device host's folder.")
+@click.option("--task", default="", help="The task to ask (default: the one task EVENT triggers).")
+@click.option("--timeout", default=0.0, type=float, help="Seconds (default: the task's own wall-clock limit).")
+@json_option
+def device_ask(event, payload, data_dir, task, timeout):
+    """Run a task on a running device host now with EVENT and JSON PAYLOAD; print its result.
+    Exit 0 when the task returned, 5 when it failed (its error is printed)."""
+    from .app import AppClient
+    with AppClient(data_dir) as client:
+        reply = client.ask(event, _payload(payload), task=task, timeout=timeout)
+    result = json.loads(reply.result_json) if reply.result_json else None
+    if want_json():
+        print_json({"task": reply.task, "version": reply.version, "status": reply.status,
+                    "result": result, "error": reply.error, "duration_s": reply.duration_s})
+    elif reply.status == "ok":
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"error: {reply.task} {reply.status}: {reply.error.strip()}", err=True)
+    if reply.status != "ok":
+        raise click.exceptions.Exit(5)
 
 
 @click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,7 +14,9 @@ from walle.protos.errors import AlreadyExists
 from .context import Ctx, CutTable, console, data_dir_option, emit, parse_attrs, pass_ctx, ts
 
 
-@click.group("device", cls=WalleGroup, lazy={"run": "walle.device_host.cli:device_run"})
+@click.group("device", cls=WalleGroup, lazy={"run": "walle.device_host.cli:device_run",
+                                             "emit": "walle.device_host.cli:device_emit",
+                                             "ask": "walle.device_host.cli:device_ask"})
 def device_group():
     """Enroll devices, preview what they receive, run a device host."""
 

@@ -54,7 +54,9 @@ def platform_init(obj: Ctx, hosts, operator, force):
 @click.option("--insecure", "serve_insecure", is_flag=True,
               help="Serve plaintext gRPC and unsigned bundles (debugging only; devices cannot trust it).")
 @click.option("--coda/--no-coda", default=True, show_default=True,
-              help="Also serve the CoDA behaviour upload and sample-query service (MovieLens catalogue).")
+              help="Also serve the CoDA behaviour upload and sample-query service (catalog: `walle cloud catalog load`).")
+@click.option("--coda-day-seconds", type=float, default=0, metavar="N",
+              help="Close the CoDA work-cycle day every N seconds (compressed days); 0: days are closed by `walle cloud pipeline`.")
 @click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
@@ -63,8 +65,8 @@ def platform_init(obj: Ctx, hosts, operator, force):
                    "on this port (same --host).")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @pass_ctx
-def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboard_port, metrics_port, processes,
-                   reuseport):
+def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port,
+                   metrics_port, processes, reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -84,11 +86,13 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboar
         err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
                           "`walle platform init` (or `walle operator create`)[/yellow]")
     extra = None
+    stop_clock = None
     if coda:
-        from ..coda import movielens
         from ..coda.cloud import CodaCloud
-        ml = movielens.load()
-        extra = CodaCloud(platform, items=ml.items, users=ml.users).add_services
+        coda_cloud = CodaCloud(platform)
+        extra = coda_cloud.add_services
+        if coda_day_seconds > 0 and not reuseport:
+            stop_clock = coda_cloud.start_clock(coda_day_seconds)
     if processes > 1 and port == 0:
         raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
     if processes > 1 and metrics_port is not None:
@@ -136,6 +140,8 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, dashboar
         stop_dashboard()
     if stop_metrics:
         stop_metrics()
+    if stop_clock:
+        stop_clock()
     stop(2.0)
     for child in children:
         child.wait(10)

@@ -21,7 +21,11 @@ def cloud():
 
 
 @cloud.command("pipeline")
-@click.option("--day", type=int, required=True, help="The work-cycle day to process.")
+@click.option("--day", type=int, default=None,
+              help="Re-process this day without advancing the clock (default: close today and advance to the next day).")
+@click.option("--force", is_flag=True, help="Close today even if another process seems to be closing it (it died).")
+@click.option("--global-model", "global_epochs", type=int, default=0, metavar="EPOCHS",
+              help="Also train the global model on the closed day's samples and publish it (0: no).")
 @data_dir_option
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
               help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
@@ -32,17 +36,24 @@ def cloud():
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
 @json_option
 @pass_ctx
-def pipeline(root: Ctx, day, replay_days, users, k, kv, scheduler):
-    """Run ingestion -> samples -> matching -> mappings for one day and print a summary."""
+def pipeline(root: Ctx, day, force, global_epochs, replay_days, users, k, kv, scheduler):
+    """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
+    day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
 
     from . import movielens
     from .cloud import CodaCloud
-    data_dir = root.data_dir
-    ml = movielens.load()
-    platform = Platform(data_dir)
-    coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
-    coda.today = day
+    platform = Platform(root.data_dir)
+    if replay_days:
+        if day is None:
+            raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
+        ml = movielens.load()
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
+        coda.today = day
+    else:
+        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler, global_epochs=global_epochs)
+    advance = day is None
+    day = coda.today if advance else day
     ingested = 0
     with console.status(f"day {day}") as status:
         if replay_days:
@@ -59,9 +70,12 @@ def pipeline(root: Ctx, day, replay_days, users, k, kv, scheduler):
                 ingested += a
             status.update(f"day {day}: ingested {ingested} replayed records")
         t0 = time.perf_counter()
-        result = coda.run_day(day, progress=lambda msg: status.update(msg))
+        if advance:
+            result = coda.close_day(force=force, progress=lambda msg: status.update(msg))
+        else:
+            result = coda.run_day(day, progress=lambda msg: status.update(msg))
         elapsed = time.perf_counter() - t0
-    summary = {"day": day, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
+    summary = {"day": day, "today": coda.today, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
                "samples": result.samples, "matched_users": result.matched_users, "batches": result.batches,
                "stored_samples": result.stored_samples, "expired": result.expired,
                "mean_top10_cosine": round(result.vector_top10_cosine, 4),
@@ -77,6 +91,34 @@ def pipeline(root: Ctx, day, replay_days, users, k, kv, scheduler):
     t.add_row("mappings", f"{result.batches} batches, {result.stored_samples} samples stored, "
               f"{result.expired} expired", f"{result.seconds['mappings']:.2f}")
     Console().print(t)
+
+
+@cloud.group("catalog", cls=WalleGroup)
+def catalog_group():
+    """The item catalog (ids, categories, item features) devices and the pipeline use."""
+
+
+@catalog_group.command("load")
+@click.argument("file", type=click.Path(dir_okay=False))
+@data_dir_option
+@json_option
+@pass_ctx
+def catalog_load(root: Ctx, file):
+    """Load a catalog file (CSV or Parquet; layout in docs/data-layout.md) and publish it to devices
+    as the resource coda/catalog. Category ids of an earlier catalog are kept."""
+    from walle.platform.service import Platform
+
+    from . import catalog
+    from .cloud import CodaCloud
+    coda = CodaCloud(Platform(root.data_dir))
+    doc, ref = coda.load_catalog(catalog.read_file(file), actor=root.actor)
+    out = {"resource": ref.name, "version": ref.version, "digest": ref.digest, "items": len(doc["items"]),
+           "categories": len(doc["categories"]), "features": sorted(doc["features"])}
+    if root.as_json:
+        print_json(out)
+    else:
+        Console().print(f"catalog {ref.name}@{ref.version}: {out['items']} items, {out['categories']} categories, "
+                        f"features {', '.join(out['features']) or 'none'}", highlight=False)
 
 
 @cloud.command("global-model")

@@ -76,7 +76,7 @@ def samples_from_batch(batch: coda_pb2.SampleBatch) -> list[coda_pb2.Sample]:
 class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
     def __init__(self, mappings: Mappings, authenticate: Authenticate,
                  user_for_device: Callable[[str], str | None], today: Callable[[], int] | None = None,
-                 daily_limit: int = 12, zlib_level: int = 6):
+                 daily_limit: int = 12, zlib_level: int = 6, latest_day: Callable[[], int] | None = None):
         """`today` (a day number) enables the kept-days window and counts the daily limit per calendar
         day; without it the limit is counted per requested day."""
         if daily_limit < 1:
@@ -89,6 +89,7 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         self.today = today
         self.daily_limit = daily_limit
         self.zlib_level = zlib_level
+        self.latest_day = latest_day  # resolves day 0 in ListBatches: the newest prepared day
 
     # ---- shared checks ------------------------------------------------------------------------
 
@@ -115,11 +116,16 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         return await asyncio.to_thread(self._list, self.authenticate(context), request.day)
 
     def _list(self, device: str, day: int) -> coda_pb2.BatchList:
+        if day == 0 and self.latest_day is not None:  # day 0: the newest prepared day
+            day = self.latest_day()
+            if day == 0:
+                raise NotFound("no day has been prepared yet")
         user, limit_day = self._user_and_limit_day(device, day)
         batches = self.mappings.list_batches(user, day)
         pulled = self.mappings.pulls(device, limit_day)
         return coda_pb2.BatchList(day=day, batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
-                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit)
+                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit,
+                                  today=limit_day)
 
     def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[int, list[tuple[str, list[str]]]]:
         """(limit day, the batches to send in order); raises before anything is sent or counted."""
