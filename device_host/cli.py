@@ -247,10 +247,12 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
 
     enrolled: list[str] = []
 
-    def enroll(device_id: str) -> Credentials:
-        reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet"), metadata=md, timeout=30)
+    def enroll(device_id: str, user_id: str) -> Credentials:
+        reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet", user_id=user_id),
+                                   metadata=md, timeout=30)
         enrolled.append(reply.device_id)
-        return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex())
+        return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex(),
+                           user_id=reply.user_id)
 
     event_name, _, raw = event.partition("=")
     try:

@@ -117,11 +117,13 @@ class LocalRun:
 def run_task_dir(task_dir: str | pathlib.Path, event_name: str, payload: Any = None, *,
                  storage_path: str | pathlib.Path | None = None, storage_from: str | None = None,
                  allow_unconfined: bool = False) -> LocalRun:
-    """Validate the task folder as submit does, then run its entry once in a fresh sandbox."""
+    """Check the task folder as submit does, then run its entry once in a fresh sandbox."""
     from walle.platform.manifest import validate_task_dir
+    from walle.platform.runnable import check_runnable
 
     from .sandbox import Limits, Sandbox
     manifest, files = validate_task_dir(task_dir)
+    check_runnable(files, manifest.entry)  # what submit refuses, refused here too
     event, trigger = trigger_event(event_name, payload, manifest)
     warnings = []
     kinds = {(t.kind, t.event) for t in manifest.triggers}

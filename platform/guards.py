@@ -88,9 +88,8 @@ class GuardRPCs:
 
     def SetReleaseGuard(self, req: admin_pb2.ReleaseGuard) -> admin_pb2.ReleaseGuard:
         rel = self.releases.get(req.release_id)  # NotFound
-        if rel["state"] not in ("active", "paused"):
-            raise FailedPrecondition(f"release {req.release_id} is {rel['state']}; only an active or paused "
-                                     "release can be guarded")
+        if rel["state"] == "revoked":
+            raise FailedPrecondition(f"release {req.release_id} is revoked; only a live release can be guarded")
         if not 0 <= req.max_failure_rate < 1:
             raise InvalidArgument(f"max failure rate must be within 0..100% (got {req.max_failure_rate:.1%})")
         if req.max_p99_seconds < 0 or req.min_runs < 0:
@@ -162,13 +161,13 @@ class GuardRPCs:
         try:
             if guard["on_trip"] == "rollback":
                 action = self.releases.rollback(rel["task"], channel=rel["channel"], actor=GUARD_ACTOR)["id"]
-            elif rel["state"] == "active":
+            elif rel["state"] in ("active", "fallback"):
                 self.releases.pause(rid, actor=GUARD_ACTOR)
         except (FailedPrecondition, NotFound) as e:
             # e.g. nothing earlier to roll back to: pause instead, and say so in the guard's record
             log.warning("guard on %s tripped (%s) but %s failed: %s; pausing", rid, why, guard["on_trip"], e.message)
             detail["action_error"] = e.message
-            if self.releases.get(rid)["state"] == "active":
+            if self.releases.get(rid)["state"] in ("active", "fallback"):
                 self.releases.pause(rid, actor=GUARD_ACTOR)
         with state.transaction() as db:
             db.execute("UPDATE release_guards SET action_release_id = ?, trip_detail = ? WHERE release_id = ?",

@@ -123,7 +123,7 @@ class Observe:
 
     def _targeted(self, row: dict) -> int:
         """Enrolled, unrevoked devices whose last-reported attributes are in this release's audience
-        (whether or not the release is paused or superseded)."""
+        (whether or not the release is paused or a fallback)."""
         self.flush_seen()
         compiled = self.releases._compile(dict(row, state="active"))
         n = 0

@@ -27,23 +27,28 @@ def device_group():
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Credential file to write, mode 0600 (default: ./DEVICE_ID.credentials.json).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--user-id", default="", help="Bind the device to this user: rules, allow-lists, uploads and samples "
+                                            "use it, never the user_id the device reports.")
 @data_dir_option
 @json_option
 @pass_ctx
-def device_enroll(obj: Ctx, device_id, ttl, out, force):
+def device_enroll(obj: Ctx, device_id, ttl, out, force, user_id):
     """Register a device and write its credential to a file (mode 0600) for `walle device run --token-file`.
 
     The token is never printed: the platform keeps only its hash, the file is the only copy."""
     from walle.device_host.identity import Credentials
     if out and pathlib.Path(out).exists() and not force:
         raise AlreadyExists(f"{out} exists; pass --force to overwrite it or choose another --out")
-    reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor))
+    reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor,
+                                                           user_id=user_id))
     path = pathlib.Path(out or f"{reply.device_id}.credentials.json")
     Credentials(reply.device_id, reply.token, obj.platform_addr or "", reply.platform_ca_pem,
-                reply.bundle_public_key.hex()).save(path)
-    emit(obj, {"device_id": reply.device_id, "credentials_file": str(path), "ttl_seconds": ttl},
-         lambda d: console.print(f"device {d['device_id']} enrolled; credential written to {d['credentials_file']} "
-                                 "(mode 0600; the only copy of its token)", highlight=False))
+                reply.bundle_public_key.hex(), user_id=reply.user_id).save(path)
+    emit(obj, {"device_id": reply.device_id, "user_id": reply.user_id, "credentials_file": str(path),
+               "ttl_seconds": ttl},
+         lambda d: console.print(f"device {d['device_id']} enrolled{' for user ' + d['user_id'] if d['user_id'] else ''}; "
+                                 f"credential written to {d['credentials_file']} (mode 0600; the only copy of its "
+                                 "token)", highlight=False))
 
 
 @device_group.command("revoke")

@@ -75,11 +75,16 @@ def test_new_task_runs_locally_in_the_sandbox_then_submits(cli, tmp_path):
     res = json.loads(cli("--json", "task", "run", str(folder), "--event", "nosuch").output)
     assert "never run" in res["warnings"][0]
 
-    # a broken version: exit 1, the task's own traceback
+    # what submit refuses, task run refuses too (exit 2, naming file and line)
     (folder / "main.py").write_text('from walle import log\n\n\ndef main(event):\n    log.info("start")\n'
                                     '    import os\n')
+    bad = cli("task", "run", str(folder), "--event", "app_open", code=2).output
+    assert "main.py:6: module 'os' is not available in the sandbox" in bad
+    # a version that fails when it runs: exit 1, its log line, the task's own traceback
+    (folder / "main.py").write_text('from walle import log\n\n\ndef main(event):\n    log.info("start")\n'
+                                    '    return event["payload"]["name"]\n')
     bad = cli("task", "run", str(folder), "--event", "app_open", code=1).output
-    assert "| info: start" in bad and "! ImportError: module 'os' is not available" in bad
+    assert "| info: start" in bad and "! KeyError: 'name'" in bad
     assert '!   File "main.py", line 6, in main' in bad
 
     # the scaffold (restored) passes submit

@@ -105,8 +105,9 @@ def test_enroll_writes_the_token_to_a_private_file_not_the_terminal(walle, tmp_p
     assert json.loads(again.output)["error"]["code"] == "ALREADY_EXISTS"
     assert json.loads(out.read_text())["token"] == cred["token"]  # the refused call changed nothing
     forced = json.loads(walle("--json", "device", "enroll", "--device-id", "phone-1", "--out", str(out),
-                              "--force").output)
-    assert forced == {"device_id": "phone-1", "credentials_file": str(out), "ttl_seconds": 0}
+                              "--force", "--user-id", "u7").output)
+    assert forced == {"device_id": "phone-1", "user_id": "u7", "credentials_file": str(out), "ttl_seconds": 0}
+    assert json.loads(out.read_text())["user_id"] == "u7"  # the device host keeps its bound user
     assert json.loads(out.read_text())["token"] != cred["token"]
 
 
