@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 import grpc
 
 from walle.protos import bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
@@ -61,6 +62,7 @@ class DeviceHost:
                  bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
         self.platform_address = platform_address or self.credentials.platform
         if channel is None and not self.platform_address:
@@ -230,8 +232,9 @@ class DeviceHost:
         if result.status == "ok":
             log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
         else:
+            # the error's first line is "Type: message"; the task's own traceback follows it
             log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
-                        error.strip().splitlines()[-1:] or "")
+                        (error.strip().splitlines() or [""])[0])
 
     def _send_report(self, task: InstalledTask, status: str, trigger: str, error: str, duration_s: float = 0.0,
                      peak_memory_kb: int = 0) -> None:
