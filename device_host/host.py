@@ -28,7 +28,9 @@ import grpc
 from walle.protos import bundle, device_pb2, tunnel_pb2
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
-from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
+from .recovery import set_aside
+from .storage import StorageCorrupt
+from .sync import BundleCache, CorruptInstall, InstalledTask, SyncResult, TaskStore, TaskSync
 from .triggers import TriggerEngine
 from .tunnel import DownTunnel, UpTunnel, tunnel_ops
 
@@ -65,6 +67,8 @@ class DeviceHost:
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
+        if self.up.recovered:
+            self._host_event("recovered", {"file": "tunnel.sqlite3", "problem": self.up.recovered})
         self.down = DownTunnel(self.data_dir / "resources", self.channel, md)
         self._storage = None
         self._models = None
@@ -87,11 +91,26 @@ class DeviceHost:
     # -- storage and models, opened on first use --------------------------------------------------
     @property
     def storage(self):
+        """Opened on first use. A corrupt file is set aside and reported, and StorageCorrupt raised (the run
+        that hit it fails with that message); the next use starts an empty storage."""
         with self._storage_lock:
             if self._storage is None:
-                from .storage import TaskStorage
-                self._storage = TaskStorage(self.data_dir / "storage.sqlite3")
+                from .storage import StorageCorrupt, TaskStorage
+                path = self.data_dir / "storage.sqlite3"
+                try:
+                    self._storage = TaskStorage(path)
+                except StorageCorrupt as e:
+                    account = set_aside(path, str(e))
+                    self._host_event("recovered", {"file": path.name, "problem": account})
+                    raise StorageCorrupt(f"{account}; task storage restarts empty") from None
             return self._storage
+
+    def _host_event(self, kind: str, detail: dict) -> None:
+        """Tell the platform what the host had to repair ("event.host.<kind>"); never raises."""
+        try:
+            self.up.send(f"event.host.{kind}", dict(detail, device_id=self.device_id))
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk; the problem is logged already
+            log.error("cannot queue a host %s event: %s", kind, e)
 
     @property
     def models(self):
@@ -160,11 +179,15 @@ class DeviceHost:
         if task is None:
             raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
-        api = self._host_api(task)
+        try:
+            files = task.files()
+            api = self._host_api(task)
+        except (CorruptInstall, StorageCorrupt) as e:
+            return self._cannot_run(task, trigger, e), []
         # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
         groups = set(task.manifest.apis)
         allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
-        result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=self._limits(task.manifest),
+        result = self.sandbox.run(files, task.manifest.entry, event or {}, limits=self._limits(task.manifest),
                                   api_handler=api, allowed_apis=allowed)
         self._report_run(task, result, trigger, api.logs)
         with self._stats_lock:
@@ -173,6 +196,25 @@ class DeviceHost:
         if self.on_run is not None:
             self.on_run(name, result)
         return result, [(e["name"], e["payload"]) for e in api.events]
+
+    def _cannot_run(self, task: InstalledTask, trigger: str, error: Exception):
+        """A run stopped before it started by a corrupt file: quarantine what can be fetched again, report
+        the run as failed with the reason, and carry on (the next sync re-installs the task)."""
+        from .sandbox import RunResult
+        message = str(error)
+        if isinstance(error, CorruptInstall):
+            self.store.quarantine(task, message)
+            self.sync.report_problems()
+            self.sync.poke()
+            message += "; the installed copy was quarantined and will be fetched again"
+        result = RunResult(status="error", error=message)
+        self._report_run(task, result, trigger, [])
+        with self._stats_lock:
+            self.stats["runs"] += 1
+            self.stats["failed"] += 1
+        if self.on_run is not None:
+            self.on_run(task.name, result)
+        return result
 
     def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
         rep = tunnel_pb2.RunReport(task=task.name, version=task.version, release_id=task.release_id,

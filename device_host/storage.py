@@ -31,6 +31,10 @@ _OPS = {"eq": "=", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _SCALARS = (str, int, float, bool, type(None))
 
 
+class StorageCorrupt(Exception):
+    """The storage file cannot be opened as a sound SQLite database (the host sets it aside)."""
+
+
 @dataclass(frozen=True)
 class Quotas:
     max_key_len: int = 128
@@ -58,9 +62,19 @@ class TaskStorage:
         self.quotas = quotas or Quotas()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        try:
+            self._init_schema()
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StorageCorrupt(f"device storage {Path(self.path).name} is corrupt: {exc}") from None
+
+    def _init_schema(self) -> None:
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self._lock = threading.RLock()
         with self._tx():
             self.db.execute("CREATE TABLE IF NOT EXISTS walle_kv (task TEXT NOT NULL, key TEXT NOT NULL, "
                             "value TEXT NOT NULL, PRIMARY KEY (task, key)) WITHOUT ROWID")

@@ -40,6 +40,8 @@ from google.protobuf import json_format
 
 from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
 
+from .recovery import set_aside
+
 log = logging.getLogger("walle.device.tunnel")
 
 MAX_BATCH_RECORDS = 500
@@ -83,15 +85,12 @@ class UpTunnel:
         self.metadata = tuple(metadata)
         self.max_records = max_records
         self.timeout = timeout
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed send() survives power loss, not only a process crash.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
-        self._db.execute("""CREATE TABLE IF NOT EXISTS up_queue (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
-            prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
-        self._db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+        self.durable = durable
+        self.recovered = ""   # why the queue file was found corrupt and set aside at open, if it was
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            self._db = self._recover(e)
         self._lock = threading.Lock()        # guards the connection
         self._upload_lock = threading.Lock()  # one upload at a time keeps order
         self._stats = {"sent": 0, "acked": 0, "duplicates": 0, "dropped": 0, "rejected": 0, "errors": 0}
@@ -101,9 +100,39 @@ class UpTunnel:
         self.unauthenticated = False
         self.last_error = ""
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed send() survives power loss, not only a process crash.
+            db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
+            db.execute("""CREATE TABLE IF NOT EXISTS up_queue (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+                prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
+            db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+            # Keys of records that must be queued at most once (e.g. one report per completed install).
+            db.execute("CREATE TABLE IF NOT EXISTS up_once (key TEXT PRIMARY KEY)")
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+            return db
+        except BaseException:
+            db.close()
+            raise
+
+    def _recover(self, error: Exception) -> sqlite3.Connection:
+        """The queue file is corrupt: set it aside (it may be salvaged by hand) and start an empty queue
+        whose seqs continue above any the cloud has seen, so it does not drop new records as duplicates."""
+        self.recovered = set_aside(self.path, str(error)) + "; the up-tunnel queue restarted empty"
+        db = self._open()
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('up_queue', ?)", [int(time.time() * 1000) * 1000])
+        return db
+
     # -- queue ----------------------------------------------------------------------------------
-    def send(self, topic: str, payload: bytes | dict | list | str) -> int:
-        """Queue one record durably; returns its seq."""
+    def send(self, topic: str, payload: bytes | dict | list | str, *, once_key: str = "") -> int:
+        """Queue one record durably; returns its seq. With `once_key`, a record with the same key that was
+        queued before (even by a previous process) is not queued again: 0 is returned."""
         if not isinstance(topic, str) or not TOPIC_RE.match(topic) or len(topic) > 128:
             raise TunnelError(f"up-tunnel topic {topic!r} is invalid: lower-case words separated by '.'")
         if isinstance(payload, (dict, list, str)):
@@ -115,6 +144,10 @@ class UpTunnel:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if once_key and not self._db.execute("INSERT OR IGNORE INTO up_once (key) VALUES (?)",
+                                                     [once_key]).rowcount:
+                    self._db.execute("ROLLBACK")
+                    return 0
                 cur = self._db.execute("INSERT INTO up_queue (topic, ts_ms, prio, payload) VALUES (?, ?, ?, ?)",
                                        [topic, int(time.time() * 1000), priority(topic), bytes(payload)])
                 seq = cur.lastrowid
