@@ -38,22 +38,68 @@ TASKS = ("ka", "kb", "kc")
 FILES_PER_TASK = 80
 FILE_BYTES = 6_000
 
-CHILD = """
-import logging, sys, time
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+# A launcher imports the device host once and forks a fresh device host process per start (as a zygote
+# would), so 50+ kill/restart rounds fit in a minute on a loaded machine. Each forked child builds its
+# own DeviceHost (own channel, threads and files) and is what gets SIGKILLed.
+LAUNCHER = """
+import logging, os, sys, time
 from walle.device_host.host import DeviceHost
-host = DeviceHost(sys.argv[1])
-mode = sys.argv[2]
-if mode == "loop":
-    host.start(watch=False)
-    print("ready", flush=True)
-    while True:
-        time.sleep(3600)
-host.sync_now()
-ok = host.up.flush(timeout=20)
-print("final", ok, flush=True)
-host.close()
+data = sys.argv[1]
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "reap":
+        os.waitpid(int(arg), 0)
+        print("reaped", arg, flush=True)
+        continue
+    pid = os.fork()
+    if pid:
+        print("pid", pid, flush=True)
+        continue
+    fd = os.open(arg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    host = DeviceHost(data)
+    if cmd == "loop":
+        host.start(watch=False)
+        print("ready", os.getpid(), flush=True)
+        while True:
+            time.sleep(3600)
+    host.sync_now()
+    ok = host.up.flush(timeout=20)
+    host.close()
+    print("final", ok, flush=True)
+    os._exit(0)
 """
+
+
+class Launcher:
+    def __init__(self, python: str, data: pathlib.Path, env: dict):
+        self.proc = subprocess.Popen([python, "-c", LAUNCHER, str(data)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def _cmd(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self, prefix: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(prefix):
+            raise RuntimeError(f"device host launcher said {line!r}, expected {prefix!r}")
+        return line.split()[1]
+
+    def start(self, mode: str, log: pathlib.Path) -> int:
+        self._cmd(f"{mode} {log}")
+        pid = int(self._read("pid"))
+        self._read("ready" if mode == "loop" else "final")
+        return pid
+
+    def reap(self, pid: int) -> None:
+        self._cmd(f"reap {pid}")
+        self._read("reaped")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 def task_files(name: str, n: int) -> dict[str, bytes]:
@@ -146,43 +192,38 @@ def run(kills: int = 60, seed: int = 1, workdir: str | None = None, python: str 
         for name in TASKS:
             plat.release(name)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        logged: set[tuple[str, str]] = set()
+        logged: set[tuple[str, str, str]] = set()
         pat = re.compile(r"installed (\w+)@([0-9a-f]+) \(release ([^)]*)\)")
+        logs = root / "logs"
+        logs.mkdir()
+        launcher = Launcher(python, data, env)
         sent = partial = 0
         t0 = time.perf_counter()
-        while sent < kills:
-            for name in rnd.sample(TASKS, 2):   # releases land while the host is down or starting
-                plat.release(name, rnd)
-            proc = subprocess.Popen([python, "-c", CHILD, str(data), "loop"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, text=True)
-            ready = proc.stdout.readline()    # imports done, first sync under way in the background
-            if not ready:
-                err = proc.stderr.read()
-                proc.wait()
-                raise RuntimeError(f"device host did not start: {err[-2000:]}")
-            time.sleep(rnd.uniform(min_delay, max_delay))
-            proc.send_signal(signal.SIGKILL)
-            _, err = proc.communicate()
-            sent += 1
-            for line in err.splitlines():
-                m = pat.search(line)
-                if m:
-                    logged.add(m.groups())
-            partial += sum(1 for d in (data / "tasks").glob("*/*") if d.is_dir() and not d.name.endswith(".tmp")
-                           and not d.name.startswith(".") and not (d / "main.py").exists())
-            if verbose:
-                print(f"kill {sent}: {len(logged)} installs logged so far", file=sys.stderr)
-        loop_s = time.perf_counter() - t0
-        for name in TASKS:  # a dropped task comes back as one of its older versions (a folder seen before)
-            if not plat.platform.state.releases(task=name, active_only=True):
-                plat.platform.CreateRelease(admin_pb2.CreateReleaseRequest(
-                    task=name, version=rnd.choice([v for (t, v) in plat.files if t == name][-3:])))
-        final = subprocess.run([python, "-c", CHILD, str(data), "final"], capture_output=True, text=True, env=env,
-                               timeout=120)
-        for line in final.stderr.splitlines():
-            m = pat.search(line)
-            if m:
-                logged.add(m.groups())
+        try:
+            while sent < kills:
+                for name in rnd.sample(TASKS, 2):   # releases land while the host is down or starting
+                    plat.release(name, rnd)
+                log_file = logs / f"{sent}.log"
+                pid = launcher.start("loop", log_file)   # returns once the host runs its first sync
+                time.sleep(rnd.uniform(min_delay, max_delay))
+                os.kill(pid, signal.SIGKILL)
+                launcher.reap(pid)
+                sent += 1
+                logged.update(m.groups() for m in map(pat.search, log_file.read_text().splitlines()) if m)
+                partial += sum(1 for d in (data / "tasks").glob("*/*") if d.is_dir() and not d.name.endswith(".tmp")
+                               and not d.name.startswith(".") and not (d / "main.py").exists())
+                if verbose:
+                    print(f"kill {sent}: {len(logged)} installs logged so far", file=sys.stderr)
+            loop_s = time.perf_counter() - t0
+            for name in TASKS:  # a dropped task comes back as one of its older versions (a folder seen before)
+                if not plat.platform.state.releases(task=name, active_only=True):
+                    plat.platform.CreateRelease(admin_pb2.CreateReleaseRequest(
+                        task=name, version=rnd.choice([v for (t, v) in plat.files if t == name][-3:])))
+            launcher.start("final", logs / "final.log")
+        finally:
+            launcher.close()
+        final_log = (logs / "final.log").read_text() if (logs / "final.log").exists() else ""
+        logged.update(m.groups() for m in map(pat.search, final_log.splitlines()) if m)
         checks = {name: runnable(data, name, plat) for name in TASKS}
         completed = set(logged)
         for name, (ok, cur) in checks.items():
@@ -195,14 +236,12 @@ def run(kills: int = 60, seed: int = 1, workdir: str | None = None, python: str 
         counts = {tv: count(tv) for tv in completed}
         return {
             "kills": sent, "loop_seconds": round(loop_s, 1), "partial_folders_seen_after_kills": partial,
-            "final_exit": final.returncode, "final_stdout": final.stdout.strip(),
             "installs_completed": len(completed),
             "reported": sum(1 for n in counts.values() if n >= 1),
             "never_reported": sum(1 for n in counts.values() if n == 0),
             "duplicates": repeats,
             "runnable": sum(1 for ok, _ in checks.values() if ok), "tasks": len(TASKS),
             "not_runnable": {n: why for n, (ok, why) in checks.items() if not ok},
-            "final_stderr_tail": final.stderr[-1500:] if final.returncode else "",
         }
     finally:
         plat.stop(0)

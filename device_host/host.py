@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 import pathlib
-import re
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -26,6 +25,7 @@ from typing import Any, Callable, Mapping
 import grpc
 
 from walle.protos import bundle, device_pb2, tunnel_pb2
+from walle.protos.namespaces import storage_scope
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .recovery import set_aside
@@ -133,8 +133,9 @@ class DeviceHost:
 
     @staticmethod
     def namespace(manifest: device_pb2.TaskManifest) -> str:
-        """Storage namespace: the manifest's (shared by cooperating tasks), else one from the name."""
-        return manifest.namespace or re.sub(r"[-_]+", "_", manifest.name).strip("_")
+        """The task's storage (and model) scope: its namespace, shared only with the tasks each side grants
+        in namespace_members (walle.protos.namespaces; checked at submit and at install), else its own."""
+        return storage_scope(manifest)
 
     def _count_rows(self, task: str, table: str) -> int:
         installed = self.store.get(task)

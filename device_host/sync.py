@@ -36,6 +36,7 @@ import grpc
 from google.protobuf import json_format
 
 from walle.protos import bundle, device_pb2, device_pb2_grpc, tunnel_pb2
+from walle.protos.namespaces import sharing_problem
 
 from .recovery import set_aside
 from .tunnel import backoff_delay
@@ -512,7 +513,8 @@ class TaskSync:
             self._report(task, "rejected", reason)
         self._refused[task.bundle_digest] = (reason, retry)
 
-    def _converge(self, task: device_pb2.ActiveTask, have: InstalledTask | None, result: SyncResult) -> None:
+    def _converge(self, task: device_pb2.ActiveTask, have: InstalledTask | None, result: SyncResult,
+                  peers: dict[str, device_pb2.TaskManifest]) -> None:
         if have is not None and have.version == task.version and have.digest == task.bundle_digest:
             if have.release_id != task.release_id:
                 # Same version under a new release (e.g. a rollback): count the delivery there too.
@@ -521,6 +523,11 @@ class TaskSync:
         refused = self._refused.get(task.bundle_digest)
         if refused and not refused[1]:
             return  # refused by this device's capabilities: that will not change
+        # Sharing storage is granted, not claimed: checked against the other tasks as they will be after
+        # this sync (the platform's list, else what stays installed). A refused task keeps its old version.
+        problem = sharing_problem(task.manifest, peers.values())
+        if problem is not None:
+            return self._refuse(result, task, have, f"namespace refused: {problem}", retry=True)
         reason = self.accept(task) if self.accept else None
         if reason is not None:
             return self._refuse(result, task, have, reason, retry=reason.startswith("bundle"))
@@ -562,8 +569,10 @@ class TaskSync:
                     continue
                 result.dropped.append(installed[name].ref)
                 log.info("dropped %s: no longer released to this device", installed[name].ref)
+            peers = {n: t.manifest for n, t in self.store.installed().items()}
+            peers.update((t.name, t.manifest) for t in reply.tasks)
             for task in reply.tasks:
-                self._converge(task, installed.get(task.name), result)
+                self._converge(task, installed.get(task.name), result, peers)
             self.report_problems()
             self.revision = reply.revision
             self.poll_after = float(result.poll_after_seconds)

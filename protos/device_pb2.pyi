@@ -59,7 +59,7 @@ class Limits(_message.Message):
     def __init__(self, memory_mb: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class TaskManifest(_message.Message):
-    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace")
+    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace", "namespace_members")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class TaskManifest(_message.Message):
     APIS_FIELD_NUMBER: _ClassVar[int]
     MIN_HOST_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     entry: str
     description: str
@@ -76,7 +77,8 @@ class TaskManifest(_message.Message):
     apis: _containers.RepeatedScalarFieldContainer[str]
     min_host_version: str
     namespace: str
-    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+    namespace_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ..., namespace_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActiveTask(_message.Message):
     __slots__ = ("name", "version", "bundle_digest", "bundle_size", "manifest", "release_id", "signature")
