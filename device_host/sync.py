@@ -36,7 +36,7 @@ import grpc
 from google.protobuf import json_format
 
 from walle.protos import bundle, device_pb2, device_pb2_grpc, tunnel_pb2
-from walle.protos.namespaces import sharing_problem
+from walle.protos.namespaces import owns_by_name, sharing_problem, storage_scope
 
 from .recovery import set_aside
 from .tunnel import backoff_delay
@@ -524,8 +524,16 @@ class TaskSync:
         if refused and not refused[1]:
             return  # refused by this device's capabilities: that will not change
         # Sharing storage is granted, not claimed: checked against the other tasks as they will be after
-        # this sync (the platform's list, else what stays installed). A refused task keeps its old version.
-        problem = sharing_problem(task.manifest, peers.values())
+        # this sync (the platform's list, else what stays installed). Of two tasks in one scope without a
+        # mutual grant, the claimant is refused: the one not owning the scope by name, else the one not
+        # installed there; with neither told apart, both. A refused task keeps its old version.
+        installed = self.store.installed()
+
+        def rank(m: device_pb2.TaskManifest) -> tuple[bool, bool]:
+            t = installed.get(m.name)
+            return owns_by_name(m), t is not None and storage_scope(t.manifest) == storage_scope(m)
+        mine = rank(task.manifest)
+        problem = sharing_problem(task.manifest, peers.values(), gives_way=lambda other: rank(other) < mine)
         if problem is not None:
             return self._refuse(result, task, have, f"namespace refused: {problem}", retry=True)
         reason = self.accept(task) if self.accept else None

@@ -10,7 +10,7 @@ coda_train and coda_infer all declare namespace "coda" with the three of them as
 from __future__ import annotations
 
 import re
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 
 class _Manifest(Protocol):   # walle.platform.manifest.Manifest or device_pb2.TaskManifest
@@ -24,11 +24,20 @@ def storage_scope(manifest: _Manifest) -> str:
     return manifest.namespace or re.sub(r"[-_]+", "_", manifest.name).strip("_")
 
 
-def sharing_problem(manifest: _Manifest, others: Iterable[_Manifest]) -> str | None:
-    """Why `manifest` may not live next to `others` (other tasks' manifests), or None if it may."""
+def owns_by_name(manifest: _Manifest) -> bool:
+    """The task's scope is the one derived from its own name: another task claiming it is the claimant."""
+    return storage_scope(manifest) == re.sub(r"[-_]+", "_", manifest.name).strip("_")
+
+
+def sharing_problem(manifest: _Manifest, others: Iterable[_Manifest],
+                    gives_way: Callable[[_Manifest], bool] | None = None) -> str | None:
+    """Why `manifest` may not live next to `others` (other tasks' manifests), or None if it may.
+    `gives_way(other)`: that ungranted other is the one to refuse, so it does not count against `manifest`."""
     scope = storage_scope(manifest)
     for other in others:
         if other.name == manifest.name or storage_scope(other) != scope:
+            continue
+        if gives_way is not None and gives_way(other):
             continue
         if other.name not in manifest.namespace_members or manifest.name not in other.namespace_members:
             return (f"task {manifest.name!r} would share storage namespace {scope!r} with task {other.name!r}, "
