@@ -7,6 +7,7 @@ import json
 import logging
 import pathlib
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -98,8 +99,14 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 _fail(f"--event {spec!r}: payload is not JSON: {e}")
     except IdentityError as e:
         _fail(str(e))
+    except OSError as e:   # e.g. the credential cannot be copied into a full data folder
+        _fail(f"cannot write the credential into {data}: {e.strerror or e}", 1)
     sandbox = _sandbox(profile, allow_unconfined_tasks)
-    host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    try:
+        host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    except (OSError, sqlite3.Error) as e:  # a full or read-only disk: say so, no traceback
+        sandbox.close()
+        _fail(f"cannot open the device's data folder {data}: {e} (is the disk full?)", 1)
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
              ", ".join(f"{k}={v}" for k, v in attributes.items()) or "none")
     try:
@@ -114,6 +121,8 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                     log.error("the platform refused this device's credential (%s); enroll it again", e.details())
                 else:
                     log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
+            except (OSError, sqlite3.Error) as e:   # e.g. a full disk
+                log.error("sync failed: %s (running what is installed)", e)
             for name, payload in parsed_events:
                 log.info("event %s -> %s", name, ", ".join(host.emit(name, payload)) or "no task")
             host.triggers.check_tables()

@@ -6,10 +6,26 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import sqlite3
 
 log = logging.getLogger("walle.device.recovery")
 
 CORRUPT_SUFFIX = ".corrupt"
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+class CorruptDatabase(sqlite3.DatabaseError):
+    """PRAGMA quick_check found damage in a database that opened."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """True for a damaged or foreign SQLite file; False for a full disk, a lock or permissions, which
+    must never get a sound file set aside."""
+    if isinstance(error, CorruptDatabase):
+        return True
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (_SQLITE_CORRUPT,
+                                                                                           _SQLITE_NOTADB)
 
 
 def set_aside(path: str | os.PathLike, why: str) -> str:

@@ -22,6 +22,8 @@ import sqlite_utils
 
 from walle.protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from .recovery import CorruptDatabase, is_corruption
+
 TASK_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 COLUMN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -67,9 +69,11 @@ class TaskStorage:
             self._init_schema()
             problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if problem != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+                raise CorruptDatabase(f"quick_check: {problem}")
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if not is_corruption(exc):
+                raise   # e.g. a full disk: the file is sound
             raise StorageCorrupt(f"device storage {Path(self.path).name} is corrupt: {exc}") from None
 
     def _init_schema(self) -> None:

@@ -72,6 +72,7 @@ class InstalledTask:
     path: pathlib.Path
     install_id: str = ""
     delivered_as: str = "installed"   # the delivery report this install owes: "installed" | "rolled_back"
+    reported: bool = False            # that report is queued (the up-tunnel key makes it exactly once)
     _files: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -102,7 +103,7 @@ class InstalledTask:
 
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "digest": self.digest, "release_id": self.release_id,
-                "install_id": self.install_id, "delivered_as": self.delivered_as,
+                "install_id": self.install_id, "delivered_as": self.delivered_as, "reported": self.reported,
                 "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)}
 
 
@@ -214,7 +215,8 @@ class TaskStore:
             path = self.root / name / entry["version"]
             manifest = json_format.ParseDict(entry["manifest"], device_pb2.TaskManifest())
             task = InstalledTask(name, entry["version"], entry["digest"], entry.get("release_id", ""), manifest, path,
-                                 entry.get("install_id", ""), entry.get("delivered_as", "installed"))
+                                 entry.get("install_id", ""), entry.get("delivered_as", "installed"),
+                                 bool(entry.get("reported")))
         except (KeyError, TypeError, ValueError, json_format.ParseError) as e:
             self._problem(name, entry if isinstance(entry, dict) else None, f"{CURRENT_FILE} entry is invalid ({e})")
             return None
@@ -329,6 +331,15 @@ class TaskStore:
                 self._cache[task.name] = new
             return new
 
+    def mark_reported(self, task: InstalledTask) -> None:
+        """Record in current.json that this install's delivery report is queued."""
+        with self._lock:
+            pointer = self._pointer(task.name)
+            current = pointer.get("current") or {}
+            if current.get("install_id") == task.install_id and not current.get("reported"):
+                current["reported"] = task.reported = True
+                self._write_pointer(task.name, pointer)
+
     def has_local(self, name: str, version: str, digest: str) -> bool:
         """True if this exact version is still on disk, intact, as the previous one (a rollback needs no download)."""
         with self._lock:
@@ -362,7 +373,7 @@ class TaskStore:
             prev = self._load(name, pointer.get("previous"), check=True)
             if prev is None:
                 raise SyncError(f"task {name!r} has no previous version installed to roll back to")
-            prev.install_id, prev.delivered_as = secrets.token_hex(8), "rolled_back"
+            prev.install_id, prev.delivered_as, prev.reported = secrets.token_hex(8), "rolled_back", False
             entry = prev.to_json()
             self._write_pointer(name, {"current": entry, "previous": pointer.get("current")})
             if self._cache is not None:
@@ -483,12 +494,16 @@ class TaskSync:
     def _report_install(self, t: InstalledTask) -> None:
         """Report a completed install (or local rollback) exactly once: keyed by its install id, so the
         report queued before a crash and the one re-sent after it are the same record."""
-        if not t.install_id or t.install_id in self._reported:
+        if not t.install_id or t.install_id in self._reported or t.reported:
             return
         rep = tunnel_pb2.DeliveryReport(task=t.name, version=t.version, release_id=t.release_id,
                                         status=t.delivered_as)
         if self._send("delivery", rep.SerializeToString(), once_key=f"install:{t.name}:{t.install_id}"):
             self._reported.add(t.install_id)
+            try:   # remembered next to the install too, in case the queue file is lost before upload
+                self.store.mark_reported(t)
+            except OSError as e:
+                log.warning("could not record that %s was reported: %s", t.ref, e)
 
     def report_problems(self) -> None:
         """Tell the platform what the store had to quarantine (corrupt files), then forget it."""

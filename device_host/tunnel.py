@@ -40,7 +40,7 @@ from google.protobuf import json_format
 
 from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
 
-from .recovery import set_aside
+from .recovery import CorruptDatabase, is_corruption, set_aside
 
 log = logging.getLogger("walle.device.tunnel")
 
@@ -90,6 +90,8 @@ class UpTunnel:
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as e:
+            if not is_corruption(e):
+                raise   # e.g. a full disk: the file is sound, never set it aside
             self._db = self._recover(e)
         self._lock = threading.Lock()        # guards the connection
         self._upload_lock = threading.Lock()  # one upload at a time keeps order
@@ -115,7 +117,7 @@ class UpTunnel:
             db.execute("CREATE TABLE IF NOT EXISTS up_once (key TEXT PRIMARY KEY)")
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
             if problem != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+                raise CorruptDatabase(f"quick_check: {problem}")
             return db
         except BaseException:
             db.close()
