@@ -81,17 +81,21 @@ class Launcher:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def _read(self, prefix: str) -> str:
-        line = self.proc.stdout.readline()
-        if not line.startswith(prefix):
-            raise RuntimeError(f"device host launcher said {line!r}, expected {prefix!r}")
-        return line.split()[1]
+    def _read(self, *words: str) -> dict[str, str]:
+        """The next lines starting with each of `words`, in whatever order they come (the forked child
+        may print before its parent does)."""
+        got: dict[str, str] = {}
+        while len(got) < len(words):
+            line = self.proc.stdout.readline()
+            word = line.split(" ", 1)[0]
+            if word not in words:
+                raise RuntimeError(f"device host launcher said {line!r}, expected {words}")
+            got[word] = line.split()[1]
+        return got
 
     def start(self, mode: str, log: pathlib.Path) -> int:
         self._cmd(f"{mode} {log}")
-        pid = int(self._read("pid"))
-        self._read("ready" if mode == "loop" else "final")
-        return pid
+        return int(self._read("pid", "ready" if mode == "loop" else "final")["pid"])
 
     def reap(self, pid: int) -> None:
         self._cmd(f"reap {pid}")

@@ -218,8 +218,8 @@ def test_disk_full_one_install_fails_alone_is_reported_and_cleaned_up(live, tmp_
     is needed and nothing outlives the test); one task's bundle does not fit."""
     if shutil.which("unshare") is None:
         pytest.fail("this test needs unshare(1) (util-linux) to mount a small tmpfs")
+    big = live.release("b_big", 1, pad=2_700_000)      # 2.7 MB of scripts do not fit in 2 MB; synced first
     v_small = [live.release(n, 1) for n in ("a_small", "c_small")]
-    big = live.release("b_big", 1, pad=2_700_000)      # 2.7 MB of scripts do not fit in 2 MB
     token = live.platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="full")).token
     Credentials("full", token, live.address).save(tmp_path / "cred.json")
     out = tmp_path / "out"
