@@ -1,5 +1,6 @@
-"""Device-side commands, mounted by the main `walle` CLI: `walle device run` (one device host) and
-`walle fleet run` (N emulated devices in one process)."""
+"""Device-side commands, mounted by the main `walle` CLI: `walle device run` (one device host),
+`walle device emit|ask` (talk to a running host through its app socket) and `walle fleet run`
+(N emulated devices in one process)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,9 @@ import time
 import click
 import grpc
 
+from walle.protos.clikit import WalleCommand, json_option, print_json, want_json
+from walle.protos.errors import InvalidArgument, WalleError
+
 from .identity import Credentials, IdentityError, credentials_path, parse_attrs
 
 log = logging.getLogger("walle.device.cli")
@@ -25,11 +29,6 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO  # a device host narrates by default
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("walle").setLevel(level)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def _sandbox(profile: str, allow_unconfined: bool, workers: int = 1):
@@ -48,7 +47,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
               help="Platform server address (default: the one in the credential file).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False),
@@ -64,7 +63,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
               help="Sandbox profile; android_sim emulates an Android app's seccomp policy.")
 @click.option("--once", is_flag=True, help="Sync once, run what is due, upload reports, and exit.")
 @click.option("--event", "events", multiple=True, metavar="NAME[=JSON]",
-              help="Emit an app event after syncing (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
+              help="Emit an app event after the first sync (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
 @click.option("-v", "--verbose", count=True, help="-v info (default), -vv debug.")
 def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, allow_unconfined_tasks, profile, once,
                events, verbose):
@@ -80,7 +79,7 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             cred.save(credentials_path(data))
         elif token:
             if not device_id:
-                _fail("--token needs --device-id (or use --token-file)")
+                raise InvalidArgument("--token needs --device-id (or use --token-file)")
             cred = Credentials(device_id, token, platform_addr or "")
             log.warning("--token: no platform CA or bundle key pinned; plaintext gRPC and unsigned bundles "
                         "(use --token-file from `walle device enroll --out` for TLS and signature checks)")
@@ -89,42 +88,49 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             cred = Credentials.load(credentials_path(data))
         address = platform_addr or cred.platform
         if not address:
-            _fail("no platform address: pass --platform HOST:PORT")
+            raise InvalidArgument("no platform address: pass --platform HOST:PORT")
         parsed_events = []
         for spec in events:
             name, _, raw = spec.partition("=")
             try:
                 parsed_events.append((name, json.loads(raw) if raw else {}))
             except ValueError as e:
-                _fail(f"--event {spec!r}: payload is not JSON: {e}")
+                raise InvalidArgument(f"--event {spec!r}: payload is not JSON: {e}") from None
     except IdentityError as e:
-        _fail(str(e))
+        raise InvalidArgument(str(e)) from None
     except OSError as e:   # e.g. the credential cannot be copied into a full data folder
-        _fail(f"cannot write the credential into {data}: {e.strerror or e}", 1)
+        raise WalleError(f"cannot write the credential into {data}: {e.strerror or e}") from None
+    from . import app
     sandbox = _sandbox(profile, allow_unconfined_tasks)
     try:
         host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
     except (OSError, sqlite3.Error) as e:  # a full or read-only disk: say so, no traceback
         sandbox.close()
-        _fail(f"cannot open the device's data folder {data}: {e} (is the disk full?)", 1)
+        raise WalleError(f"cannot open the device's data folder {data}: {e} (is the disk full?)") from None
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
              ", ".join(f"{k}={v}" for k, v in attributes.items()) or "none")
     try:
+        # The first sync comes before any --event: an event fired before it would find no task installed.
+        try:
+            res = host.sync_now()
+            log.info("in sync: %d installed, %d dropped, %d refused; now running: %s", len(res.installed),
+                     len(res.dropped), len(res.rejected), ", ".join(sorted(host.installed())) or "nothing")
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                host.sync.unauthenticated = e.details() or "unauthenticated"
+                log.error("the platform refused this device's credential (%s); enroll it again", e.details())
+            else:
+                log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
+        except (OSError, sqlite3.Error) as e:   # e.g. a full disk
+            log.error("sync failed: %s (running what is installed)", e)
+        for name, payload in parsed_events:
+            tasks = app.emit(host, name, payload)[0]
+            if tasks:
+                log.info("event %s -> %s", name, ", ".join(tasks))
+            else:
+                log.warning("event %s triggers no installed task (installed: %s)", name,
+                            ", ".join(sorted(host.installed())) or "none")
         if once:
-            try:
-                res = host.sync_now()
-                log.info("in sync: %d installed, %d dropped, %d refused; now running: %s", len(res.installed),
-                         len(res.dropped), len(res.rejected), ", ".join(sorted(host.installed())) or "nothing")
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    host.sync.unauthenticated = e.details() or "unauthenticated"
-                    log.error("the platform refused this device's credential (%s); enroll it again", e.details())
-                else:
-                    log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
-            except (OSError, sqlite3.Error) as e:   # e.g. a full disk
-                log.error("sync failed: %s (running what is installed)", e)
-            for name, payload in parsed_events:
-                log.info("event %s -> %s", name, ", ".join(host.emit(name, payload)) or "no task")
             host.triggers.check_tables()
             runs = host.triggers.drain()
             ok = host.up.flush(timeout=10)
@@ -134,14 +140,16 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             stop = threading.Event()
             _stop_on_signals(stop)
             host.start()
-            for name, payload in parsed_events:
-                host.emit(name, payload)
-            log.info("running; Ctrl-C to stop")
-            while not stop.wait(1.0):
-                if host.sync.unauthenticated:
-                    log.error("stopping: the platform no longer accepts this device's credential (%s)",
-                              host.sync.unauthenticated)
-                    break
+            server = app.AppServer(host)  # refuses (exit 6) a data folder others can write
+            log.info("running; app socket %s; Ctrl-C to stop", server.path)
+            try:
+                while not stop.wait(1.0):
+                    if host.sync.unauthenticated:
+                        log.error("stopping: the platform no longer accepts this device's credential (%s)",
+                                  host.sync.unauthenticated)
+                        break
+            finally:
+                server.stop()
             code = 1 if host.sync.unauthenticated else 0
     finally:
         host.stop(flush_timeout=3)
@@ -150,7 +158,55 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
     sys.exit(code)
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+def _payload(text: str) -> object:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError as e:
+        raise InvalidArgument(f"payload is not JSON: {e}") from None
+
+
+@click.command("emit", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("name")
+@click.argument("payload", default="")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="The running device host's folder.")
+@json_option
+def device_emit(name, payload, data_dir):
+    """Send an app event (NAME, optional JSON PAYLOAD) to a running device host: it is logged and
+    queues the tasks it triggers."""
+    from .app import AppClient
+    with AppClient(data_dir) as client:
+        reply = client.emit(name, _payload(payload))
+    if want_json():
+        print_json({"seq": reply.seq, "tasks": list(reply.tasks)})
+    else:
+        click.echo(f"event #{reply.seq} {name} -> {', '.join(reply.tasks) or 'no task'}")
+
+
+@click.command("ask", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("event")
+@click.argument("payload", default="")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="The running device host's folder.")
+@click.option("--task", default="", help="The task to ask (default: the one task EVENT triggers).")
+@click.option("--timeout", default=0.0, type=float, help="Seconds (default: the task's own wall-clock limit).")
+@json_option
+def device_ask(event, payload, data_dir, task, timeout):
+    """Run a task on a running device host now with EVENT and JSON PAYLOAD; print its result.
+    Exit 0 when the task returned, 5 when it failed (its error is printed)."""
+    from .app import AppClient
+    with AppClient(data_dir) as client:
+        reply = client.ask(event, _payload(payload), task=task, timeout=timeout)
+    result = json.loads(reply.result_json) if reply.result_json else None
+    if want_json():
+        print_json({"task": reply.task, "version": reply.version, "status": reply.status,
+                    "result": result, "error": reply.error, "duration_s": reply.duration_s})
+    elif reply.status == "ok":
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"error: {reply.task} {reply.status}: {reply.error.strip()}", err=True)
+    sys.exit(0 if reply.status == "ok" else 5)
+
+
+@click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--devices", "n", required=True, type=click.IntRange(1, 100_000), help="How many devices to emulate.")
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", required=True, metavar="HOST:PORT",
               help="Platform server address.")
@@ -195,16 +251,15 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     try:
         payload = json.loads(raw) if raw else {}
     except ValueError as e:
-        _fail(f"--event: payload is not JSON: {e}")
+        raise InvalidArgument(f"--event: payload is not JSON: {e}") from None
     sandbox = _sandbox("native", allow_unconfined_tasks, workers=2) if event_name else None
     try:
         t0 = time.perf_counter()
         fleet = Fleet(n, platform_addr, base, profile_file=profile_file, seed=seed, sandbox=sandbox,
                       enroll=None if credentials_file else enroll, credentials_file=credentials_file,
                       workers=workers, channel=channel, progress=True)
-    except (IdentityError, grpc.RpcError) as e:
-        detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
-        _fail(f"cannot set up the fleet: {detail}")
+    except IdentityError as e:
+        raise InvalidArgument(f"cannot set up the fleet: {e}") from None
     console.print(f"{n} devices ready in {time.perf_counter() - t0:.1f}s (folders under {base})")
 
     def on_round(st):

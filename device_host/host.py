@@ -8,12 +8,15 @@ Data folder layout:
   resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
   storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
   models/            on-device models (walle.device_host.models.store.ModelStore)
+  app_events.sqlite3 the app's event log (walle.device_host.app.AppEventLog)
+  app/app.sock       the app interface socket while `walle device run` serves it (app.AppServer)
 
 `run_task` always runs the INSTALLED version at the moment the run starts, so a newly synced version is
 picked up by the next run with nothing restarted (hot deploy). Each run sends a RunReport up the tunnel.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -72,6 +75,7 @@ class DeviceHost:
         self.down = DownTunnel(self.data_dir / "resources", self.channel, md)
         self._storage = None
         self._models = None
+        self._app_log = None
         self._storage_lock = threading.Lock()
         self.sync = TaskSync(self.store, self.channel, md, self.device_info, report=self.up.send,
                              on_change=self._on_change, accept=self._accept, bundle_cache=bundle_cache)
@@ -120,6 +124,14 @@ class DeviceHost:
                 self._models = ModelStore(self.data_dir / "models")
             return self._models
 
+    @property
+    def app_log(self):
+        with self._storage_lock:
+            if self._app_log is None:
+                from .app import AppEventLog
+                self._app_log = AppEventLog(self.data_dir / "app_events.sqlite3")
+            return self._app_log
+
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
         key = self.credentials.bundle_public_key
         if key and not bundle.verify_signature(bytes.fromhex(key), task.bundle_digest, task.signature):
@@ -164,16 +176,23 @@ class DeviceHost:
         extra: dict[str, Callable] = {}
         if "tunnel" in apis:
             extra.update(tunnel_ops(task.name, self.up, self.down))
+            from .sample_client import pull_op
+            extra["tunnel.pull"] = pull_op(self.storage, self.namespace(task.manifest), self.channel,
+                                           self.credentials.metadata, self.emit)
         if "model" in apis:
             from .models.api import make_model_ops
             extra.update(make_model_ops(self.models, self.model_pool))
+        if "events" in apis:
+            from .app import event_ops
+            extra.update(event_ops(self.app_log))
         return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
         """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""
         return self._run(name, event, trigger)[0]
 
-    def _run(self, name: str, event: dict | None, trigger: str) -> tuple[Any, list]:
+    def _run(self, name: str, event: dict | None, trigger: str,
+             wall_seconds: float | None = None) -> tuple[Any, list]:
         if self.sandbox is None:
             raise RuntimeError("this device host has no sandbox; pass sandbox=Sandbox(...)")
         task = self.store.get(name)
@@ -188,7 +207,10 @@ class DeviceHost:
         # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
         groups = set(task.manifest.apis)
         allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
-        result = self.sandbox.run(files, task.manifest.entry, event or {}, limits=self._limits(task.manifest),
+        limits = self._limits(task.manifest)
+        if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline
+            limits = dataclasses.replace(limits, wall_seconds=wall_seconds)
+        result = self.sandbox.run(files, task.manifest.entry, event or {}, limits=limits,
                                   api_handler=api, allowed_apis=allowed)
         self._report_run(task, result, trigger, api.logs)
         with self._stats_lock:
@@ -265,6 +287,8 @@ class DeviceHost:
         self.up.close()
         if self._storage is not None and hasattr(self._storage, "close"):
             self._storage.close()
+        if self._app_log is not None:
+            self._app_log.close()
         if self._own_channel:
             self.channel.close()
 

@@ -50,7 +50,7 @@ MAX_BATCHES_PER_UPLOAD = 8
 MAX_RECORD_BYTES = 256 * 1024
 DEFAULT_MAX_RECORDS = 100_000
 TOPIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
-TASK_SHARED_TOPICS = frozenset({"behavior"})
+TASK_SHARED_TOPICS = frozenset({"behavior", "behavior.batch"})
 DOWN_MAX_BYTES = 4 << 20
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -376,6 +376,14 @@ def _up_payload(topic: str, data: Any) -> bytes | dict | list | str:
             return json_format.ParseDict(data, coda_pb2.BehaviorLog()).SerializeToString()
         except json_format.ParseError as e:
             raise TunnelError(f"tunnel.up('behavior'): {e}") from None
+    if topic == "behavior.batch":
+        # Aggregated behaviour, compressed on the device: zlib(BehaviorBatch{first_seq, logs}).
+        if not isinstance(data, dict):
+            raise TunnelError("tunnel.up('behavior.batch', data): data must be {'first_seq': n, 'logs': [BehaviorLog fields]}")
+        try:
+            return zlib.compress(json_format.ParseDict(data, coda_pb2.BehaviorBatch()).SerializeToString())
+        except json_format.ParseError as e:
+            raise TunnelError(f"tunnel.up('behavior.batch'): {e}") from None
     if isinstance(data, (bytes, bytearray)):
         return bytes(data)
     try:

@@ -4,20 +4,11 @@ from __future__ import annotations
 import grpc
 
 from walle.protos import admin_pb2_grpc
-
-from . import errors
-
-_BY_CODE = {cls.grpc_code: cls for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
-                                          errors.FailedPrecondition, errors.PermissionDenied,
-                                          errors.Unauthenticated, errors.ResourceExhausted, errors.Unavailable)}
+from walle.protos.errors import WalleError, from_status
 
 
-def error_from_rpc(e: grpc.RpcError) -> errors.WalleError:
-    code = e.code().name if e.code() else "UNKNOWN"
-    cls = _BY_CODE.get(code, errors.WalleError)
-    if code == "UNAVAILABLE":
-        return errors.Unavailable(f"platform unreachable: {e.details()}")
-    return cls(e.details() or code)
+def error_from_rpc(e: grpc.RpcError) -> WalleError:
+    return from_status(e.code().name if e.code() else "UNKNOWN", e.details() or "")
 
 
 class RemoteAdmin:

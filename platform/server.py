@@ -1,15 +1,21 @@
 """The platform's gRPC server: DeviceService and TunnelService for devices (device credential in the
-metadata), AdminService for operators, and the standard grpc.health.v1 health service."""
+metadata), AdminService for operators, and the standard grpc.health.v1 health service.
+
+Every handler is a coroutine on one event loop. Blocking platform work (SQLite, git, blob reads) runs
+in a bounded thread pool (the loop's default executor, via asyncio.to_thread); no pool thread ever
+waits on the loop or on a client, so a client that cancels or vanishes mid-stream costs nothing once
+its coroutine is cancelled. One interceptor translates errors for every service, and stop() is bounded."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
+import inspect
 import logging
 import threading
 import time
-import traceback
+import weakref
 from concurrent import futures
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,44 +23,103 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from walle.protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 
 from .auth import bearer_token
-from .errors import WalleError
+from .errors import Unauthenticated, WalleError
 from .service import Platform
 
 log = logging.getLogger("walle.platform.server")
+access_log = logging.getLogger("walle.platform.access")
 CHUNK = 64 * 1024
 MAX_MESSAGE = 32 * 1024 * 1024
+ADMIN_PREFIX = "/walle.v1.AdminService/"
+
+# The operator an admin call authenticated as, for its access-log line (set by the handler, read by
+# the interceptor wrapping it: both run in the call's task, so they share this context).
+_actor: contextvars.ContextVar[str] = contextvars.ContextVar("walle_actor", default="-")
 
 
-def _status(err: WalleError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, err.grpc_code)
+# -- one error translation for every service ----------------------------------------------------------
+class ErrorTranslation(grpc.aio.ServerInterceptor):
+    """Known errors (WalleError) become their gRPC status with the same message and no traceback; any
+    other exception is a bug: INTERNAL to the client (naming the method, not the internals) and a
+    traceback in the log. Admin calls also get one access-log line: actor, method, outcome, time."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        key = (details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = _wrap(handler, details.method)
+        return wrapped
 
 
-def rpc(method: Callable) -> Callable:
-    """Turn platform errors into gRPC statuses with the same message; log anything unexpected."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    name = method.rsplit("/", 1)[-1]
+    admin = method.startswith(ADMIN_PREFIX)
+    kinds = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+             (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler)}
+    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, attr)
+    if inspect.isasyncgenfunction(behavior):
+        async def run(request, context):
+            # Written with context.write so that a cancelled call closes the generator right here.
+            stream = behavior(request, context)
+            try:
+                async for message in stream:
+                    await context.write(message)
+            finally:
+                await stream.aclose()
+    elif inspect.iscoroutinefunction(behavior):
+        run = behavior
+    else:  # a synchronous handler would run in (and could block) a pool thread: not allowed here
+        raise TypeError(f"{method}: handlers must be coroutines or async generators (got {behavior!r})")
+
+    async def translated(request, context):
+        t0 = time.perf_counter()
+        outcome, detail = "OK", ""
         try:
-            return method(self, request, context)
+            return await run(request, context)
         except WalleError as e:
-            context.abort(_status(e), e.message)
-        except grpc.RpcError:
+            outcome, detail = e.grpc_code, e.message
+            if not isinstance(e, Unauthenticated):
+                log.debug("%s refused: %s: %s", method, e.grpc_code, e.message)
+            await context.abort(getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL), e.message)
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
             raise
-        except Exception as e:  # a bug: say so without leaking internals
-            if type(e).__name__ == "_AbortError" or context.code() is not None:
-                raise
-            log.error("%s failed:\n%s", method.__name__, traceback.format_exc())
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(e).__name__}")
-    return wrapper
+        except grpc.aio.AbortError:
+            code = context.code()
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            raise
+        except Exception as e:
+            outcome, detail = "INTERNAL", f"{type(e).__name__}: {e}"
+            log.exception("%s failed (a bug): %s", method, detail)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(e).__name__}")
+        finally:
+            if admin:
+                ms = (time.perf_counter() - t0) * 1000
+                tail = f" ({detail[:200]})" if detail else ""
+                access_log.info("admin %s by %s from %s: %s in %.1f ms%s", name, _actor.get(), context.peer(),
+                                outcome, ms, tail)
+
+    return make(translated, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
-def stream_rpc(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except WalleError as e:
-            context.abort(_status(e), e.message)
-    return wrapper
+async def blocking(fn: Callable, *args):
+    """Run blocking platform work in the server's bounded pool; the loop stays free."""
+    return await asyncio.to_thread(fn, *args)
+
+
+def device_of(platform: Platform, context) -> str:
+    """The calling device's id from its credential; raises Unauthenticated."""
+    return platform.credentials.verify(bearer_token(context))
 
 
 class RevisionWatcher:
@@ -92,35 +157,27 @@ class RevisionWatcher:
         self._thread.join(timeout=2)
 
 
+async def _send_blob(context, data: bytes, digest: str) -> None:
+    for off in range(0, max(len(data), 1), CHUNK):
+        first = off == 0
+        await context.write(device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
+                                              digest=digest if first else ""))
+
+
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, platform: Platform, watcher: RevisionWatcher):
         self.platform = platform
         self.watcher = watcher
         self._changed: asyncio.Event | None = None
 
-    async def _device(self, context) -> str:
-        try:
-            return self.platform.credentials.verify(bearer_token(context))
-        except WalleError as e:
-            await context.abort(_status(e), e.message)
-
     async def GetActiveTasks(self, request, context):
-        # The hot path, served on the event loop: no thread hop per poll (the sync server's
-        # per-call cost dominated; our own work here is a few microseconds, memoised per revision).
-        device_id = await self._device(context)
-        try:
-            return self.platform.active_tasks(device_id, request)
-        except WalleError as e:
-            await context.abort(_status(e), e.message)
+        # The hot path, served on the loop without a thread hop: our work here is a few microseconds,
+        # memoised per revision.
+        return self.platform.active_tasks(device_of(self.platform, context), request)
 
-    @stream_rpc
-    def FetchBundle(self, request, context):
-        self.platform.credentials.authenticate(context)
-        data = self.platform.blob(request.digest)
-        for off in range(0, max(len(data), 1), CHUNK):
-            first = off == 0
-            yield device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
-                                   digest=request.digest if first else "")
+    async def FetchBundle(self, request, context):
+        device_of(self.platform, context)
+        await _send_blob(context, await blocking(self.platform.blob, request.digest), request.digest)
 
     def _wake(self) -> None:
         # on the loop: wake every waiting stream, then arm a fresh event for the next change
@@ -129,7 +186,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             event.set()
 
     async def WatchTasks(self, request, context):
-        await self._device(context)
+        device_of(self.platform, context)
         if self._changed is None:
             self._changed = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -152,29 +209,22 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
     def __init__(self, platform: Platform):
         self.platform = platform
 
-    @rpc
-    def Upload(self, request_iterator, context):
-        device_id = self.platform.credentials.authenticate(context)
+    async def Upload(self, request_iterator, context):
+        device_id = device_of(self.platform, context)
         accepted = dups = max_seq = 0
-        for batch in request_iterator:
-            a, d, m = self.platform.upload(device_id, batch)
+        async for batch in request_iterator:
+            a, d, m = await blocking(self.platform.upload, device_id, batch)
             accepted, dups, max_seq = accepted + a, dups + d, max(max_seq, m)
         return tunnel_pb2.UploadAck(accepted=accepted, duplicates=dups, max_seq=max_seq)
 
-    @rpc
-    def GetResource(self, request, context):
-        self.platform.credentials.authenticate(context)
-        return self.platform.resource(request.name, request.version)
+    async def GetResource(self, request, context):
+        device_of(self.platform, context)
+        return await blocking(self.platform.resource, request.name, request.version)
 
-    @stream_rpc
-    def FetchResource(self, request, context):
-        self.platform.credentials.authenticate(context)
-        info = self.platform.resource(request.name, request.version)
-        data = self.platform.blob(info.digest)
-        for off in range(0, max(len(data), 1), CHUNK):
-            first = off == 0
-            yield device_pb2.Chunk(data=data[off:off + CHUNK], total_size=len(data) if first else 0,
-                                   digest=info.digest if first else "")
+    async def FetchResource(self, request, context):
+        device_of(self.platform, context)
+        info = await blocking(self.platform.resource, request.name, request.version)
+        await _send_blob(context, await blocking(self.platform.blob, info.digest), info.digest)
 
 
 def _admin_servicer(platform: Platform, authorize: Callable | None):
@@ -184,25 +234,27 @@ def _admin_servicer(platform: Platform, authorize: Callable | None):
 
     for name in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name:
         def make(name=name):
-            def method(self, request, context):
+            async def method(self, request, context):
                 actor = authorize(context, name) if authorize else ""
+                if actor:
+                    _actor.set(actor)
                 for field in ("actor", "author"):  # the authenticated operator, not what the client claims
                     if actor and field in request.DESCRIPTOR.fields_by_name:
                         setattr(request, field, actor)
-                return getattr(platform, name)(request)
+                return await blocking(getattr(platform, name), request)
             method.__name__ = name
-            return rpc(method)
+            return method
         setattr(AdminServicer, name, make())
     return AdminServicer()
 
 
 def operator_authorizer(platform: Platform) -> Callable:
     """Admin RPCs need an operator credential; the operator's name becomes the audit actor."""
-    def authorize(context: grpc.ServicerContext, method: str) -> str:
+    def authorize(context, method: str) -> str:
         try:
             return platform.operators.verify(bearer_token(context))
-        except WalleError as e:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {e.message}")
+        except Unauthenticated as e:
+            raise Unauthenticated(f"{method}: {e.message}") from None
     return authorize
 
 
@@ -211,56 +263,149 @@ def tls_credentials(platform: Platform) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(keys.server_key_pem, keys.server_cert_pem)])
 
 
+# -- the server ---------------------------------------------------------------------------------------
+_running: "weakref.WeakSet[LoopServer]" = weakref.WeakSet()
+
+
+def running_servers() -> list["LoopServer"]:
+    """Servers started and not stopped yet (the test suite checks none is left behind)."""
+    return [s for s in list(_running) if not s.stopped]
+
+
+class LoopServer:
+    """A grpc.aio server with its own event-loop thread and a bounded pool for blocking work.
+
+    `register(server)` adds the servicers (coroutine handlers only); `on_start`/`on_stop` run on the
+    loop. stop() never waits without a bound: grace for calls in flight, then every call is cancelled,
+    then the loop and the pool shut down; it returns within about grace + 10 s whatever handlers do."""
+
+    def __init__(self, register: Callable[[grpc.aio.Server], None], *, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int = 8, credentials: grpc.ServerCredentials | None = None, reuseport: bool = False,
+                 on_start: Callable[[], Awaitable[None]] | None = None,
+                 on_stop: Callable[[], Awaitable[None]] | None = None, name: str = "walle"):
+        self.address = f"{host}:{port}"
+        self.stopped = False
+        self._on_stop = on_stop
+        self._lock = threading.Lock()
+        self.pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc")
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(self.pool)
+        self._thread = threading.Thread(target=self._run_loop, name=f"{name}-grpc-loop", daemon=True)
+        self._thread.start()
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(
+                interceptors=[ErrorTranslation()],
+                # SO_REUSEPORT only when several processes serve one port on purpose: otherwise a
+                # stale server on the same port would silently take part of the traffic.
+                options=[("grpc.so_reuseport", 1 if reuseport else 0),
+                         ("grpc.max_receive_message_length", MAX_MESSAGE),
+                         ("grpc.max_send_message_length", MAX_MESSAGE)])
+            register(server)
+            try:
+                bound = (server.add_secure_port(self.address, credentials) if credentials
+                         else server.add_insecure_port(self.address))
+            except RuntimeError:
+                bound = 0
+            if bound == 0:
+                raise OSError(f"cannot listen on {self.address}: the address is in use or not available here")
+            if on_start:
+                await on_start()
+            await server.start()
+            return server, bound
+
+        try:
+            self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=60)
+        except BaseException:
+            self._close(0.0)
+            raise
+        _running.add(self)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._on_stop:
+            await self._on_stop()
+        # stop accepting calls, let calls in flight finish for `grace`, then cancel them
+        await self.server.stop(grace)
+        # a handler that swallowed its cancellation is cancelled again; then async generators close
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await self.loop.shutdown_asyncgens()
+
+    def stop(self, grace: float = 1.0) -> None:
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(grace), self.loop).result(timeout=grace + 5)
+        except futures.TimeoutError:
+            log.warning("server %s: calls still running %.1f s after the grace period; stopping anyway",
+                        self.address, 5.0)
+        except Exception:
+            log.exception("server %s: shutdown failed; stopping anyway", self.address)
+        self._close(5.0)
+
+    def _close(self, timeout: float) -> None:
+        """Stop the loop, then the pool: queued work is dropped, running work gets `timeout` to end."""
+        self.stopped = True
+        if self.loop.is_running() or not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=timeout)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for t in list(getattr(self.pool, "_threads", ())):
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("server %s: %s still busy after stop", self.address, t.name)
+        _running.discard(self)
+
+
 def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
-                 extra: Callable[[grpc.Server], None] | None = None, authorize_admin: Callable | None = None,
+                 extra: Callable[[grpc.aio.Server], None] | None = None, authorize_admin: Callable | None = None,
                  credentials: grpc.ServerCredentials | None = None, reuseport: bool = False):
     """Create and start a server; returns (server, bound port, stop function). Pass
     `credentials=tls_credentials(platform)` for TLS and `authorize_admin=operator_authorizer(platform)`
-    to require operator credentials on the admin API (`walle platform serve` does both)."""
-    # A grpc.aio server: GetActiveTasks is a coroutine on the loop; every other handler is plain
-    # synchronous code run in the migration thread pool.
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="walle-grpc-loop", daemon=True)
-    loop_thread.start()
+    to require operator credentials on the admin API (`walle platform serve` does both). `extra`
+    registers more services (coroutine handlers only, like the CoDA sample service)."""
     watcher = RevisionWatcher(platform)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
 
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(
-            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="walle-rpc"),
-            # SO_REUSEPORT only when several processes serve one port on purpose: otherwise a
-            # stale server on the same port would silently take part of the traffic.
-            options=[("grpc.so_reuseport", 1 if reuseport else 0),
-                     ("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.max_send_message_length", MAX_MESSAGE)])
+    def register(server: grpc.aio.Server) -> None:
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
         tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)
         if extra:
             extra(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    async def on_start() -> None:
         for svc in ("", "walle.v1.DeviceService", "walle.v1.TunnelService", "walle.v1.AdminService"):
-            health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        address = f"{host}:{port}"
-        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"cannot listen on {address} (port in use?)")
-        await server.start()
-        return server, bound
+            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    async def on_stop() -> None:
+        await health_servicer.enter_graceful_shutdown()
 
     try:
-        server, bound = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        server = LoopServer(register, host=host, port=port, max_workers=max_workers, credentials=credentials,
+                            reuseport=reuseport, on_start=on_start, on_stop=on_stop)
     except BaseException:
         watcher.stop()
-        loop.call_soon_threadsafe(loop.stop)
         raise
 
     def stop(grace: float = 1.0) -> None:
-        health_servicer.enter_graceful_shutdown()
+        server.stop(grace)
         watcher.stop()
-        asyncio.run_coroutine_threadsafe(server.stop(grace), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(timeout=5)
         platform.flush_seen()
 
-    return server, bound, stop
+    return server.server, server.port, stop

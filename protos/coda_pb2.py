@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17walle/protos/coda.proto\x12\x08walle.v1\"H\n\x0b\x42\x65haviorLog\x12\n\n\x02ts\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\"\xad\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\x05\x12\r\n\x05label\x18\x05 \x01(\x02\x12\x0f\n\x07item_id\x18\x06 \x01(\x03\x12\x11\n\titem_cats\x18\x07 \x03(\x05\x12\x12\n\nhist_items\x18\x08 \x03(\x03\x12\x11\n\thist_cats\x18\t \x03(\x05\x12\x0f\n\x07profile\x18\n \x03(\x02\"/\n\nSampleList\x12!\n\x07samples\x18\x01 \x03(\x0b\x32\x10.walle.v1.Sample\",\n\tBatchInfo\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"!\n\x12ListBatchesRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\"i\n\tBatchList\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\x12$\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x13.walle.v1.BatchInfo\x12\x14\n\x0cpulled_today\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x61ily_limit\x18\x04 \x01(\x05\"I\n\x12PullBatchesRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\x12\x11\n\tbatch_ids\x18\x02 \x03(\t\x12\x13\n\x0bmax_batches\x18\x03 \x01(\x05\"Q\n\x0bSampleBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0czlib_samples\x18\x04 \x01(\x0c\x32\x97\x01\n\rSampleService\x12@\n\x0bListBatches\x12\x1c.walle.v1.ListBatchesRequest\x1a\x13.walle.v1.BatchList\x12\x44\n\x0bPullBatches\x12\x1c.walle.v1.PullBatchesRequest\x1a\x15.walle.v1.SampleBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17walle/protos/coda.proto\x12\x08walle.v1\"H\n\x0b\x42\x65haviorLog\x12\n\n\x02ts\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\"\xad\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\x05\x12\r\n\x05label\x18\x05 \x01(\x02\x12\x0f\n\x07item_id\x18\x06 \x01(\x03\x12\x11\n\titem_cats\x18\x07 \x03(\x05\x12\x12\n\nhist_items\x18\x08 \x03(\x03\x12\x11\n\thist_cats\x18\t \x03(\x05\x12\x0f\n\x07profile\x18\n \x03(\x02\"G\n\rBehaviorBatch\x12\x11\n\tfirst_seq\x18\x01 \x01(\x03\x12#\n\x04logs\x18\x02 \x03(\x0b\x32\x15.walle.v1.BehaviorLog\"/\n\nSampleList\x12!\n\x07samples\x18\x01 \x03(\x0b\x32\x10.walle.v1.Sample\",\n\tBatchInfo\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"!\n\x12ListBatchesRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\"x\n\tBatchList\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\x12$\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x13.walle.v1.BatchInfo\x12\x14\n\x0cpulled_today\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x61ily_limit\x18\x04 \x01(\x05\x12\r\n\x05today\x18\x05 \x01(\x05\"I\n\x12PullBatchesRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\x05\x12\x11\n\tbatch_ids\x18\x02 \x03(\t\x12\x13\n\x0bmax_batches\x18\x03 \x01(\x05\"Q\n\x0bSampleBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0czlib_samples\x18\x04 \x01(\x0c\x32\x97\x01\n\rSampleService\x12@\n\x0bListBatches\x12\x1c.walle.v1.ListBatchesRequest\x1a\x13.walle.v1.BatchList\x12\x44\n\x0bPullBatches\x12\x1c.walle.v1.PullBatchesRequest\x1a\x15.walle.v1.SampleBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BEHAVIORLOG']._serialized_end=109
   _globals['_SAMPLE']._serialized_start=112
   _globals['_SAMPLE']._serialized_end=285
-  _globals['_SAMPLELIST']._serialized_start=287
-  _globals['_SAMPLELIST']._serialized_end=334
-  _globals['_BATCHINFO']._serialized_start=336
-  _globals['_BATCHINFO']._serialized_end=380
-  _globals['_LISTBATCHESREQUEST']._serialized_start=382
-  _globals['_LISTBATCHESREQUEST']._serialized_end=415
-  _globals['_BATCHLIST']._serialized_start=417
-  _globals['_BATCHLIST']._serialized_end=522
-  _globals['_PULLBATCHESREQUEST']._serialized_start=524
-  _globals['_PULLBATCHESREQUEST']._serialized_end=597
-  _globals['_SAMPLEBATCH']._serialized_start=599
-  _globals['_SAMPLEBATCH']._serialized_end=680
-  _globals['_SAMPLESERVICE']._serialized_start=683
-  _globals['_SAMPLESERVICE']._serialized_end=834
+  _globals['_BEHAVIORBATCH']._serialized_start=287
+  _globals['_BEHAVIORBATCH']._serialized_end=358
+  _globals['_SAMPLELIST']._serialized_start=360
+  _globals['_SAMPLELIST']._serialized_end=407
+  _globals['_BATCHINFO']._serialized_start=409
+  _globals['_BATCHINFO']._serialized_end=453
+  _globals['_LISTBATCHESREQUEST']._serialized_start=455
+  _globals['_LISTBATCHESREQUEST']._serialized_end=488
+  _globals['_BATCHLIST']._serialized_start=490
+  _globals['_BATCHLIST']._serialized_end=610
+  _globals['_PULLBATCHESREQUEST']._serialized_start=612
+  _globals['_PULLBATCHESREQUEST']._serialized_end=685
+  _globals['_SAMPLEBATCH']._serialized_start=687
+  _globals['_SAMPLEBATCH']._serialized_end=768
+  _globals['_SAMPLESERVICE']._serialized_start=771
+  _globals['_SAMPLESERVICE']._serialized_end=922
 # @@protoc_insertion_point(module_scope)

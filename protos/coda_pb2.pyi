@@ -42,6 +42,14 @@ class Sample(_message.Message):
     profile: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, sample_id: _Optional[str] = ..., user: _Optional[str] = ..., ts: _Optional[int] = ..., day: _Optional[int] = ..., label: _Optional[float] = ..., item_id: _Optional[int] = ..., item_cats: _Optional[_Iterable[int]] = ..., hist_items: _Optional[_Iterable[int]] = ..., hist_cats: _Optional[_Iterable[int]] = ..., profile: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class BehaviorBatch(_message.Message):
+    __slots__ = ("first_seq", "logs")
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    first_seq: int
+    logs: _containers.RepeatedCompositeFieldContainer[BehaviorLog]
+    def __init__(self, first_seq: _Optional[int] = ..., logs: _Optional[_Iterable[_Union[BehaviorLog, _Mapping]]] = ...) -> None: ...
+
 class SampleList(_message.Message):
     __slots__ = ("samples",)
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -63,16 +71,18 @@ class ListBatchesRequest(_message.Message):
     def __init__(self, day: _Optional[int] = ...) -> None: ...
 
 class BatchList(_message.Message):
-    __slots__ = ("day", "batches", "pulled_today", "daily_limit")
+    __slots__ = ("day", "batches", "pulled_today", "daily_limit", "today")
     DAY_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     PULLED_TODAY_FIELD_NUMBER: _ClassVar[int]
     DAILY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TODAY_FIELD_NUMBER: _ClassVar[int]
     day: int
     batches: _containers.RepeatedCompositeFieldContainer[BatchInfo]
     pulled_today: int
     daily_limit: int
-    def __init__(self, day: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[BatchInfo, _Mapping]]] = ..., pulled_today: _Optional[int] = ..., daily_limit: _Optional[int] = ...) -> None: ...
+    today: int
+    def __init__(self, day: _Optional[int] = ..., batches: _Optional[_Iterable[_Union[BatchInfo, _Mapping]]] = ..., pulled_today: _Optional[int] = ..., daily_limit: _Optional[int] = ..., today: _Optional[int] = ...) -> None: ...
 
 class PullBatchesRequest(_message.Message):
     __slots__ = ("day", "batch_ids", "max_batches")

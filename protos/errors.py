@@ -51,3 +51,15 @@ class ResourceExhausted(WalleError):
 class Unavailable(WalleError):
     grpc_code = "UNAVAILABLE"
     exit_code = 8
+
+
+_BY_STATUS = {cls.grpc_code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                                             PermissionDenied, Unauthenticated, ResourceExhausted, Unavailable)}
+
+
+def from_status(code: str, details: str) -> WalleError:
+    """The error a gRPC status code stands for (name as in grpc.StatusCode), so a failed remote call
+    exits and reads like the same failure on a local data folder."""
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return Unavailable(f"platform unreachable: {details}")
+    return _BY_STATUS.get(code, WalleError)(details or code)

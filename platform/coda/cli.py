@@ -8,17 +8,25 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from walle.protos.clikit import WalleGroup, json_option, print_json
+
+from ..cli.context import Ctx, data_dir_option, pass_ctx
+
 console = Console(stderr=True)
 
 
-@click.group("cloud")
+@click.group("cloud", cls=WalleGroup)
 def cloud():
     """The CoDA cloud side: ingestion, samples, matching, mappings."""
 
 
 @cloud.command("pipeline")
-@click.option("--day", type=int, required=True, help="The work-cycle day to process.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@click.option("--day", type=int, default=None,
+              help="Re-process this day without advancing the clock (default: close today and advance to the next day).")
+@click.option("--force", is_flag=True, help="Close today even if another process seems to be closing it (it died).")
+@click.option("--global-model", "global_epochs", type=int, default=0, metavar="EPOCHS",
+              help="Also train the global model on the closed day's samples and publish it (0: no).")
+@data_dir_option
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
               help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
                    "with the data spread over N_DAYS simulated days (the last 10%% of each user is held out).")
@@ -26,21 +34,26 @@ def cloud():
 @click.option("--k", type=int, default=100, show_default=True, help="Neighbours per user (Algorithm 1).")
 @click.option("--kv", default="", help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.pass_context
-def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
-    """Run ingestion -> samples -> matching -> mappings for one day and print a summary."""
+@json_option
+@pass_ctx
+def pipeline(root: Ctx, day, force, global_epochs, replay_days, users, k, kv, scheduler):
+    """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
+    day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
 
     from . import movielens
     from .cloud import CodaCloud
-    root = ctx.find_root().obj
-    data_dir = data_dir or root.data_dir
-    as_json = as_json or root.as_json
-    ml = movielens.load()
-    platform = Platform(data_dir)
-    coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
-    coda.today = day
+    platform = Platform(root.data_dir)
+    if replay_days:
+        if day is None:
+            raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
+        ml = movielens.load()
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
+        coda.today = day
+    else:
+        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler, global_epochs=global_epochs)
+    advance = day is None
+    day = coda.today if advance else day
     ingested = 0
     with console.status(f"day {day}") as status:
         if replay_days:
@@ -57,15 +70,18 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
                 ingested += a
             status.update(f"day {day}: ingested {ingested} replayed records")
         t0 = time.perf_counter()
-        result = coda.run_day(day, progress=lambda msg: status.update(msg))
+        if advance:
+            result = coda.close_day(force=force, progress=lambda msg: status.update(msg))
+        else:
+            result = coda.run_day(day, progress=lambda msg: status.update(msg))
         elapsed = time.perf_counter() - t0
-    summary = {"day": day, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
+    summary = {"day": day, "today": coda.today, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
                "samples": result.samples, "matched_users": result.matched_users, "batches": result.batches,
                "stored_samples": result.stored_samples, "expired": result.expired,
                "mean_top10_cosine": round(result.vector_top10_cosine, 4),
                "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "total_seconds": round(elapsed, 3)}
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    if root.as_json:
+        print_json(summary)
         return
     t = Table("step", "result", "seconds", title=f"CoDA cloud pipeline, day {day}")
     t.add_row("ingestion", f"{ingested} new records ({result.raw_rows} rows of history)", f"{result.seconds['load']:.2f}")
@@ -77,24 +93,52 @@ def pipeline(ctx, day, data_dir, replay_days, users, k, kv, scheduler, as_json):
     Console().print(t)
 
 
+@cloud.group("catalog", cls=WalleGroup)
+def catalog_group():
+    """The item catalog (ids, categories, item features) devices and the pipeline use."""
+
+
+@catalog_group.command("load")
+@click.argument("file", type=click.Path(dir_okay=False))
+@data_dir_option
+@json_option
+@pass_ctx
+def catalog_load(root: Ctx, file):
+    """Load a catalog file (CSV or Parquet; layout in docs/data-layout.md) and publish it to devices
+    as the resource coda/catalog. Category ids of an earlier catalog are kept."""
+    from walle.platform.service import Platform
+
+    from . import catalog
+    from .cloud import CodaCloud
+    coda = CodaCloud(Platform(root.data_dir))
+    doc, ref = coda.load_catalog(catalog.read_file(file), actor=root.actor)
+    out = {"resource": ref.name, "version": ref.version, "digest": ref.digest, "items": len(doc["items"]),
+           "categories": len(doc["categories"]), "features": sorted(doc["features"])}
+    if root.as_json:
+        print_json(out)
+    else:
+        Console().print(f"catalog {ref.name}@{ref.version}: {out['items']} items, {out['categories']} categories, "
+                        f"features {', '.join(out['features']) or 'none'}", highlight=False)
+
+
 @cloud.command("global-model")
 @click.option("--day", type=int, required=True, help="Train on the samples of the days up to this one.")
 @click.option("--days-back", type=int, default=7, show_default=True, help="How many days of samples to use.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Platform data folder (default: global --data-dir).")
+@data_dir_option
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="coda/global_model", show_default=True, help="Resource name devices download.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.pass_context
-def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
+@json_option
+@pass_ctx
+def global_model(root: Ctx, day, days_back, epochs, seed, name):
     """Train the global DIN model on recent samples and publish it as a versioned resource."""
     from walle.protos import admin_pb2
+    from walle.platform.errors import FailedPrecondition
     from walle.platform.service import Platform
 
     from . import movielens, samples as samplegen
     from .global_model import train_global
-    root = ctx.find_root().obj
-    data_dir = data_dir or root.data_dir
+    data_dir = root.data_dir
     ml = movielens.load()
     platform = Platform(data_dir)
     from .cloud import CodaCloud
@@ -106,7 +150,7 @@ def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
             gen = samplegen.generate(raw[raw["day"] <= d], ml.items, ml.users, key=coda.key, day=d)
             pool.extend(s for ss in gen.samples.values() for s in ss)
     if not pool:
-        raise click.ClickException(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
+        raise FailedPrecondition(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
     with console.status(f"training on {len(pool)} samples"):
         npz, graph, metrics = train_global(pool, epochs=epochs, seed=seed)
     params = platform.PublishResource(admin_pb2.PublishResourceRequest(
@@ -115,8 +159,8 @@ def global_model(ctx, day, days_back, data_dir, epochs, seed, name, as_json):
                                                                           actor=root.actor))
     out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,
            "graph": f"{graph_ref.name}@{graph_ref.version}", "metrics": metrics}
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
+    if root.as_json:
+        print_json(out)
     else:
         Console().print(f"published {params.name}@{params.version} ({params.size / 1024:.0f} KB, "
                         f"{metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}) and {out['graph']}",

@@ -3,15 +3,26 @@ tunnel into the raw table; once a day the pipeline turns them into samples and u
 each user's K most similar users (Algorithm 1), stores their samples in the batch and sample
 mappings, and the sample-query service serves each device its batches.
 
+The work-cycle day is persistent state in the key-value store (`meta:today`), shared by the server and
+any `walle cloud pipeline` process on the same data folder and store: uploads are stamped with it, the
+sample service serves and counts the 12-a-day limit against it, and `close_day` (the daily pipeline)
+prepares today's matched samples and then advances it. A day is closed by one process at a time
+(`meta:closing:<day>`, taken with an atomic increment).
+
 Data folder: <platform data>/coda/ holds raw.sqlite3 (raw behaviour table), kv.sqlite3 (the embedded
-mapping store; or a Redis URL), and pseudonym.key (the key of the user pseudonyms, mode 0600)."""
+mapping store; or a Redis URL), catalog.json (the item catalog, see catalog.py) and pseudonym.key (the
+key of the user pseudonyms, mode 0600)."""
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import pathlib
 import secrets
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +31,8 @@ import pandas as pd
 
 from walle.protos import coda_pb2
 
-from ..errors import InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument
+from . import catalog as catalog_mod
 from . import matching, samples as samplegen
 from .kvstore import open_store
 from .mappings import Mappings
@@ -55,26 +67,141 @@ def served_copy(sample: coda_pb2.Sample) -> coda_pb2.Sample:
     return out
 
 
+TODAY_KEY = b"meta:today"
+PREPARED_KEY = b"meta:prepared"
+BEHAVIOR_BATCH_TOPIC = "behavior.batch"  # zlib(BehaviorBatch): a device's aggregated behaviour
+MAX_BATCH_BYTES = 16 << 20               # decompressed size of one behaviour batch
+
+
 class CodaCloud:
-    def __init__(self, platform, *, items: pd.DataFrame, users: pd.DataFrame | None = None,
+    def __init__(self, platform, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
                  kv_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
-                 max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50):
+                 max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50,
+                 global_epochs: int = 0):
         """`platform`: the Platform whose tunnel receives the logs and whose credentials
-        authenticate devices. `items`/`users`: the app's catalogue (item categories) and user
-        profiles, keyed by the user ids devices report."""
+        authenticate devices. `items`: a fixed catalogue (item_id, genre_ids); None reads the
+        catalog loaded with `walle cloud catalog load` (an empty one until then). `users`: optional
+        user profiles keyed by the user ids devices report. `global_epochs` > 0: closing a day also
+        trains the global model on that day's samples and publishes it (`coda/global_model`)."""
         self.platform = platform
-        self.dir = pathlib.Path(platform.data_dir) / "coda"
+        self.dir = pathlib.Path(platform.data_dir).resolve() / "coda"  # absolute: it goes into a sqlite:/// URL
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.items, self.users = items, users
+        self._items, self.users = items, users
+        self.catalogs = catalog_mod.CatalogStore(self.dir)
         self.key = self._load_key()
         self.raw = RawLogStore(self.dir / "raw.sqlite3")
         self.store = open_store(kv_url or f"sqlite:///{self.dir / 'kv.sqlite3'}")
         self.mappings = Mappings(self.store, batch_size=batch_size, max_batch=max_batch, keep_days=keep_days,
                                  daily_limit=daily_limit)
         self.k, self.daily_limit, self.scheduler, self.hist_len = k, daily_limit, scheduler, hist_len
-        self.today = 1
+        self.global_epochs = global_epochs
         self.day_samples: dict[int, dict[str, list[coda_pb2.Sample]]] = {}
         platform.upload_handlers["behavior"] = self._on_behavior
+        platform.upload_handlers[BEHAVIOR_BATCH_TOPIC] = self._on_behavior_batch
+
+    # -- the work-cycle day (persistent, shared by every process on this store) -------------------
+    @property
+    def today(self) -> int:
+        raw = self.store.get(TODAY_KEY)
+        return 1 if raw is None else int(raw)
+
+    @today.setter
+    def today(self, day: int) -> None:
+        if isinstance(day, bool) or not isinstance(day, int) or day < 1:
+            raise InvalidArgument(f"day must be an integer >= 1, got {day!r}")
+        self.store.put_many([(TODAY_KEY, str(day).encode())])
+
+    @property
+    def prepared_day(self) -> int:
+        """The newest day whose matched samples were prepared (0: none yet)."""
+        raw = self.store.get(PREPARED_KEY)
+        return 0 if raw is None else int(raw)
+
+    def close_day(self, *, force: bool = False, progress: Callable[[str], None] | None = None) -> DayResult:
+        """The daily pipeline: prepare the matched samples of today's uploads, then advance today by
+        one. Refused (FailedPrecondition) when another process is closing the same day, unless
+        `force` (for a process that died mid-way). A crash before the advance leaves today as it was:
+        running again re-does the day (run_day replaces a day's mappings)."""
+        day = self.today
+        claim = b"meta:closing:%d" % day
+        if self.store.incr(claim) > 1 and not force:
+            raise FailedPrecondition(f"day {day} is being closed by another process (or one that died: "
+                                     f"run `walle cloud pipeline --force`)")
+        try:
+            result = self.run_day(day, progress=progress)
+        except BaseException:
+            self.store.delete_many([claim])
+            raise
+        if self.global_epochs and result.samples:
+            self.publish_global_model(day)
+        self.store.put_many([(PREPARED_KEY, str(day).encode()), (TODAY_KEY, str(day + 1).encode())])
+        self.store.delete_many([claim])
+        log.info("closed day %d: %d samples, %d users matched, %d batches; today is day %d",
+                 day, result.samples, result.matched_users, result.batches, day + 1)
+        return result
+
+    def start_clock(self, day_seconds: float) -> Callable[[], None]:
+        """Close a day every `day_seconds` (compressed days for demos and tests) on a daemon thread;
+        returns a function that stops it (waiting for a pipeline run in progress)."""
+        if not day_seconds > 0:
+            raise InvalidArgument(f"day length must be > 0 seconds, got {day_seconds!r}")
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(day_seconds):
+                try:
+                    self.close_day()
+                except Exception:  # one failed day must not stop the clock; it is logged
+                    log.exception("closing day %d failed", self.today)
+
+        thread = threading.Thread(target=loop, name="walle-coda-clock", daemon=True)
+        thread.start()
+
+        def stop_clock(timeout: float = 60.0) -> None:
+            stop.set()
+            thread.join(timeout)
+        return stop_clock
+
+    def publish_global_model(self, day: int, seed: int = 0) -> object:
+        """Paper 4.2.2: train the global DIN on the day's samples and publish it as a new version of
+        `coda/global_model` (and its graph), recording the catalog version it was trained with."""
+        from walle.protos import admin_pb2
+
+        from .global_model import train_global
+        pool = [s for ss in self.day_samples.get(day, {}).values() for s in ss]
+        if not pool:
+            raise FailedPrecondition(f"no samples for day {day}: nothing to train the global model on")
+        npz, graph, metrics = train_global(pool, epochs=self.global_epochs, seed=seed)
+        try:
+            catalog_version = self.platform.resource(catalog_mod.RESOURCE).version
+        except Exception:
+            catalog_version = ""
+        meta = json.dumps({"metrics": metrics, "day": day, "catalog": catalog_version})
+        ref = self.platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name="coda/global_model", data=npz, metadata_json=meta, actor="coda-pipeline"))
+        self.platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name="coda/global_model.mnn", data=graph, metadata_json=meta, actor="coda-pipeline"))
+        log.info("day %d: global model %s@%s on %d samples", day, ref.name, ref.version, len(pool))
+        return ref
+
+    # -- the item catalog -------------------------------------------------------------------------
+    @property
+    def items(self) -> pd.DataFrame:
+        if self._items is not None:
+            return self._items
+        return catalog_mod.items_frame(self.catalogs.load() or catalog_mod.empty())
+
+    def load_catalog(self, frame: pd.DataFrame, actor: str = "operator") -> tuple[dict, object]:
+        """Store a catalog in the documented layout (category ids kept from the previous one) and
+        publish it to devices as the resource `coda/catalog`. Returns (document, resource ref)."""
+        from walle.protos import admin_pb2
+        doc = catalog_mod.build(frame, self.catalogs.load())
+        data = catalog_mod.encode(doc)
+        ref = self.platform.PublishResource(admin_pb2.PublishResourceRequest(
+            name=catalog_mod.RESOURCE, data=data, actor=actor,
+            metadata_json=json.dumps({"items": len(doc["items"]), "categories": len(doc["categories"])})))
+        self.catalogs.save(doc)
+        return doc, ref
 
     def _load_key(self) -> bytes:
         path = self.dir / "pseudonym.key"
@@ -93,8 +220,10 @@ class CodaCloud:
         return samplegen.pseudonym(self.user_of(device_id), self.key)
 
     def add_services(self, server) -> None:
-        servicer = SampleServicer(self.mappings, self.platform.credentials.authenticate, self.pseudonym_of_device,
-                                  today=lambda: self.today, daily_limit=self.daily_limit)
+        from ..server import device_of
+        servicer = SampleServicer(self.mappings, functools.partial(device_of, self.platform), self.pseudonym_of_device,
+                                  today=lambda: self.today, daily_limit=self.daily_limit,
+                                  latest_day=lambda: self.prepared_day)
         add_to_server(server, servicer)
 
     def _on_behavior(self, device_id: str, recs: list[tuple[int, int, bytes]]) -> tuple[int, int]:
@@ -106,6 +235,26 @@ class CodaCloud:
             except Exception:
                 raise InvalidArgument(f"behavior record seq {seq} is not a BehaviorLog") from None
             records.append((seq, m))
+        return self.raw.add(device_id, self.user_of(device_id), records, day=self.today)
+
+    def _on_behavior_batch(self, device_id: str, recs: list[tuple[int, int, bytes]]) -> tuple[int, int]:
+        """Aggregated behaviour: each record is zlib(BehaviorBatch); log i is keyed by first_seq + i
+        (the device's own behaviour sequence), so a re-sent batch stores nothing twice."""
+        records = []
+        for seq, _ts_ms, payload in recs:
+            try:
+                d = zlib.decompressobj()
+                raw = d.decompress(payload, MAX_BATCH_BYTES + 1)
+                if len(raw) > MAX_BATCH_BYTES or d.unconsumed_tail:
+                    raise InvalidArgument(f"{BEHAVIOR_BATCH_TOPIC} record seq {seq} decompresses to more than "
+                                          f"{MAX_BATCH_BYTES} bytes")
+                batch = coda_pb2.BehaviorBatch.FromString(raw)
+            except InvalidArgument:
+                raise
+            except Exception:
+                raise InvalidArgument(f"{BEHAVIOR_BATCH_TOPIC} record seq {seq} is not a zlib-compressed "
+                                      f"BehaviorBatch") from None
+            records.extend((batch.first_seq + i, m) for i, m in enumerate(batch.logs))
         return self.raw.add(device_id, self.user_of(device_id), records, day=self.today)
 
     # -- the daily pipeline (Algorithm 1 + section 4.2.1) ----------------------------------------

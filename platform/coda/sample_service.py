@@ -4,33 +4,42 @@ its user's matched-sample batches for a day and pulls them over one server strea
 field (no base64: the transport is binary).
 
 Pulls are resumable: with no batch ids the stream carries the batches this device has not pulled yet.
-A batch counts as pulled once gRPC has finished sending it with the stream still up. The batch being
-sent when a stream breaks is given back (not counted, not marked), so a resume may send that one batch
-again (the client drops it by batch id) rather than lose it. The protocol has no client
-acknowledgements, so a batch fully sent but still unread in the client's buffers when it disconnected
-counts as pulled; a careful client compares ListBatches with the ids it holds and re-pulls missing ones
-by id (counted again).
+A batch counts as pulled once the transport has accepted it (`context.write` returned) with the stream
+still up. A stream that breaks or is cancelled stops at once: the batch being written and those not
+written yet are given back (not counted, not marked), so a later pull gets them; the batch in flight
+may be sent again (the client drops it by batch id) rather than lost. The protocol has no client
+acknowledgements, so a batch accepted by the transport but still unread in the client's buffers when
+it disconnected counts as pulled; a careful client compares ListBatches with the ids it holds and
+re-pulls missing ones by id (counted again).
 
 Store writes are per stream, not per batch: the stream reserves its batches from the daily allowance
 in one atomic step up front, and records which batches went out (and gives back the rest) when it ends.
-If the server process dies mid-stream, that stream's batches stay counted but unmarked: the limit is
-never exceeded, and a resume sends them again within what is left of the allowance.
+Both steps run on the event loop with no await between them and the stream's `finally`, so a
+cancellation cannot separate a reservation from its settlement. If the server process dies
+mid-stream, that stream's batches stay counted but unmarked: the limit is never exceeded, and a resume
+sends them again within what is left of the allowance.
+
+The handlers are coroutines for a grpc.aio server whose interceptor turns the WalleErrors raised here
+into statuses (walle.platform.server.ErrorTranslation); store reads and compression run in the
+server's thread pool.
 """
 from __future__ import annotations
 
+import asyncio
 import zlib
-from typing import Callable, Iterator
+from collections import Counter
+from typing import Callable
 
 import grpc
 
 from walle.protos import coda_pb2, coda_pb2_grpc
 
-from walle.platform.errors import (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
-                                   WalleError)
+from walle.platform.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from .mappings import Mappings
 
-Authenticate = Callable[[grpc.ServicerContext], str]
+# The calling device's id from the call's credential; raises Unauthenticated.
+Authenticate = Callable[[grpc.aio.ServicerContext], str]
 
 
 def _varint(n: int) -> bytes:
@@ -64,14 +73,10 @@ def samples_from_batch(batch: coda_pb2.SampleBatch) -> list[coda_pb2.Sample]:
     return samples
 
 
-def _abort(context: grpc.ServicerContext, err: WalleError) -> None:
-    context.abort(getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL), err.message)
-
-
 class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
     def __init__(self, mappings: Mappings, authenticate: Authenticate,
                  user_for_device: Callable[[str], str | None], today: Callable[[], int] | None = None,
-                 daily_limit: int = 12, zlib_level: int = 6):
+                 daily_limit: int = 12, zlib_level: int = 6, latest_day: Callable[[], int] | None = None):
         """`today` (a day number) enables the kept-days window and counts the daily limit per calendar
         day; without it the limit is counted per requested day."""
         if daily_limit < 1:
@@ -84,15 +89,9 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         self.today = today
         self.daily_limit = daily_limit
         self.zlib_level = zlib_level
+        self.latest_day = latest_day  # resolves day 0 in ListBatches: the newest prepared day
 
     # ---- shared checks ------------------------------------------------------------------------
-
-    def _device(self, context: grpc.ServicerContext) -> str:
-        try:
-            return self.authenticate(context)  # aborts with UNAUTHENTICATED itself
-        except Unauthenticated as e:
-            _abort(context, e)
-            raise
 
     def _user_and_limit_day(self, device: str, day: int) -> tuple[str, int]:
         """The device's user and the day its pulls count against; raises for an unserved day."""
@@ -113,28 +112,35 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
 
     # ---- RPCs -----------------------------------------------------------------------------------
 
-    def ListBatches(self, request: coda_pb2.ListBatchesRequest, context: grpc.ServicerContext) -> coda_pb2.BatchList:
-        device = self._device(context)
-        try:
-            user, limit_day = self._user_and_limit_day(device, request.day)
-            batches = self.mappings.list_batches(user, request.day)
-            pulled = self.mappings.pulls(device, limit_day)
-        except WalleError as e:
-            _abort(context, e)
-        return coda_pb2.BatchList(day=request.day,
-                                  batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
-                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit)
+    async def ListBatches(self, request: coda_pb2.ListBatchesRequest, context) -> coda_pb2.BatchList:
+        return await asyncio.to_thread(self._list, self.authenticate(context), request.day)
+
+    def _list(self, device: str, day: int) -> coda_pb2.BatchList:
+        if day == 0 and self.latest_day is not None:  # day 0: the newest prepared day
+            day = self.latest_day()
+            if day == 0:
+                raise NotFound("no day has been prepared yet")
+        user, limit_day = self._user_and_limit_day(device, day)
+        batches = self.mappings.list_batches(user, day)
+        pulled = self.mappings.pulls(device, limit_day)
+        return coda_pb2.BatchList(day=day, batches=[coda_pb2.BatchInfo(batch_id=b, count=n) for b, n in batches],
+                                  pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit,
+                                  today=limit_day)
 
     def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[int, list[tuple[str, list[str]]]]:
         """(limit day, the batches to send in order); raises before anything is sent or counted."""
         day = request.day
         if request.max_batches < 0:
             raise InvalidArgument(f"max_batches must be >= 0, 0 meaning up to the daily limit (got {request.max_batches})")
+        # Checked before anything else looks at the list: no request can cost more than a daily limit.
+        if len(request.batch_ids) > self.daily_limit:
+            raise InvalidArgument(f"batch_ids lists {len(request.batch_ids)} batches; at most the daily limit "
+                                  f"of {self.daily_limit} per request")
         wanted = list(request.batch_ids)
         if any(not b for b in wanted):
             raise InvalidArgument("batch_ids contains an empty batch id")
-        if len(set(wanted)) != len(wanted):
-            repeated = sorted({b for b in wanted if wanted.count(b) > 1})
+        repeated = sorted(b for b, n in Counter(wanted).items() if n > 1)
+        if repeated:
             raise InvalidArgument(f"batch_ids repeats batch ids {repeated[:10]}")
         if request.max_batches and len(wanted) > request.max_batches:
             raise InvalidArgument(f"batch_ids lists {len(wanted)} batches but max_batches is {request.max_batches}")
@@ -164,34 +170,32 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         return (f"requested {requested} batches but only {allowance} of the daily limit of "
                 f"{self.daily_limit} remain for day {limit_day}")
 
-    def PullBatches(self, request: coda_pb2.PullBatchesRequest,
-                    context: grpc.ServicerContext) -> Iterator[coda_pb2.SampleBatch]:
-        device = self._device(context)
-        try:
-            limit_day, chosen = self._select(device, request)
-        except WalleError as e:
-            _abort(context, e)
+    def _payload(self, ids: list[str]) -> bytes:
+        return zlib.compress(sample_list_bytes(self.mappings.get_samples(ids)), self.zlib_level)
+
+    async def PullBatches(self, request: coda_pb2.PullBatchesRequest, context) -> None:
+        device = self.authenticate(context)
+        limit_day, chosen = await asyncio.to_thread(self._select, device, request)
         if not chosen:
             return
         day = request.day
-        # One atomic reservation for the whole stream keeps store writes per stream, not per batch.
+        # From the reservation to the `try` below there is no await: a cancellation cannot fall between
+        # reserving the allowance and the `finally` that settles it.
         granted = self.mappings.reserve_pulls(device, limit_day, len(chosen), self.daily_limit)
         if granted < len(chosen) and (request.batch_ids or granted == 0):
             # Another stream of this device took the allowance since _select: explicit requests are
             # all or nothing; "the next batches" sends what is left.
             self.mappings.release_pulls(device, limit_day, granted)
             allowance = self.daily_limit - self.mappings.pulls(device, limit_day)
-            _abort(context, ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance)))
+            raise ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance))
         sent: list[str] = []
         try:
             for batch_id, ids in chosen[:granted]:
-                try:
-                    payload = zlib.compress(sample_list_bytes(self.mappings.get_samples(ids)), self.zlib_level)
-                except WalleError as e:
-                    _abort(context, e)
-                yield coda_pb2.SampleBatch(batch_id=batch_id, day=day, count=len(ids), zlib_samples=payload)
-                # Resumed: gRPC finished sending the batch and the stream is still up. A GeneratorExit at
-                # the yield (the stream broke) leaves that batch unmarked and uncounted, to be sent again.
+                payload = await asyncio.to_thread(self._payload, ids)
+                await context.write(coda_pb2.SampleBatch(batch_id=batch_id, day=day, count=len(ids),
+                                                         zlib_samples=payload))
+                # The transport accepted the batch with the stream still up. A cancellation (the client
+                # went away) raises at the await instead, leaving that batch and the rest unmarked.
                 sent.append(batch_id)
         finally:
             if sent:
@@ -199,5 +203,5 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
             self.mappings.release_pulls(device, limit_day, granted - len(sent))
 
 
-def add_to_server(server: grpc.Server, servicer: SampleServicer) -> None:
+def add_to_server(server: grpc.aio.Server, servicer: SampleServicer) -> None:
     coda_pb2_grpc.add_SampleServiceServicer_to_server(servicer, server)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 import zlib
-from concurrent import futures
 
 import grpc
 import pytest
 
 from walle.platform.coda.mappings import Mappings
+from walle.platform.errors import Unauthenticated
+from walle.platform.server import LoopServer
 from walle.platform.coda.sample_service import SampleServicer, add_to_server, sample_list_bytes, samples_from_batch
 from walle.protos import coda_pb2, coda_pb2_grpc
 from walle.protos.coda_pb2 import Sample
@@ -21,11 +22,11 @@ class TokenAuth:
     def __init__(self, tokens: dict[str, str]):
         self.tokens = tokens
 
-    def __call__(self, context: grpc.ServicerContext) -> str:
+    def __call__(self, context) -> str:
         value = dict(context.invocation_metadata()).get("authorization", "")
         token = value[len("Bearer "):] if value.startswith("Bearer ") else ""
         if token not in self.tokens:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown device token")
+            raise Unauthenticated("missing or unknown device token")
         return self.tokens[token]
 
 
@@ -44,11 +45,8 @@ class Env:
         today = lambda: self.clock["today"]  # noqa: E731
         self.servicer = SampleServicer(self.mappings, TokenAuth(tokens), self.devices.get, today=None)
         self._today_fn = today
-        self.server = grpc.server(futures.ThreadPoolExecutor(8), options=[("grpc.so_reuseport", 0)])
-        add_to_server(self.server, self.servicer)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.server = LoopServer(lambda s: add_to_server(s, self.servicer), port=0)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = coda_pb2_grpc.SampleServiceStub(self.channel)
 
     def set_today(self, day: int | None) -> None:
@@ -249,3 +247,53 @@ def test_limit_counts_per_calendar_day(env):
     env.set_today(11)
     assert [b.batch_id for b in env.pull(10)] == [f"10.{i}" for i in range(4, 8)]
     assert env.list(10).pulled_today == 4
+
+
+def big_samples(prefix: str, n: int, day: int) -> list[Sample]:
+    """Samples of ~15 KB each that zlib cannot shrink much: a batch of 25 is ~350 KB on the wire."""
+    import random
+    rng = random.Random(7)
+    return [Sample(sample_id=f"{prefix}{i}", user="owner", ts=1_700_000_000 + i, day=day, label=1.0, item_id=i,
+                   hist_items=[rng.randrange(1 << 20) for _ in range(5000)]) for i in range(n)]
+
+
+def test_killed_client_mid_pull_keeps_its_unsent_batches(env):
+    samples = big_samples("k", 12 * 25, 6)
+    env.mappings.put_day(6, {"alice": samples})
+    all_ids = [f"6.{i}" for i in range(12)]
+    call = env.stub.PullBatches(coda_pb2.PullBatchesRequest(day=6), metadata=[("authorization", "Bearer tok-a")])
+    first = next(call)
+    call.cancel()  # the device is killed after receiving one batch
+    assert first.batch_id == "6.0"
+
+    def settled():
+        before = env.mappings.pulls("dev-a", 6)
+        time.sleep(0.1)
+        return before == env.mappings.pulls("dev-a", 6) == len(env.mappings.pulled("dev-a", 6, all_ids))
+    assert _wait_for(settled)
+    marked = env.mappings.pulled("dev-a", 6, all_ids)
+    # Only what the transport took before the cancel counts; flow control holds back the rest.
+    assert len(marked) < 12  # before the fix all 12 counted
+    assert env.list(6).pulled_today == len(marked)
+    resumed = env.pull(6)
+    assert [b.batch_id for b in resumed] == [b for b in all_ids if b not in marked]
+    assert env.list(6).pulled_today == 12
+    by_id = {b.batch_id: b for b in resumed}
+    by_id.setdefault(first.batch_id, first)
+    lost = [b for b in all_ids if b not in by_id]  # accepted by the transport but never read
+    assert set(lost) <= marked
+    assert all(samples_from_batch(by_id[b]) == samples[i * 25:(i + 1) * 25]
+               for i, b in enumerate(all_ids) if b in by_id)
+
+
+def test_batch_id_list_is_capped_at_the_daily_limit(env):
+    env.mappings.put_day(7, {"alice": make_samples("c", 100, 7)})
+    # A request listing 40,001 ids (one repeated) is refused by its length before any other work.
+    ids = [f"7.{i}" for i in range(40_000)] + ["7.0"]
+    code, details = code_of(lambda: env.pull(7, batch_ids=ids))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "batch_ids lists 40001 batches; at most the daily limit of 12 per request"
+    code, details = code_of(lambda: env.pull(7, batch_ids=["7.1", "7.0", "7.1"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "repeats batch ids ['7.1']" in details
+    assert env.list(7).pulled_today == 0
+    assert len(env.pull(7, batch_ids=["7.0", "7.1", "7.2", "7.3"])) == 4

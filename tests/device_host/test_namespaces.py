@@ -66,7 +66,7 @@ def test_the_rule_needs_both_sides_and_covers_derived_scopes():
     thief = parse_manifest('name = "thief"\nentry = "m.py"\nnamespace = "victim"\nnamespace_members = ["thief", "victim"]\n')
     assert "'victim' lists []" in sharing_problem(thief, [victim])
     coda = [parse_manifest((ROOT / "tasks" / t / "task.toml").read_text())
-            for t in ("coda_filter", "coda_train", "coda_infer")]
+            for t in ("coda_filter", "coda_train", "coda_infer", "coda_samples", "coda_fetch")]
     assert all(sharing_problem(m, coda) is None for m in coda)
 
 

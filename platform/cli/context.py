@@ -1,0 +1,118 @@
+"""What the operator commands share: the invocation context (where the platform is, who acts), the
+shared options, and output helpers. Errors are handled once, by walle.protos.clikit."""
+from __future__ import annotations
+
+import datetime
+import pathlib
+
+import click
+from rich.console import Console
+
+from walle.protos import device_pb2
+from walle.protos.clikit import print_json, want_json
+
+from .. import config as config_mod
+from ..errors import InvalidArgument
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+DEFAULT_DATA_DIR = "walle-data"
+
+
+class Ctx:
+    """Resolved global options (command line, then environment, then the config file)."""
+
+    def __init__(self, platform: str | None = None, data_dir: str | None = None, actor: str | None = None,
+                 ca: str | None = None, insecure: bool = False):
+        self.cfg = config_mod.load()
+        self.platform_addr = platform or self.cfg.get("platform")
+        self.data_dir = data_dir or self.cfg.get("data_dir") or DEFAULT_DATA_DIR
+        self.actor = actor or self.cfg.get("actor", "operator")
+        self.ca = ca or self.cfg.get("ca")
+        self.insecure = insecure or str(self.cfg.get("insecure", "")).lower() in ("1", "true", "yes")
+        self._api = None
+
+    @property
+    def as_json(self) -> bool:
+        return want_json()
+
+    def channel(self):
+        """A channel to --platform: TLS checked against the platform CA unless --insecure."""
+        import grpc
+        if self.insecure:
+            err_console.print("[bold red]WARNING: --insecure: plaintext gRPC, no server authentication[/bold red]")
+            return grpc.insecure_channel(self.platform_addr)
+        ca = self.ca or (pathlib.Path(self.data_dir) / "pki" / "ca.pem")
+        try:
+            root = pathlib.Path(ca).read_bytes()
+        except OSError:
+            raise InvalidArgument(f"no platform CA certificate at {ca}: pass --ca FILE (from `walle platform init`) "
+                                  f"or --insecure for a plaintext server") from None
+        return grpc.secure_channel(self.platform_addr, grpc.ssl_channel_credentials(root_certificates=root))
+
+    def api(self):
+        """The AdminService: remote when --platform is given, else the local data folder."""
+        if self._api is None:
+            if self.platform_addr:
+                from ..client import RemoteAdmin
+                token = self.cfg.get("operator_token", "")
+                md = (("authorization", f"Bearer {token}"),) if token else ()
+                self._api = RemoteAdmin(self.channel(), metadata=md)
+            else:
+                from ..service import Platform
+                self._api = Platform(self.data_dir)
+        return self._api
+
+    def platform(self):
+        """The local platform on --data-dir (commands that only make sense next to the data)."""
+        from ..service import Platform
+        return Platform(self.data_dir)
+
+
+pass_ctx = click.make_pass_decorator(Ctx, ensure=True)
+
+
+def data_dir_option(f):
+    """`--data-dir` on a command overrides the global one (both name the platform data folder)."""
+    def cb(ctx, _param, value):
+        if value:
+            ctx.ensure_object(Ctx).data_dir = value
+        return value
+    return click.option("--data-dir", "data_dir_", type=click.Path(file_okay=False), expose_value=False,
+                        callback=cb, help="Platform data folder (default: the global --data-dir).")(f)
+
+
+def emit(ctx: Ctx, message, human) -> None:
+    """JSON under --json, else the human rendering."""
+    if want_json():
+        print_json(message)
+    else:
+        human(message)
+
+
+def parse_attrs(text: str) -> device_pb2.DeviceInfo:
+    """`user_id=u1,app_version=2.3.0,tags=a|b` -> DeviceInfo."""
+    info = device_pb2.DeviceInfo()
+    fields = {f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields} - {"installed"}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "=" not in part:
+            raise InvalidArgument(f"--attrs: {part!r} is not KEY=VALUE")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in fields:
+            raise InvalidArgument(f"--attrs: unknown attribute {key!r}; known: {', '.join(sorted(fields))}")
+        if key == "tags":
+            info.tags.extend(t for t in value.split("|") if t)
+        else:
+            setattr(info, key, value)
+    return info
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition("@")
+    if not name:
+        raise InvalidArgument(f"{ref!r} is not NAME or NAME@VERSION")
+    return name, version
+
+
+def ts(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"

@@ -1,0 +1,36 @@
+"""CoDA: pull the matched samples of the newest prepared day (paper 4.2.1 sample query, 5.2).
+
+Calls `tunnel.pull("samples", "outside", ...)`: the host pulls the next batches this device has not
+pulled yet (resumable), at most what fits below MAX_ROWS rows of `outside` and within the cloud's
+12-a-day limit, stores them with state "new" and fires `batch_received` (coda_filter runs). Then:
+  - KV `today` := the cloud's work-cycle day (coda_samples stamps new local samples with it and the
+    local lifecycle counts days by it);
+  - when nothing more can be pulled today, emits `batches_exhausted` once per day, so coda_train
+    finishes the day's training (paper 5.2).
+Returns the pull's summary.
+"""
+from walle import events, log, storage, tunnel
+
+DEFAULT_MAX_ROWS = 200
+
+
+def max_rows():
+    cfg = storage.get("config", None) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"KV 'config' must be an object, got {cfg!r}")
+    value = cfg.get("MAX_ROWS", DEFAULT_MAX_ROWS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"config MAX_ROWS must be an integer >= 2, got {value!r}")
+    return value
+
+
+def main(event):
+    res = tunnel.pull(service="samples", table="outside", max_rows=max_rows(), event="batch_received")
+    if res["today"]:
+        storage.put("today", res["today"])
+    if res["pulled"]:
+        log.info(f"pulled {res['pulled']} batches ({res['rows']} samples, {res['bytes']} bytes) of day {res['day']}")
+    if res["exhausted"] and res["day"] and storage.get("exhausted_day", 0) != res["day"]:
+        storage.put("exhausted_day", res["day"])
+        events.emit("batches_exhausted", {"day": res["day"], "reason": res["reason"]})
+    return res
