@@ -90,7 +90,10 @@ class DeviceHost:
         return self.credentials.device_id
 
     def device_info(self) -> device_pb2.DeviceInfo:
-        return device_info(self.attrs, self.device_id, (t.ref for t in self.store.installed().values()))
+        info = device_info(self.attrs, self.device_id, (t.ref for t in self.store.installed().values()))
+        if self.credentials.user_id:  # the platform uses only the user it bound; say the same
+            info.user_id = self.credentials.user_id
+        return info
 
     # -- storage and models, opened on first use --------------------------------------------------
     @property

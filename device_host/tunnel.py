@@ -4,7 +4,7 @@ Up (`UpTunnel`): an on-disk queue in SQLite (WAL). `send()` gives each record th
 sequence number and commits it before returning, so a record survives a crash or a restart. A flusher
 uploads the queue in order, in batches of at most 500 records or 1 MiB (zlib-compressed), and deletes
 records only after the cloud's ack: delivery is at-least-once, and the cloud drops records it already
-holds by (device_id, seq). While offline it retries with exponential backoff and jitter.
+holds by (device_id, epoch, seq); the epoch is random per queue, so a wiped queue starts a new stream. While offline it retries with exponential backoff and jitter.
 
 Queue cap: at most `max_records` records are kept. When a send would go over, the oldest records of
 the lowest priority class are dropped first: "log" (0), then "event" and task topics "task.*" (1),
@@ -52,6 +52,8 @@ DEFAULT_MAX_RECORDS = 100_000
 TOPIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
 TASK_SHARED_TOPICS = frozenset({"behavior", "behavior.batch"})
 DOWN_MAX_BYTES = 4 << 20
+# The cloud will never take such a record (malformed, or a report on a release it never sent).
+REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
@@ -93,6 +95,7 @@ class UpTunnel:
             if not is_corruption(e):
                 raise   # e.g. a full disk: the file is sound, never set it aside
             self._db = self._recover(e)
+        self.epoch = self._db.execute("SELECT value FROM up_meta WHERE key='epoch'").fetchone()[0]
         self._lock = threading.Lock()        # guards the connection
         self._upload_lock = threading.Lock()  # one upload at a time keeps order
         self._stats = {"sent": 0, "acked": 0, "duplicates": 0, "dropped": 0, "rejected": 0, "errors": 0}
@@ -113,6 +116,10 @@ class UpTunnel:
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
                 prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
             db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+            # The stream epoch: picked once per queue, so a wiped or new queue (whose seqs restart)
+            # is a new stream to the cloud, never mistaken for records it already holds.
+            db.execute("CREATE TABLE IF NOT EXISTS up_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO up_meta VALUES ('epoch', ?)", [random.getrandbits(63) or 1])
             # Keys of records that must be queued at most once (e.g. one report per completed install).
             db.execute("CREATE TABLE IF NOT EXISTS up_once (key TEXT PRIMARY KEY)")
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -124,12 +131,10 @@ class UpTunnel:
             raise
 
     def _recover(self, error: Exception) -> sqlite3.Connection:
-        """The queue file is corrupt: set it aside (it may be salvaged by hand) and start an empty queue
-        whose seqs continue above any the cloud has seen, so it does not drop new records as duplicates."""
+        """The queue file is corrupt: set it aside (it may be salvaged by hand) and start an empty queue,
+        a new stream (epoch) to the cloud, so its restarted seqs are not taken for duplicates."""
         self.recovered = set_aside(self.path, str(error)) + "; the up-tunnel queue restarted empty"
-        db = self._open()
-        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('up_queue', ?)", [int(time.time() * 1000) * 1000])
-        return db
+        return self._open()
 
     # -- queue ----------------------------------------------------------------------------------
     def send(self, topic: str, payload: bytes | dict | list | str, *, once_key: str = "") -> int:
@@ -196,7 +201,7 @@ class UpTunnel:
         if cur:
             out.append(cur)
         return [(tunnel_pb2.UpBatch(zlib_records=zlib.compress(tunnel_pb2.UpRecords(records=recs).SerializeToString(), 6),
-                                    count=len(recs)), recs[-1].seq) for recs in out]
+                                    count=len(recs), epoch=self.epoch), recs[-1].seq) for recs in out]
 
     def flush_once(self) -> int:
         """One Upload call for the head of the queue; returns how many records were acked.
@@ -213,10 +218,17 @@ class UpTunnel:
             try:
                 ack = self.stub.Upload(iter([b for b, _ in batches]), metadata=self.metadata, timeout=self.timeout)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if e.code() in REFUSED:
                     return self._isolate(batches, e.details())
                 self._stats["errors"] += 1
                 raise
+            if ack.max_seq > self._last_assigned():
+                # The cloud holds seqs this queue never assigned (a restored copy of an old queue):
+                # what it called duplicates may be new. Start a new epoch and send them again.
+                log.warning("cloud holds seq %d of epoch %d but this queue assigned only up to %d; "
+                            "starting a new epoch", ack.max_seq, self.epoch, self._last_assigned())
+                self._new_epoch()
+                return 0
             # Deleting only after the ack is what makes delivery at-least-once.
             self._delete_through(last_seq)
             self._stats["sent"] += n
@@ -232,14 +244,14 @@ class UpTunnel:
         for b, _ in batches:
             for rec in tunnel_pb2.UpRecords.FromString(zlib.decompress(b.zlib_records)).records:
                 one = tunnel_pb2.UpBatch(zlib_records=zlib.compress(
-                    tunnel_pb2.UpRecords(records=[rec]).SerializeToString()), count=1)
+                    tunnel_pb2.UpRecords(records=[rec]).SerializeToString()), count=1, epoch=self.epoch)
                 try:
                     ack = self.stub.Upload(iter([one]), metadata=self.metadata, timeout=self.timeout)
                     self._stats["acked"] += ack.accepted
                     self._stats["duplicates"] += ack.duplicates
                     self._stats["sent"] += 1
                 except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    if e.code() not in REFUSED:
                         self._stats["errors"] += 1
                         raise  # offline again: what is left stays queued
                     # The cloud will never take this record; keeping it would block the queue forever.
@@ -249,6 +261,16 @@ class UpTunnel:
                 self._delete_through(rec.seq)
                 sent += 1
         return sent
+
+    def _last_assigned(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='up_queue'").fetchone()
+        return row[0] if row else 0
+
+    def _new_epoch(self) -> None:
+        with self._lock:
+            self.epoch = random.getrandbits(63) or 1
+            self._db.execute("UPDATE up_meta SET value=? WHERE key='epoch'", [self.epoch])
 
     def _delete_through(self, seq: int) -> None:
         with self._lock:

@@ -176,7 +176,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         return self.platform.active_tasks(device_of(self.platform, context), request)
 
     async def FetchBundle(self, request, context):
-        device_of(self.platform, context)
+        await blocking(self.platform.authorize_blob, device_of(self.platform, context), request.digest)
         await _send_blob(context, await blocking(self.platform.blob, request.digest), request.digest)
 
     def _wake(self) -> None:
@@ -199,7 +199,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 try:
                     await asyncio.wait_for(event.wait(), timeout=15)
                 except asyncio.TimeoutError:
-                    continue
+                    pass
+            device_of(self.platform, context)  # or when its credential is revoked or expires
             if self.watcher.revision != seen:
                 seen = self.watcher.revision
                 yield device_pb2.ListChanged(revision=str(seen))
@@ -218,11 +219,11 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
         return tunnel_pb2.UploadAck(accepted=accepted, duplicates=dups, max_seq=max_seq)
 
     async def GetResource(self, request, context):
-        device_of(self.platform, context)
+        await blocking(self.platform.authorize_resource, device_of(self.platform, context))
         return await blocking(self.platform.resource, request.name, request.version)
 
     async def FetchResource(self, request, context):
-        device_of(self.platform, context)
+        await blocking(self.platform.authorize_resource, device_of(self.platform, context))
         info = await blocking(self.platform.resource, request.name, request.version)
         await _send_blob(context, await blocking(self.platform.blob, info.digest), info.digest)
 

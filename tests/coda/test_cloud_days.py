@@ -71,8 +71,8 @@ def served(tmp_path):
     mds = {}
     stub = device_pb2_grpc.DeviceServiceStub(channel)
     for u in range(N_USERS):
-        token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{u}")).token
-        mds[u] = bearer_metadata(token)
+        token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{u}", user_id=f"reader{u}")).token
+        mds[u] = bearer_metadata(token)  # the user is bound at enrollment
         stub.GetActiveTasks(device_pb2.DeviceInfo(user_id=f"reader{u}"), metadata=mds[u], timeout=10)
     yield platform, coda, channel, mds, tmp_path / "platform"
     channel.close()

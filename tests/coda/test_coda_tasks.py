@@ -370,6 +370,11 @@ def test_train_creates_ctr_from_the_global_model_over_the_real_tunnel(tmp_path, 
         params, _graph, _metrics = train_global(data["outside"][:300], epochs=1, seed=5)
         platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=params))
         md = bearer_metadata(platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="dev-coda")).token)
+        # resources go to devices released a task that reads them: release coda_train to this device
+        from walle.protos import bundle, device_pb2
+        tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(validate_task_dir(TASKS / "coda_train")[1])))
+        platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="coda_train", version=tv.version))
+        assert platform.active_tasks("dev-coda", device_pb2.DeviceInfo(host_version="0.1.0")).tasks
         up = UpTunnel(tmp_path / "dev" / "tunnel.sqlite3", channel, md)
         down = DownTunnel(tmp_path / "dev" / "resources", channel, md)
         dev = Device(tmp_path / "dev", sandbox, tasks, extra_ops=tunnel_ops(NS, up, down))

@@ -34,6 +34,8 @@ def big_task(tmp: pathlib.Path) -> pathlib.Path:
     dst = tmp / "big"
     shutil.copytree(ROOT / "tasks" / "hello", dst)
     (dst / "blob.txt").write_text(os.urandom(450 * 1024).hex()[:900 * 1024])
+    toml = dst / "task.toml"  # granted the tunnel API: its devices may download resources
+    toml.write_text(toml.read_text().replace('apis = ["log", "storage"]', 'apis = ["log", "storage", "tunnel"]'))
     return dst
 
 
@@ -44,6 +46,8 @@ def setup_platform(p: Platform, tmp: pathlib.Path):
     p.CreateRelease(admin_pb2.CreateReleaseRequest(task=tv.name, version=tv.version))
     p.PublishResource(admin_pb2.PublishResourceRequest(name="blobs/big", data=os.urandom(300 * 1024)))
     md = bearer_metadata(p.EnrollDevice(admin_pb2.EnrollRequest(device_id="phone-1")).token)
+    p.active_tasks("phone-1", INFO)  # the device has polled: the bundle and resources are released to it
+    p.flush_seen()  # and its attributes are stored, for a server in another process
     assert tv.bundle_size > 4 * CHUNK
     return tv, md
 
