@@ -202,6 +202,7 @@ def run(kills: int = 60, seed: int = 1, workdir: str | None = None, python: str 
         logs.mkdir()
         launcher = Launcher(python, data, env)
         sent = partial = 0
+        partial_seen: list[str] = []
         t0 = time.perf_counter()
         try:
             while sent < kills:
@@ -214,8 +215,14 @@ def run(kills: int = 60, seed: int = 1, workdir: str | None = None, python: str 
                 launcher.reap(pid)
                 sent += 1
                 logged.update(m.groups() for m in map(pat.search, log_file.read_text().splitlines()) if m)
-                partial += sum(1 for d in (data / "tasks").glob("*/*") if d.is_dir() and not d.name.endswith(".tmp")
-                               and not d.name.startswith(".") and not (d / "main.py").exists())
+                # Version folders the host could take for installed: not `*.tmp`, not under a `.trash-*`.
+                broken = [d for d in (data / "tasks").glob("*/*") if d.is_dir() and not d.name.endswith(".tmp")
+                          and not d.name.startswith(".") and not d.parent.name.startswith(".")
+                          and not (d / "main.py").exists()]
+                partial += len(broken)
+                for d in broken:
+                    partial_seen.append(f"after kill {sent}: {d.relative_to(data)} holds "
+                                        f"{sorted(p.name for p in d.iterdir())[:5]}")
                 if verbose:
                     print(f"kill {sent}: {len(logged)} installs logged so far", file=sys.stderr)
             loop_s = time.perf_counter() - t0
@@ -240,6 +247,7 @@ def run(kills: int = 60, seed: int = 1, workdir: str | None = None, python: str 
         counts = {tv: count(tv) for tv in completed}
         return {
             "kills": sent, "loop_seconds": round(loop_s, 1), "partial_folders_seen_after_kills": partial,
+            "partial_folders": partial_seen[:5],
             "installs_completed": len(completed),
             "reported": sum(1 for n in counts.values() if n >= 1),
             "never_reported": sum(1 for n in counts.values() if n == 0),
