@@ -22,6 +22,7 @@ import sqlite_utils
 
 from walle.protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from . import budget
 from .recovery import CorruptDatabase, is_corruption
 
 TASK_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
@@ -63,6 +64,7 @@ class TaskStorage:
         self.path = str(db_path)
         self.quotas = quotas or Quotas()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.set_progress_handler(budget.sqlite_progress, 10_000)  # a run that is over stops its SQL
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         try:

@@ -258,3 +258,23 @@ def test_a_record_the_cloud_refuses_does_not_sink_its_batch(live, tmp_path):
     assert [r[0] for r in live.events("dev-6")] == [a, d]
     assert live.platform.state.db.execute("SELECT seq FROM run_reports WHERE device_id='dev-6'").fetchall() == [(c,)]
     up.close()
+
+
+def test_queue_is_capped_in_bytes_and_per_task_and_survives_a_restart(tmp_path):
+    from walle.protos.errors import ResourceExhausted
+    up = UpTunnel(tmp_path / "q.sqlite3", None, max_bytes=1_000_000, task_max_bytes=600_000)
+    keep = up.send("run_report", b"r" * 100_000)
+    for _ in range(3):
+        up.send("task.a", b"a" * 200_000, owner="a")
+    with pytest.raises(ResourceExhausted, match="share"):
+        up.send("task.a", b"a" * 200_000, owner="a")
+    assert up.owner_bytes("a") == 600_000
+    for _ in range(3):
+        up.send("task.b", b"b" * 200_000, owner="b")  # over max_bytes: the oldest task records go first
+    assert up.stats()["pending_bytes"] <= 1_000_000 and up.stats()["dropped"] == 2
+    assert up.owner_bytes("a") == 200_000 and up.owner_bytes("b") == 600_000
+    assert up.pending_records()[0] == (keep, "run_report")
+    up.close()
+    again = UpTunnel(tmp_path / "q.sqlite3", None, max_bytes=1_000_000, task_max_bytes=600_000)
+    assert (again.owner_bytes("a"), again.owner_bytes("b")) == (200_000, 600_000)
+    again.close()
