@@ -73,6 +73,7 @@ class InstalledTask:
     install_id: str = ""
     delivered_as: str = "installed"   # the delivery report this install owes: "installed" | "rolled_back"
     reported: bool = False            # that report is queued (the up-tunnel key makes it exactly once)
+    config_json: str = ""     # the release's task config (canonical JSON, covered by the signature)
     _files: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -101,10 +102,15 @@ class InstalledTask:
             self._files = out
         return self._files
 
+    def config(self) -> dict:
+        """The release's task config: parameter -> value ({} for a task without config)."""
+        return json.loads(self.config_json) if self.config_json else {}
+
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "digest": self.digest, "release_id": self.release_id,
                 "install_id": self.install_id, "delivered_as": self.delivered_as, "reported": self.reported,
-                "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)}
+                "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True),
+                "config_json": self.config_json}
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -216,7 +222,7 @@ class TaskStore:
             manifest = json_format.ParseDict(entry["manifest"], device_pb2.TaskManifest())
             task = InstalledTask(name, entry["version"], entry["digest"], entry.get("release_id", ""), manifest, path,
                                  entry.get("install_id", ""), entry.get("delivered_as", "installed"),
-                                 bool(entry.get("reported")))
+                                 bool(entry.get("reported")), entry.get("config_json", ""))
         except (KeyError, TypeError, ValueError, json_format.ParseError) as e:
             self._problem(name, entry if isinstance(entry, dict) else None, f"{CURRENT_FILE} entry is invalid ({e})")
             return None
@@ -316,7 +322,7 @@ class TaskStore:
                 self._extract(task, files, final)
             old = self._pointer(task.name)
             new = InstalledTask(task.name, task.version, task.bundle_digest, task.release_id, task.manifest, final,
-                                secrets.token_hex(8))
+                                secrets.token_hex(8), config_json=task.config_json)
             previous = old.get("current")
             if previous and previous.get("version") == task.version:
                 previous = old.get("previous")  # a re-install of the same version keeps the older fallback
@@ -531,8 +537,8 @@ class TaskSync:
     def _converge(self, task: device_pb2.ActiveTask, have: InstalledTask | None, result: SyncResult,
                   peers: dict[str, device_pb2.TaskManifest]) -> None:
         if have is not None and have.version == task.version and have.digest == task.bundle_digest:
-            if have.release_id != task.release_id:
-                # Same version under a new release (e.g. a rollback): count the delivery there too.
+            if have.release_id != task.release_id or have.config_json != task.config_json:
+                # Same version under a new release (its config, a rollback): count the delivery there too.
                 self._report_install(self.store.install(task, {}))
             return
         refused = self._refused.get(task.bundle_digest)

@@ -81,6 +81,8 @@ def device_preview(obj: Ctx, attrs):
         for t in reply.tasks:
             console.print(f"[bold]{t.name}@{t.version[:12]}[/bold] from {t.release_id} ({t.bundle_digest[:19]}…)",
                           highlight=False)
+            if t.config_json:  # the release's task config this device would run with
+                click.echo(f"  config {t.config_json}")
         for line in reply.explanation:
             console.print(f"  {line}", highlight=False)
     emit(obj, obj.api().Preview(parse_attrs(attrs)), human)

@@ -90,10 +90,26 @@ def task_show(obj: Ctx, ref):
         v = reply.version
         console.print(f"[bold]{v.name}@{v.version}[/bold]  {ts(v.created_at)}  {v.author}: {v.message}", highlight=False)
         console.print(f"bundle {v.bundle_digest} ({v.bundle_size} B)", highlight=False)
+        _print_libraries(v.manifest.libraries, reply)
+        for p in v.manifest.config:  # what `release create --set KEY=VALUE` accepts
+            bounds = f" in [{p.min_json or '-inf'}, {p.max_json or '+inf'}]" if p.min_json or p.max_json else ""
+            choices = f" one of {', '.join(p.choices_json)}" if p.choices_json else ""
+            click.echo(f"config {p.name}: {p.type} = {p.default_json}{bounds}{choices}  {p.help}".rstrip())
         for path in sorted(reply.files):
             console.rule(path)
             click.echo(reply.files[path])
     emit(obj, obj.api().ShowTask(admin_pb2.TaskRef(name=name, version=version)), human)
+
+
+def _print_libraries(declared, reply) -> None:
+    """The bundled library files (copied from tasks/_lib/ at submit) with their sha256."""
+    from ..manifest import LIB_DIR
+    lib_files = sorted(p for p in reply.files if p.startswith(LIB_DIR + "/"))
+    if not declared and not lib_files:
+        return
+    click.echo(f"libraries: {', '.join(declared)}")
+    for path in lib_files:
+        click.echo(f"  {reply.digests.get(path, '?')}  {path}")
 
 
 def register(main: click.Group) -> None:

@@ -208,19 +208,22 @@ def test_fetch_pulls_what_fits_and_the_daily_limit(world):
 
 def test_ask_ranks_a_home_page_from_m_or_m0_while_m_is_written(world):
     """The app asks coda_infer for a home page; while training holds M's write lock, M0 serves."""
-    from walle.device_host.models.api import make_model_ops
+    from walle.platform.coda.tasklib import coda_module
+    din, features, training = (coda_module(m) for m in ("din", "features", "training"))
     _platform, _coda, dev = world
-    ops = make_model_ops(dev.host.models)
-    ops["model.create"](name="ctr", arch="din", seed=3)
+    store = dev.host.models.scope("coda")
+    net = din.DIN({"n_items": 1683, "n_cats": 20}, 3)
+    store.create("ctr", net.params(), {"arch": "din", "config": net.config})
     train = [{"item_id": i, "item_cats": [1], "hist_items": [1, 2, 3], "hist_cats": [1, 1, 1], "profile": [],
               "label": float(i % 2)} for i in range(1, 65)]
-    ops["model.train"](name="ctr", samples=train, epochs=2)  # M moves on from M0
+    training.train(net, features.batch(train, 50), 2, 0.005, 0)
+    store.commit("ctr", net.params(), {"arch": "din", "config": net.config}, store.begin_update("ctr")["version"])
     page = {"candidates": [{"item_id": i, "item_cats": [1 + i % 4], "hist_items": [5, 6, 7], "hist_cats": [1, 2, 3],
                             "profile": []} for i in range(1, 21)]}
     fresh = dev.ask("page_view:home", page)
     assert fresh["served_from"] == "M" and sorted(fresh["ranking"]) == list(range(1, 21))
     assert fresh["scores"] == sorted(fresh["scores"], reverse=True)
-    with dev.host.models.write_lock("ctr"):  # what coda_train holds while it replaces M
+    with store.write_lock("ctr"):  # what coda_train holds while it replaces M
         during = dev.ask("page_view:home", page)
     assert during["served_from"] == "M0" and during["version"] != fresh["version"]
     assert dev.ask("page_view:home", page)["served_from"] == "M"
