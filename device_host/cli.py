@@ -8,6 +8,7 @@ import json
 import logging
 import pathlib
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -16,7 +17,7 @@ import click
 import grpc
 
 from walle.protos.clikit import WalleCommand, json_option, print_json, want_json
-from walle.protos.errors import InvalidArgument, Unauthenticated
+from walle.protos.errors import InvalidArgument, Unauthenticated, WalleError
 
 from .identity import Credentials, IdentityError, credentials_path, parse_attrs
 
@@ -98,9 +99,15 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 raise InvalidArgument(f"--event {spec!r}: payload is not JSON: {e}") from None
     except IdentityError as e:
         raise InvalidArgument(str(e)) from None
+    except OSError as e:   # e.g. the credential cannot be copied into a full data folder
+        raise WalleError(f"cannot write the credential into {data}: {e.strerror or e}") from None
     from . import app
     sandbox = _sandbox(profile, allow_unconfined_tasks)
-    host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    try:
+        host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    except (OSError, sqlite3.Error) as e:  # a full or read-only disk: say so, no traceback
+        sandbox.close()
+        raise WalleError(f"cannot open the device's data folder {data}: {e} (is the disk full?)") from None
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
              ", ".join(f"{k}={v}" for k, v in attributes.items()) or "none")
     stop_metrics = None
@@ -120,6 +127,8 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 log.error("the platform refused this device's credential (%s); enroll it again", e.details())
             else:
                 log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
+        except (OSError, sqlite3.Error) as e:   # e.g. a full disk
+            log.error("sync failed: %s (running what is installed)", e)
         for name, payload in parsed_events:
             tasks = app.emit(host, name, payload)[0]
             if tasks:
