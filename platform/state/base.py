@@ -63,6 +63,18 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def revoke_operator(self, name: str) -> bool: ...
 
+    # -- release guards -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put_guard(self, row: dict) -> None:
+        """Set (or replace) a release's guard."""
+
+    @abc.abstractmethod
+    def claim_guard(self, release_id: str, detail: str, at: int) -> bool:
+        """Mark a watching guard tripped; False if it was not watching (another judge was first)."""
+
+    @abc.abstractmethod
+    def set_guard_action(self, release_id: str, action_release_id: str, detail: str) -> None: ...
+
     # -- resources ------------------------------------------------------------------------------
     @abc.abstractmethod
     def add_resource(self, name: str, digest: str, size: int, metadata: str, created_at: int) -> str:
@@ -198,3 +210,57 @@ class PlatformState(abc.ABC):
 
     @abc.abstractmethod
     def blob(self, digest: str) -> bytes | None: ...
+
+    # -- release guards and what operators read of reports ----------------------------------------
+    @abc.abstractmethod
+    def guard(self, release_id: str) -> dict | None: ...
+
+    @abc.abstractmethod
+    def guards(self, release_ids: list[str], status: str = "") -> list[dict]: ...
+
+    @abc.abstractmethod
+    def guard_states(self) -> dict[str, str]:
+        """release id -> guard status, for every guarded release."""
+
+    @abc.abstractmethod
+    def health_figures(self, release_id: str, p99: bool = True) -> dict:
+        """runs, failed, failure_rate and (when asked) p99_seconds of a release's run reports."""
+
+    @abc.abstractmethod
+    def run_reports_page(self, after: int, limit: int, status: str = "", since: int = 0, **equal) -> list[dict]:
+        """Run reports newer than the cursor `after`, newest first, each with its `cursor`; `equal`
+        narrows by release_id/task/device_id; status "failed" means any status but ok."""
+
+    @abc.abstractmethod
+    def log_payloads(self, device_id: str, after_seq: int, upto_seq: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def release_failures(self, release_id: str, limit: int) -> tuple[int, list[dict]]:
+        """(devices with a failed run, the newest failed runs: device_id, error, status)."""
+
+    @abc.abstractmethod
+    def run_durations(self, release_id: str) -> list[float]:
+        """Sorted."""
+
+    @abc.abstractmethod
+    def installed(self, device_id: str) -> list[dict]:
+        """The device's latest delivery report per task."""
+
+    @abc.abstractmethod
+    def device_attrs(self) -> list[str]:
+        """Last-reported attributes (JSON) of every unrevoked device that reported some."""
+
+    @abc.abstractmethod
+    def failed_runs_by_device(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def count_devices(self, seen_since: int = 0) -> int:
+        """Unrevoked devices seen since then."""
+
+    @abc.abstractmethod
+    def operators(self) -> list[dict]: ...
+
+    @abc.abstractmethod
+    def audit_search(self, limit: int, action: str = "", exclude_actions=(), actor: str = "", target: str = "",
+                     since: int = 0) -> list[dict]:
+        """Newest first; an action pattern ending in "." matches the family ("release.")."""

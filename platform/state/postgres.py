@@ -16,7 +16,9 @@ DECISION_LOCK = 0x57A11E  # pg_advisory_xact_lock key of release decisions
 
 class PostgresState(SqlState):
     placeholder = "%s"
-    types = {"int": "BIGINT", "real": "DOUBLE PRECISION", "serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA"}
+    types = {"int": "BIGINT", "real": "DOUBLE PRECISION", "serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA",
+             "rowid_col": ", rid BIGSERIAL"}
+    rowid = "rid"
     greatest = "GREATEST"
 
     def __init__(self, url: str):

@@ -16,7 +16,15 @@ SCHEMA_VERSION = 1
 LIVE_FOR_DEVICES = ("active", "fallback", "paused")
 RELEASE_FIELDS = ("id", "seq", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at",
                   "created_by", "note", "bundle_digest", "allow", "deny", "salt", "config")
-REPORT_TABLES = {"run_report": ("run_reports", 11), "delivery": ("deliveries", 8)}
+REPORT_COLUMNS = {
+    "run_reports": ("device_id", "seq", "ts", "task", "version", "release_id", "status", "duration_s",
+                    "peak_memory_kb", "error", "trigger"),
+    "deliveries": ("device_id", "seq", "ts", "task", "version", "release_id", "status", "error"),
+    "events": ("device_id", "seq", "ts", "topic", "payload"),
+}
+REPORT_TABLES = {"run_report": "run_reports", "delivery": "deliveries"}
+GUARD_FIELDS = ("release_id", "max_failure_rate", "min_runs", "max_p99_seconds", "on_trip", "actor", "status",
+                "trip_detail", "tripped_at", "action_release_id", "created_at")
 
 # {int} 64-bit integer, {real} double, {serial} auto-increment key, {blob} bytes
 SCHEMA = [
@@ -45,8 +53,17 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS run_reports (
         device_id TEXT NOT NULL, seq {int} NOT NULL, ts {int} NOT NULL, task TEXT NOT NULL, version TEXT NOT NULL,
         release_id TEXT NOT NULL, status TEXT NOT NULL, duration_s {real} NOT NULL, peak_memory_kb {int} NOT NULL,
-        error TEXT NOT NULL, trigger TEXT NOT NULL, PRIMARY KEY (device_id, seq))""",
+        error TEXT NOT NULL, trigger TEXT NOT NULL{rowid_col}, PRIMARY KEY (device_id, seq))""",
     "CREATE INDEX IF NOT EXISTS run_reports_release ON run_reports(release_id)",
+    # Guards judge a release after every batch of its reports: index-only counts and percentiles.
+    "CREATE INDEX IF NOT EXISTS run_reports_release_status ON run_reports(release_id, status)",
+    "CREATE INDEX IF NOT EXISTS run_reports_release_duration ON run_reports(release_id, duration_s)",
+    # Health guards of releases (walle.platform.guards).
+    """CREATE TABLE IF NOT EXISTS release_guards (
+        release_id TEXT PRIMARY KEY, max_failure_rate {real} NOT NULL, min_runs {int} NOT NULL,
+        max_p99_seconds {real} NOT NULL, on_trip TEXT NOT NULL, actor TEXT NOT NULL, status TEXT NOT NULL,
+        trip_detail TEXT NOT NULL DEFAULT '', tripped_at {int} NOT NULL DEFAULT 0,
+        action_release_id TEXT NOT NULL DEFAULT '', created_at {int} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS deliveries (
         device_id TEXT NOT NULL, seq {int} NOT NULL, ts {int} NOT NULL, task TEXT NOT NULL, version TEXT NOT NULL,
         release_id TEXT NOT NULL, status TEXT NOT NULL, error TEXT NOT NULL, PRIMARY KEY (device_id, seq))""",
@@ -192,6 +209,19 @@ class SqlTransaction(Transaction):
     def revoke_operator(self, name: str) -> bool:
         return self.c.run("UPDATE operators SET revoked = 1 WHERE name = ?", [name]).rowcount > 0
 
+    def put_guard(self, row: dict) -> None:
+        self.c.run("DELETE FROM release_guards WHERE release_id = ?", [row["release_id"]])
+        self.c.run(f"INSERT INTO release_guards ({', '.join(GUARD_FIELDS)}) VALUES ({','.join('?' * len(GUARD_FIELDS))})",
+                   [row[k] for k in GUARD_FIELDS])
+
+    def claim_guard(self, release_id: str, detail: str, at: int) -> bool:
+        return self.c.run("UPDATE release_guards SET status = 'tripped', trip_detail = ?, tripped_at = ? "
+                          "WHERE release_id = ? AND status = 'watching'", [detail, at, release_id]).rowcount > 0
+
+    def set_guard_action(self, release_id: str, action_release_id: str, detail: str) -> None:
+        self.c.run("UPDATE release_guards SET action_release_id = ?, trip_detail = ? WHERE release_id = ?",
+                   [action_release_id, detail, release_id])
+
     def add_resource(self, name: str, digest: str, size: int, metadata: str, created_at: int) -> str:
         seq = self.c.value("SELECT COALESCE(MAX(seq), 0) + 1 FROM resources WHERE name=?", [name])
         version = f"v{seq}"
@@ -202,7 +232,9 @@ class SqlTransaction(Transaction):
 
 class SqlState(PlatformState):
     placeholder = "?"
-    types = {"int": "INTEGER", "real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+    types = {"int": "INTEGER", "real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB",
+             "rowid_col": ""}
+    rowid = "rowid"  # run reports in arrival order (a log cursor)
     greatest = "MAX"  # the two-argument maximum
 
     def __init__(self, url: str):
@@ -403,21 +435,21 @@ class SqlState(PlatformState):
             return c.value("SELECT hw FROM up_streams WHERE device_id=? AND epoch=?", [device_id, epoch])
 
     def add_reports(self, topic: str, rows: list[tuple]) -> int:
-        table, width = REPORT_TABLES.get(topic, ("events", 5))
+        table = REPORT_TABLES.get(topic, "events")
         if table == "events":
             rows = [(d, seq, ts, topic, payload) for d, seq, ts, payload in rows]
-        marks = ",".join("?" * width)
+        cols = REPORT_COLUMNS[table]
         new = 0
         # ON CONFLICT on the key only: any other failed constraint raises instead of passing for a duplicate.
         with self._tx(serialize=False) as c:
             for row in rows:
-                new += c.run(f"INSERT INTO {table} VALUES ({marks}) ON CONFLICT(device_id, seq) DO NOTHING",
-                             row).rowcount
+                new += c.run(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
+                             "ON CONFLICT(device_id, seq) DO NOTHING", row).rowcount
         return new
 
     def reports(self, topic: str, device_id: str = "", status: str = "") -> list[dict]:
-        table, _ = REPORT_TABLES.get(topic, ("events", 5))
-        sql, args = _where(f"SELECT * FROM {table}", topic=topic if table == "events" else "", device_id=device_id,
+        table = REPORT_TABLES.get(topic, "events")
+        sql, args = _where(f"SELECT {', '.join(REPORT_COLUMNS[table])} FROM {table}", topic=topic if table == "events" else "", device_id=device_id,
                            status=status)
         return self.conn.dicts(sql + " ORDER BY device_id, seq", args)
 
@@ -488,3 +520,98 @@ class SqlState(PlatformState):
     def blob(self, digest: str) -> bytes | None:
         data = self.conn.value("SELECT data FROM blobs WHERE digest=?", [digest])
         return None if data is None else bytes(data)
+
+    # -- release guards -------------------------------------------------------------------------
+    def guard(self, release_id: str) -> dict | None:
+        rows = self.conn.dicts("SELECT * FROM release_guards WHERE release_id = ?", [release_id])
+        return rows[0] if rows else None
+
+    def guards(self, release_ids: list[str], status: str = "") -> list[dict]:
+        ids = sorted(release_ids)[:500]
+        if not ids:
+            return []
+        sql, args = _where("SELECT * FROM release_guards", status=status)
+        return self.conn.dicts(sql + f" AND release_id IN ({','.join('?' * len(ids))})", args + ids)
+
+    def guard_states(self) -> dict[str, str]:
+        return dict(self.conn.run("SELECT release_id, status FROM release_guards").fetchall())
+
+    def health_figures(self, release_id: str, p99: bool = True) -> dict:
+        c = self.conn
+        runs, failed = c.run("SELECT COUNT(*), COALESCE(SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END), 0) "
+                             "FROM run_reports WHERE release_id = ?", [release_id]).fetchone()
+        failed, value = int(failed), 0.0
+        if runs and p99:
+            value = c.value("SELECT duration_s FROM run_reports WHERE release_id = ? ORDER BY duration_s "
+                            "LIMIT 1 OFFSET ?", [release_id, min(runs - 1, int(0.99 * runs))])
+        return {"runs": runs, "failed": failed, "failure_rate": failed / runs if runs else 0.0, "p99_seconds": value}
+
+    # -- reading reports ------------------------------------------------------------------------
+    def run_reports_page(self, after: int, limit: int, status: str = "", since: int = 0, **equal) -> list[dict]:
+        sql, args = _where(f"SELECT {self.rowid} AS cursor, * FROM run_reports", **equal)
+        sql += f" AND {self.rowid} > ?"
+        args.append(after)
+        if status == "failed":
+            sql += " AND status != 'ok'"
+        elif status:
+            sql += " AND status = ?"
+            args.append(status)
+        if since:
+            sql += " AND ts >= ?"
+            args.append(since)
+        return self.conn.dicts(sql + f" ORDER BY {self.rowid} DESC LIMIT ?", args + [limit])
+
+    def log_payloads(self, device_id: str, after_seq: int, upto_seq: int) -> list[str]:
+        return [p for (p,) in self.conn.run(
+            "SELECT payload FROM events WHERE device_id = ? AND topic = 'log' AND seq > ? AND seq <= ? ORDER BY seq",
+            [device_id, after_seq, upto_seq]).fetchall()]
+
+    def release_failures(self, release_id: str, limit: int) -> tuple[int, list[dict]]:
+        c = self.conn
+        devices = c.value("SELECT COUNT(DISTINCT device_id) FROM run_reports WHERE release_id = ? AND status != 'ok'",
+                          [release_id])
+        rows = c.dicts(f"SELECT device_id, error, status FROM run_reports WHERE release_id = ? AND status != 'ok' "
+                       f"ORDER BY {self.rowid} DESC LIMIT ?", [release_id, limit])
+        return devices, rows
+
+    def run_durations(self, release_id: str) -> list[float]:
+        return [d for (d,) in self.conn.run("SELECT duration_s FROM run_reports WHERE release_id = ? "
+                                            "ORDER BY duration_s", [release_id]).fetchall()]
+
+    def installed(self, device_id: str) -> list[dict]:
+        return self.conn.dicts(
+            """SELECT task, version, release_id, status, ts, error FROM deliveries d
+               WHERE device_id = ? AND seq = (SELECT MAX(seq) FROM deliveries
+                                              WHERE device_id = d.device_id AND task = d.task)
+               ORDER BY task""", [device_id])
+
+    def device_attrs(self) -> list[str]:
+        return [a for (a,) in self.conn.run(
+            "SELECT attrs FROM devices WHERE revoked = 0 AND attrs != '{}'").fetchall()]
+
+    def failed_runs_by_device(self) -> dict[str, int]:
+        return dict(self.conn.run("SELECT device_id, COUNT(*) FROM run_reports WHERE status != 'ok' "
+                                  "GROUP BY device_id").fetchall())
+
+    def count_devices(self, seen_since: int = 0) -> int:
+        return self.conn.value("SELECT COUNT(*) FROM devices WHERE revoked = 0 AND last_seen >= ?", [seen_since])
+
+    def operators(self) -> list[dict]:
+        return self.conn.dicts("SELECT name, created_at, revoked FROM operators ORDER BY name")
+
+    def audit_search(self, limit: int, action: str = "", exclude_actions=(), actor: str = "", target: str = "",
+                     since: int = 0) -> list[dict]:
+        sql, args = _where("SELECT ts, actor, action, target, detail FROM audit", actor=actor, target=target)
+        for pattern, negate in ([(action, False)] if action else []) + [(x, True) for x in exclude_actions]:
+            # an exact action, or a family when the pattern ends in "." ("release." = release.create, ...)
+            if pattern.endswith("."):
+                like = pattern.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+                sql += f" AND {'NOT ' if negate else ''}(action LIKE ? ESCAPE '!')"
+                args.append(like)
+            else:
+                sql += f" AND {'NOT ' if negate else ''}(action = ?)"
+                args.append(pattern)
+        if since:
+            sql += " AND ts >= ?"
+            args.append(since)
+        return self.conn.dicts(sql + " ORDER BY id DESC LIMIT ?", args + [limit])

@@ -281,3 +281,51 @@ def test_racing_rollbacks_decide_once(tmp_path, state_url):
     assert [t.version for t in ps[2].releases.resolve(info)[0]] == [v1.version]
     for p in ps:
         p.state.close()
+
+
+def test_guards_and_what_operators_read(st):
+    row = dict(release_id="r1", max_failure_rate=0.2, min_runs=2, max_p99_seconds=0.0, on_trip="pause", actor="ana",
+               status="watching", trip_detail="", tripped_at=0, action_release_id="", created_at=1)
+    with st.transaction() as tx:
+        tx.put_guard(row)
+        tx.put_guard(dict(row, min_runs=3))  # replaces
+        tx.put_guard(dict(row, release_id="r2"))
+    assert st.guard("r1")["min_runs"] == 3 and st.guard("r9") is None
+    assert st.guard_states() == {"r1": "watching", "r2": "watching"}
+    with st.transaction() as tx:
+        assert tx.claim_guard("r1", '{"why": 1}', 5) and not tx.claim_guard("r1", "{}", 6)  # judged once
+        tx.set_guard_action("r1", "r3", '{"why": 2}')
+    assert (st.guard("r1")["status"], st.guard("r1")["action_release_id"]) == ("tripped", "r3")
+    assert [g["release_id"] for g in st.guards(["r1", "r2"], status="watching")] == ["r2"]
+
+    run = lambda d, seq, status, dur: (d, seq, 10 * seq, "t", "v1", "r1", status, dur, 1, f"E{seq}", "manual")  # noqa: E731
+    st.add_reports("run_report", [run("d1", 1, "ok", 1.0), run("d2", 2, "error", 3.0), run("d1", 3, "error", 2.0)])
+    st.add_reports("log", [("d1", 4, 1, '{"lines": ["x"]}')])
+    fig = st.health_figures("r1")
+    assert (fig["runs"], fig["failed"], fig["p99_seconds"]) == (3, 2, 3.0)
+    assert st.run_durations("r1") == [1.0, 2.0, 3.0]
+    page = st.run_reports_page(0, 2)
+    assert [r["seq"] for r in page] == [3, 2]  # newest first
+    assert [r["seq"] for r in st.run_reports_page(page[-1]["cursor"], 10)] == [3]
+    assert [r["seq"] for r in st.run_reports_page(0, 10, status="failed", device_id="d1")] == [3]
+    assert [r["seq"] for r in st.run_reports_page(0, 10, since=20)] == [3, 2]
+    assert st.log_payloads("d1", 3, 10) == ['{"lines": ["x"]}'] and st.log_payloads("d1", 4, 10) == []
+    devices, failures = st.release_failures("r1", 10)
+    assert devices == 2 and [f["error"] for f in failures] == ["E3", "E2"]
+    assert st.failed_runs_by_device() == {"d1": 1, "d2": 1}
+
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1", 1, 0, "")
+        tx.put_operator("ana", "oh", 1)
+        for action in ("release.create", "release.guard_trip", "releases_x", "device.enroll"):
+            tx.audit("ana", action, "r1")
+    st.touch_devices({"d1": (100, "1.0", '{"os": "x"}')})
+    assert st.device_attrs() == ['{"os": "x"}'] and st.count_devices() == 1 and st.count_devices(200) == 0
+    st.add_reports("delivery", [("d1", 5, 1, "t", "v1", "r1", "installed", ""),
+                                ("d1", 6, 2, "t", "v2", "r2", "installed", "")])
+    assert [(r["task"], r["version"]) for r in st.installed("d1")] == [("t", "v2")]
+    assert [o["name"] for o in st.operators()] == ["ana"]
+    actions = lambda **kw: [e["action"] for e in st.audit_search(100, **kw)]  # noqa: E731
+    assert actions(action="release.") == ["release.guard_trip", "release.create"]  # a family, '_' not a wildcard
+    assert actions(action="release.create") == ["release.create"]
+    assert actions(exclude_actions=["release."], actor="ana") == ["device.enroll", "releases_x"]
