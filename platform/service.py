@@ -2,7 +2,9 @@
 proto in, reply proto out), so the CLI drives a local data folder and a remote server alike.
 
 Data folder layout:
-  state.sqlite3     releases, devices, audit trail, reports, resources (PlatformState)
+  state.sqlite3     releases, devices, audit trail, reports, resources (PlatformState; or a shared
+                    PostgreSQL named by --state / WALLE_STATE, for serving replicas)
+  repo-id           the name of this folder's task repository (submit intents are kept per repository)
   tasks/            the task git repository and the bundle cache (TaskRepository)
   blobs/sha256/     published resources, content-addressed
 """
