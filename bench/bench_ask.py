@@ -11,7 +11,6 @@ the task scripts; measure again after that lands)."""
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import pathlib
 import statistics
@@ -23,7 +22,6 @@ import numpy as np
 
 from walle.device_host.app import AppClient, Device
 from walle.device_host.identity import Credentials
-from walle.device_host.models.api import make_model_ops
 from walle.device_host.sandbox import Sandbox
 from walle.platform.coda.global_model import train_global
 from walle.platform.demo import tasks_dir
@@ -68,9 +66,10 @@ def main() -> None:
             dev.start(watch=False)
             pool = [sample(rng, int(rng.integers(1, N_ITEMS)), [int(h) for h in rng.integers(1, N_ITEMS, HIST)],
                            float(rng.random() < 0.4)) for _ in range(400)]
-            npz, _graph, _metrics = train_global(pool, epochs=1, seed=0)
-            ops = make_model_ops(dev.host.models)
-            ops["model.create"](name="ctr", arch="din", params_b64=base64.b64encode(npz).decode())
+            data, _metrics = train_global(pool, epochs=1, seed=0, catalog={"n_items": N_ITEMS + 1, "n_cats": N_CATS + 1})
+            platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=data,
+                                                                      actor="bench"))
+            store = dev.host.models.scope("coda")  # coda_infer creates M from the global model on the first ask
             hist = [int(h) for h in rng.integers(1, N_ITEMS, HIST)]
 
             def page() -> dict:
@@ -98,9 +97,9 @@ def main() -> None:
                 stop_training = threading.Event()
 
                 def train() -> None:
-                    while not stop_training.is_set():
-                        ops["model.commit_if_better"](name="ctr", train_samples=pool[:300], val_samples=pool[300:],
-                                                      epochs=1)
+                    while not stop_training.is_set():  # coda_train's store traffic: Mbuf, then M replaced
+                        got = store.begin_update("ctr")
+                        store.commit("ctr", got["params"], got["meta"], got["version"])
                 trainer = threading.Thread(target=train, daemon=True)
                 trainer.start()
                 t, served = [], {}

@@ -7,7 +7,7 @@ Data folder layout:
   tunnel.sqlite3     the up-tunnel queue (tunnel.UpTunnel)
   resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
   storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
-  models/            on-device models (walle.device_host.models.store.ModelStore)
+  models/<scope>/    on-device models, one scope per storage namespace (walle.device_host.models.store)
   app_events.sqlite3 the app's event log (walle.device_host.app.AppEventLog)
   app/app.sock       the app interface socket while `walle device run` serves it (app.AppServer)
 
@@ -52,8 +52,7 @@ def mnn_available() -> bool:
 class DeviceHost:
     def __init__(self, data_dir: str | os.PathLike, platform_address: str = "", *, attrs: Mapping[str, Any] | None = None,
                  sandbox: Any = None, credentials: Credentials | None = None, channel: grpc.Channel | None = None,
-                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1,
-                 model_pool: Any = None):
+                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
@@ -64,7 +63,6 @@ class DeviceHost:
         self.channel = channel or self.credentials.channel(self.platform_address)
         self.attrs = dict(attrs or {})
         self.sandbox = sandbox
-        self.model_pool = model_pool  # shared model worker processes (fleets); None: ops run here
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
@@ -101,8 +99,8 @@ class DeviceHost:
     def models(self):
         with self._storage_lock:
             if self._models is None:
-                from .models.store import ModelStore
-                self._models = ModelStore(self.data_dir / "models")
+                from .models.store import ModelStores
+                self._models = ModelStores(self.data_dir / "models")
             return self._models
 
     @property
@@ -115,7 +113,8 @@ class DeviceHost:
 
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
         key = self.credentials.bundle_public_key
-        if key and not bundle.verify_signature(bytes.fromhex(key), task.bundle_digest, task.signature):
+        statement = bundle.release_statement(task.bundle_digest, task.release_id, task.config_json)
+        if key and not bundle.verify_signature(bytes.fromhex(key), statement, task.signature):
             # "bundle ..." reasons are retried on later pulls (the platform may re-sign and re-release)
             return ("bundle signature invalid: not signed by the platform key this device pinned at enrollment"
                     if task.signature else "bundle signature missing: this device only installs signed bundles")
@@ -160,12 +159,13 @@ class DeviceHost:
             extra["tunnel.pull"] = pull_op(self.storage, self.namespace(task.manifest), self.channel,
                                            self.credentials.metadata, self.emit)
         if "model" in apis:
-            from .models.api import make_model_ops
-            extra.update(make_model_ops(self.models, self.model_pool))
+            from .models.ops import make_model_ops
+            fetch = (lambda name: self.down.fetch_resource(name)[1]) if "tunnel" in apis else None
+            extra.update(make_model_ops(self.models.scope(self.namespace(task.manifest)), fetch))
         if "events" in apis:
             from .app import event_ops
             extra.update(event_ops(self.app_log))
-        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
+        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra, config=task.config())
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
         """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""
@@ -181,7 +181,7 @@ class DeviceHost:
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
         api = self._host_api(task)
         # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
-        groups = set(task.manifest.apis)
+        groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
         allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
         limits = self._limits(task.manifest)
         if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline

@@ -56,6 +56,7 @@ class InstalledTask:
     release_id: str
     manifest: device_pb2.TaskManifest
     path: pathlib.Path
+    config_json: str = ""     # the release's task config (canonical JSON, covered by the signature)
     _files: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -69,9 +70,14 @@ class InstalledTask:
                            for p in sorted(self.path.rglob("*.py")) if p.is_file()}
         return self._files
 
+    def config(self) -> dict:
+        """The release's task config: parameter -> value ({} for a task without config)."""
+        return json.loads(self.config_json) if self.config_json else {}
+
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "digest": self.digest, "release_id": self.release_id,
-                "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)}
+                "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True),
+                "config_json": self.config_json}
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -105,7 +111,8 @@ class TaskStore:
         if not path.is_dir():
             return None
         manifest = json_format.ParseDict(entry["manifest"], device_pb2.TaskManifest())
-        return InstalledTask(name, entry["version"], entry["digest"], entry.get("release_id", ""), manifest, path)
+        return InstalledTask(name, entry["version"], entry["digest"], entry.get("release_id", ""), manifest, path,
+                             entry.get("config_json", ""))
 
     def installed(self) -> dict[str, InstalledTask]:
         with self._lock:
@@ -156,7 +163,8 @@ class TaskStore:
                     _fsync_dir(tmp)
                 os.rename(tmp, final)
             old = self._pointer(task.name)
-            new = InstalledTask(task.name, task.version, task.bundle_digest, task.release_id, task.manifest, final)
+            new = InstalledTask(task.name, task.version, task.bundle_digest, task.release_id, task.manifest, final,
+                                task.config_json)
             previous = old.get("current")
             if previous and previous.get("version") == task.version:
                 previous = old.get("previous")  # a re-install of the same version keeps the older fallback
@@ -307,17 +315,16 @@ class TaskSync:
                 log.info("dropped %s: no longer released to this device", installed[name].ref)
             for task in reply.tasks:
                 have = installed.get(task.name)
-                if have is not None and have.version == task.version and have.digest == task.bundle_digest:
-                    if have.release_id != task.release_id:
-                        # Same version under a new release (e.g. a rollback): count the delivery there too.
-                        self.store.install(task, {})
-                        self._report(task, "installed")
+                same = have is not None and have.version == task.version and have.digest == task.bundle_digest
+                if same and have.release_id == task.release_id and have.config_json == task.config_json:
                     continue
                 if task.bundle_digest in self._refused and not self._refused[task.bundle_digest].startswith("bundle"):
                     continue  # refused by this device's capabilities: that will not change
                 reason = self.accept(task) if self.accept else None
                 files: dict[str, bytes] = {}
-                if reason is None and self.store.has_local(task.name, task.version, task.bundle_digest):
+                if reason is None and same:
+                    pass  # same version under a new release (its config, a rollback): no download, re-pointed below
+                elif reason is None and self.store.has_local(task.name, task.version, task.bundle_digest):
                     pass  # back to the version kept on disk: verified when it was installed
                 elif reason is None:
                     try:
@@ -337,7 +344,8 @@ class TaskSync:
                     continue
                 self._refused.pop(task.bundle_digest, None)
                 self.store.install(task, files)
-                result.installed.append(f"{task.name}@{task.version}")
+                if not same:  # a new release of the installed version counts its delivery but changes no code
+                    result.installed.append(f"{task.name}@{task.version}")
                 log.info("installed %s@%s (release %s)", task.name, task.version[:12], task.release_id)
                 self._report(task, "installed")
             self.revision = reply.revision

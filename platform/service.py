@@ -89,13 +89,14 @@ class Platform:
 
     def ShowTask(self, req: admin_pb2.TaskRef) -> admin_pb2.TaskFiles:
         tv = self.repo.get(req.name, req.version)
-        files = {}
+        files, digests = {}, {}
         for path, data in self.repo.files(req.name, tv.version).items():
+            digests[path] = bundle.digest(data)
             try:
                 files[path] = data.decode("utf-8")
             except UnicodeDecodeError:
                 files[path] = f"<binary {len(data)} bytes>"
-        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files)
+        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files, digests=digests)
 
     # -- releases -------------------------------------------------------------------------------
     def _release(self, row: dict) -> admin_pb2.Release:
@@ -105,7 +106,7 @@ class Platform:
         rollout = req.rollout if (req.has_rollout or req.rollout) else None
         row = self.releases.create(req.task, req.version, rule=req.rule, rollout=rollout, stage=req.stage,
                                    channel=req.channel, allow=list(req.allow), deny=list(req.deny),
-                                   actor=req.actor or "operator")
+                                   actor=req.actor or "operator", config=dict(req.config))
         return self._release(row)
 
     def ListReleases(self, req: admin_pb2.ReleaseFilter) -> admin_pb2.ReleaseList:
@@ -219,7 +220,7 @@ class Platform:
             tasks, _ = self.releases.resolve(info)
             h = hashlib.sha256()
             for t in tasks:
-                h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
+                h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
             reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
             memo[1][key] = reply
         with self._seen_lock:

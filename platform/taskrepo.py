@@ -27,7 +27,7 @@ from typing import Iterator
 import git
 
 from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound, WalleError
-from walle.platform.manifest import (NAME_RE, Manifest, read_task_dir, strip_ignored,
+from walle.platform.manifest import (NAME_RE, Manifest, load_task_dir, strip_ignored,
                                      validate_task_files)
 from walle.protos import bundle as _bundle
 
@@ -157,8 +157,8 @@ class TaskRepository:
     # --- writing --------------------------------------------------------------------------------
 
     def submit_dir(self, path: str | os.PathLike, message: str | None = None, author: str = "walle") -> TaskVersion:
-        """Submit the task folder at `path` (see submit_files)."""
-        return self.submit_files(read_task_dir(path), message=message, author=author)
+        """Submit the task folder at `path` with its libraries (see load_task_dir and submit_files)."""
+        return self.submit_files(load_task_dir(path), message=message, author=author)
 
     def submit_files(self, files: dict[str, bytes], message: str | None = None,
                      author: str = "walle") -> TaskVersion:

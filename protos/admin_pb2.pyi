@@ -76,8 +76,15 @@ class DiffReply(_message.Message):
     def __init__(self, unified_diff: _Optional[str] = ...) -> None: ...
 
 class TaskFiles(_message.Message):
-    __slots__ = ("version", "files")
+    __slots__ = ("version", "files", "digests")
     class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -86,9 +93,11 @@ class TaskFiles(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     version: TaskVersion
     files: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    digests: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ..., digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReleaseStats(_message.Message):
     __slots__ = ("delivered", "ran", "runs", "failed", "p50_duration_s", "rejected", "rolled_back")
@@ -109,7 +118,7 @@ class ReleaseStats(_message.Message):
     def __init__(self, delivered: _Optional[int] = ..., ran: _Optional[int] = ..., runs: _Optional[int] = ..., failed: _Optional[int] = ..., p50_duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., rolled_back: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("id", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at", "created_by", "note", "bundle_digest", "allow", "deny", "stats", "salt")
+    __slots__ = ("id", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at", "created_by", "note", "bundle_digest", "allow", "deny", "stats", "salt", "config_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +135,7 @@ class Release(_message.Message):
     DENY_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     SALT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     version: str
@@ -142,10 +152,18 @@ class Release(_message.Message):
     deny: _containers.RepeatedScalarFieldContainer[str]
     stats: ReleaseStats
     salt: str
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., note: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[ReleaseStats, _Mapping]] = ..., salt: _Optional[str] = ...) -> None: ...
+    config_json: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., note: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[ReleaseStats, _Mapping]] = ..., salt: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class CreateReleaseRequest(_message.Message):
-    __slots__ = ("task", "version", "rule", "rollout", "stage", "channel", "allow", "deny", "actor", "has_rollout")
+    __slots__ = ("task", "version", "rule", "rollout", "stage", "channel", "allow", "deny", "actor", "has_rollout", "config")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +174,7 @@ class CreateReleaseRequest(_message.Message):
     DENY_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     HAS_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     task: str
     version: str
     rule: str
@@ -166,7 +185,8 @@ class CreateReleaseRequest(_message.Message):
     deny: _containers.RepeatedScalarFieldContainer[str]
     actor: str
     has_rollout: bool
-    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., actor: _Optional[str] = ..., has_rollout: _Optional[bool] = ...) -> None: ...
+    config: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., actor: _Optional[str] = ..., has_rollout: _Optional[bool] = ..., config: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReleaseRef(_message.Message):
     __slots__ = ("id", "actor")

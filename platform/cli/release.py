@@ -1,6 +1,8 @@
 """`walle release ...`: release task versions by hit rules; roll out, pause, roll back, revoke."""
 from __future__ import annotations
 
+import json
+
 import click
 from rich.table import Table
 
@@ -32,6 +34,8 @@ def _print_release(r) -> None:
         console.print(f"allow: {', '.join(r.allow)}", highlight=False)
     if r.deny:
         console.print(f"deny: {', '.join(r.deny)}", highlight=False)
+    if r.config_json:
+        click.echo("config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in json.loads(r.config_json).items()))
 
 
 def _ids(values) -> list[str]:
@@ -46,15 +50,19 @@ def _ids(values) -> list[str]:
 @click.option("--channel", default="", help="Release channel (default: stable).")
 @click.option("--allow", multiple=True, help="User/device ids that always receive it (comma-separated, repeatable).")
 @click.option("--deny", multiple=True, help="User/device ids that never receive it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Task config for this release (repeatable), checked against task.toml's [config]; "
+                   "unset keys keep their defaults.")
 @data_dir_option
 @json_option
 @pass_ctx
-def release_create(obj: Ctx, ref, rule, rollout, stage, channel, allow, deny):
+def release_create(obj: Ctx, ref, rule, rollout, stage, channel, allow, deny, sets):
     """Release NAME@VERSION (a commit id or unique prefix; NAME alone = latest)."""
+    from ..taskconfig import parse_sets
     name, version = split_ref(ref)
     req = admin_pb2.CreateReleaseRequest(task=name, version=version, rule=rule, rollout=rollout or 0.0,
                                          has_rollout=rollout is not None, stage=stage or "", channel=channel,
-                                         allow=_ids(allow), deny=_ids(deny), actor=obj.actor)
+                                         allow=_ids(allow), deny=_ids(deny), actor=obj.actor, config=parse_sets(sets))
     emit(obj, obj.api().CreateRelease(req), _print_release)
 
 

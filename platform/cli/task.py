@@ -90,10 +90,22 @@ def task_show(obj: Ctx, ref):
         v = reply.version
         console.print(f"[bold]{v.name}@{v.version}[/bold]  {ts(v.created_at)}  {v.author}: {v.message}", highlight=False)
         console.print(f"bundle {v.bundle_digest} ({v.bundle_size} B)", highlight=False)
+        _print_libraries(v.manifest.libraries, reply)
         for path in sorted(reply.files):
             console.rule(path)
             click.echo(reply.files[path])
     emit(obj, obj.api().ShowTask(admin_pb2.TaskRef(name=name, version=version)), human)
+
+
+def _print_libraries(declared, reply) -> None:
+    """The bundled library files (copied from tasks/_lib/ at submit) with their sha256."""
+    from ..manifest import LIB_DIR
+    lib_files = sorted(p for p in reply.files if p.startswith(LIB_DIR + "/"))
+    if not declared and not lib_files:
+        return
+    click.echo(f"libraries: {', '.join(declared)}")
+    for path in lib_files:
+        click.echo(f"  {reply.digests.get(path, '?')}  {path}")
 
 
 def register(main: click.Group) -> None:

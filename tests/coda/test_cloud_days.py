@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from walle.device_host.models import blob
 from walle.platform.auth import bearer_metadata
 from walle.platform.coda import catalog
 from walle.platform.coda.cloud import BEHAVIOR_BATCH_TOPIC, CodaCloud
@@ -215,7 +216,8 @@ def test_closing_a_day_publishes_the_global_model(served):
     meta = json.loads(info.metadata_json)
     assert info.version == "v1" and meta["day"] == 1 and meta["catalog"] == "v1"
     assert meta["metrics"]["n_train"] == sum(len(v) for v in coda.day_samples[1].values())
-    assert platform.resource("coda/global_model.mnn").version == "v1"
+    params, model_meta = blob.unpack(platform.blob(info.digest))  # the store's blob, vocabularies from the catalog
+    assert model_meta["arch"] == "din" and model_meta["config"]["n_items"] == 1301 and params
 
 
 @pytest.mark.slow
