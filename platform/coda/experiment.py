@@ -61,6 +61,9 @@ class Config:
     # local samples and t' = 3 trains on days d-2..d-1 (time compressed; the paper's t = 3, t' = 7).
     t: int = 1
     t_prime: int = 3
+    # One morning pull stands for a day of 10-minute fetches: the outside table holds the day's 12
+    # batches (12 x 25 samples), so coda_fetch gets them in one pull and the day's training follows.
+    max_rows: int = 300
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
     task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
@@ -117,6 +120,7 @@ class Experiment:
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
         self.train, self.test = movielens.assign_days(inter, cfg.days)
         self.titles = dict(zip(self.ml.items["item_id"].astype(int), self.ml.items["title"]))
+        self.phases: dict[str, float] = {}  # wall seconds of each fleet-wide step of the current seed
 
     # -- one seed -------------------------------------------------------------------------------
     def run_seed(self, seed: int, work: pathlib.Path) -> dict:
@@ -183,6 +187,7 @@ class Experiment:
                                         for r in platform.ListReleases(admin_pb2.ReleaseFilter()).releases}
             metrics["sync"] = {"p50_s": getattr(stats, "p50", None)}
             metrics["cloud_day"] = coda.today
+            metrics["phase_seconds"], self.phases = self.phases, {}
             return metrics
         finally:
             if fleet is not None:
@@ -195,7 +200,8 @@ class Experiment:
     def _release_tasks(self, platform: Platform, seed: int) -> None:
         """The operator: submit the CoDA tasks and release them with the run's config (the demo's
         compressed t / t', the seed, the Local arm, and any overrides), like `walle release create ... --set`."""
-        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "seed": seed, "local_arm": True,
+        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "max_rows": self.cfg.max_rows, "seed": seed,
+                     "local_arm": True,
                      **self.cfg.task_config}
         tasks = {name: manifest_mod.validate_task_dir(tasks_dir() / name) for name in TASKS}
         unknown = sorted(set(overrides) - {p.name for m, _f in tasks.values() for p in m.config})
@@ -213,6 +219,7 @@ class Experiment:
     def _each(self, apps: dict, label: str, fn) -> None:
         from concurrent import futures
         errors = []
+        t0 = time.perf_counter()
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as prog, \
                 futures.ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="walle-demo-user") as pool:
@@ -223,6 +230,7 @@ class Experiment:
                 except Exception as e:  # one device failing must not stop the fleet; it is reported
                     errors.append(e)
                 prog.advance(bar)
+        self.phases[label] = time.perf_counter() - t0
         if errors:
             self.console.print(f"  [yellow]{label}: {len(errors)} device(s) failed; first: {errors[0]!r}[/yellow]")
 
@@ -337,7 +345,15 @@ class Experiment:
                                 a["gain"].append((v.get("metric", "auc"), sign * (v["after"] - v["before"])))
                             if v.get("n_train") is not None:
                                 a["n_train"].append(v["n_train"])
-        out = {"filter_scored": received, "filter_kept": kept,
+        by_task: dict[str, list[float]] = {}
+        for lg in logs.values():
+            for r in lg.rounds:
+                for name, _status, seconds, _kb, _err in r["runs"]:
+                    by_task.setdefault(name, []).append(seconds or 0.0)
+        out = {"run_seconds_p50": {n: float(np.median(v)) for n, v in sorted(by_task.items())},
+               "runs_per_round": {n: len(v) / max(1, sum(len(lg.rounds) for lg in logs.values()))
+                                  for n, v in sorted(by_task.items())},
+               "filter_scored": received, "filter_kept": kept,
                "filter_keep_rate": kept / received if received else None,
                "home_pages": len(pages), "served_from": {s: sum(p["served_from"] == s for p in pages)
                                                           for s in sorted({p["served_from"] for p in pages})},
