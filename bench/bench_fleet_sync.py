@@ -55,8 +55,9 @@ def main() -> None:
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 32 << 20)])
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     try:
-        def enroll(device_id: str) -> str:
-            return admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="bench"), timeout=60).token
+        def enroll(device_id: str, user_id: str) -> str:
+            return admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, user_id=user_id, actor="bench"),
+                                      timeout=60).token
 
         t = time.perf_counter()
         fleet = Fleet(args.devices, address, tmp / "fleet", seed=1, enroll=enroll, workers=args.workers,

@@ -234,9 +234,11 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
 
-    def enroll(device_id: str) -> Credentials:
-        reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet"), metadata=md, timeout=30)
-        return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex())
+    def enroll(device_id: str, user_id: str) -> Credentials:
+        reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet", user_id=user_id),
+                                   metadata=md, timeout=30)
+        return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex(),
+                           user_id=reply.user_id)
 
     event_name, _, raw = event.partition("=")
     try:

@@ -43,8 +43,10 @@ DEFAULT_PROFILE: dict[str, dict[str, float]] = {
     "network": {"wifi": 6, "4g": 3, "5g": 1},
 }
 
-# device_id -> token (or full Credentials): how a fleet enrolls devices it has no credential for.
-Enroller = Callable[[str], "str | Credentials"]
+# (device_id, user_id) -> token (or full Credentials): how a fleet enrolls devices it has no
+# credential for. The user is the one the device's attributes name ("" if none): the platform binds
+# it at enrollment and uses only that, never the user_id a device reports.
+Enroller = Callable[[str, str], "str | Credentials"]
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -143,7 +145,7 @@ class Fleet:
             attrs = draw_attrs(profile or DEFAULT_PROFILE, n_devices, seed)
         ids = [a.pop("device_id", None) or f"{id_prefix}-{i:06d}" for i, a in enumerate(attrs)]
         attrs = [check_attrs(a) for a in attrs]
-        creds = self._credentials(ids, enroll, credentials_file)
+        creds = self._credentials(ids, [str(a.get("user_id", "")) for a in attrs], enroll, credentials_file)
         ids = [c.device_id for c in creds]  # a pre-made credential names its device
         self.devices: list[DeviceHost] = list(self.pool.map(
             lambda i: DeviceHost(self.base_dir / ids[i], platform_address, attrs=attrs[i], sandbox=sandbox,
@@ -156,7 +158,8 @@ class Fleet:
         self._watch_thread: threading.Thread | None = None
         self._watch_call = None
 
-    def _credentials(self, ids: list[str], enroll: Enroller | None, credentials_file) -> list[Credentials]:
+    def _credentials(self, ids: list[str], users: list[str], enroll: Enroller | None,
+                     credentials_file) -> list[Credentials]:
         given: list[Credentials] = []
         if credentials_file:
             for i, line in enumerate(pathlib.Path(credentials_file).read_text().splitlines(), 1):
@@ -176,8 +179,9 @@ class Fleet:
                 return Credentials.load(path)  # enrolled by an earlier run
             if enroll is None:
                 raise IdentityError(f"device {ids[i]} has no credential: pass enroll=... or credentials_file=...")
-            got = enroll(ids[i])
-            cred = got if isinstance(got, Credentials) else Credentials(ids[i], got, self.platform_address)
+            got = enroll(ids[i], users[i])
+            cred = got if isinstance(got, Credentials) else Credentials(ids[i], got, self.platform_address,
+                                                                        user_id=users[i])
             cred.save(path)
             return cred
         return list(self.pool.map(one, range(len(ids))))

@@ -12,12 +12,16 @@ Data folder layout:
   app/app.sock       the app interface socket while `walle device run` serves it (app.AppServer)
 
 `run_task` always runs the INSTALLED version at the moment the run starts, so a newly synced version is
-picked up by the next run with nothing restarted (hot deploy). Each run sends a RunReport up the tunnel.
+picked up by the next run with nothing restarted (hot deploy). Every run ends in exactly one RunReport
+up the tunnel, whatever the task returned, raised or printed (and even if the host failed running it);
+its logs follow in one record, truncated visibly to fit the tunnel's record cap. A triggered run the
+trigger engine stops (a trigger loop) is reported as a "refused" RunReport.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import pathlib
@@ -39,6 +43,8 @@ log = logging.getLogger("walle.device.host")
 
 DEFAULT_LIMITS = {"memory_mb": 256, "cpu_seconds": 10.0, "wall_seconds": 30.0}
 MAX_LOG_LINES = 200
+MAX_LOG_RECORD_BYTES = 60 * 1024  # the platform keeps the first 64 KiB of a log record; under the tunnel's cap too
+MAX_LOG_LINE_CHARS = 4096  # JSON-escaped (up to 6 bytes a character), one line still fits the record
 
 
 class TaskNotInstalled(LookupError):
@@ -73,7 +79,8 @@ class DeviceHost:
         self._storage_lock = threading.Lock()
         self.sync = TaskSync(self.store, self.channel, md, self.device_info, report=self.up.send,
                              on_change=self._on_change, accept=self._accept, bundle_cache=bundle_cache)
-        self.triggers = TriggerEngine(self._triggered_run, self._count_rows, workers=trigger_workers)
+        self.triggers = TriggerEngine(self._triggered_run, self._count_rows, workers=trigger_workers,
+                                      on_refused=self._report_refused)
         self.triggers.set_tasks({n: t.manifest for n, t in self.store.installed().items()})
         self.stats = {"runs": 0, "ok": 0, "failed": 0}
         self._stats_lock = threading.Lock()
@@ -84,7 +91,10 @@ class DeviceHost:
         return self.credentials.device_id
 
     def device_info(self) -> device_pb2.DeviceInfo:
-        return device_info(self.attrs, self.device_id, (t.ref for t in self.store.installed().values()))
+        info = device_info(self.attrs, self.device_id, (t.ref for t in self.store.installed().values()))
+        if self.credentials.user_id:  # the platform uses only the user it bound; say the same
+            info.user_id = self.credentials.user_id
+        return info
 
     # -- storage and models, opened on first use --------------------------------------------------
     @property
@@ -179,37 +189,62 @@ class DeviceHost:
         if task is None:
             raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
-        api = self._host_api(task)
-        # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
-        groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
-        allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
-        limits = self._limits(task.manifest)
-        if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline
-            limits = dataclasses.replace(limits, wall_seconds=wall_seconds)
-        result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=limits,
-                                  api_handler=api, allowed_apis=allowed)
-        self._report_run(task, result, trigger, api.logs)
+        api = None
+        try:
+            api = self._host_api(task)
+            # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
+            groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
+            allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
+            limits = self._limits(task.manifest)
+            if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline
+                limits = dataclasses.replace(limits, wall_seconds=wall_seconds)
+            result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=limits,
+                                      api_handler=api, allowed_apis=allowed)
+        except Exception as exc:  # still this run's failure, reported like any other
+            from .sandbox import RunResult
+            log.exception("running %s failed in the host", name)
+            status = "refused" if getattr(exc, "exit_code", 1) in (2, 5) else "crashed"
+            result = RunResult(status, error=f"the host could not run the task: {type(exc).__name__}: {exc}")
+        self._report_run(task, result, trigger, api.logs if api else [])
         with self._stats_lock:
             self.stats["runs"] += 1
             self.stats["ok" if result.status == "ok" else "failed"] += 1
         if self.on_run is not None:
             self.on_run(name, result)
-        return result, [(e["name"], e["payload"]) for e in api.events]
+        return result, [(e["name"], e["payload"]) for e in api.events] if api else []
 
     def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
-        rep = tunnel_pb2.RunReport(task=task.name, version=task.version, release_id=task.release_id,
-                                   status=result.status, duration_s=float(result.duration_s or 0.0),
-                                   peak_memory_kb=int(result.peak_memory_kb or 0), error=(result.error or "")[:2000],
-                                   trigger=trigger)
-        self.up.send("run_report", rep.SerializeToString())
+        """Queue the run's one RunReport, then its logs; never raises (a task cannot hide its own run)."""
+        error = _text(result.error)[:2000]
+        try:
+            self._send_report(task, result.status, trigger, error, float(result.duration_s or 0.0),
+                              int(result.peak_memory_kb or 0))
+        except Exception:
+            log.exception("could not queue the run report of %s", task.name)
         logs = [f"{e['level']}: {e['message']}" for e in api_logs] + list(result.logs or [])
         if logs:
-            self.up.send("log", {"task": task.name, "version": task.version, "lines": logs[-MAX_LOG_LINES:]})
+            try:
+                self.up.send("log", {"task": task.name, "version": task.version, "lines": _fit_logs(logs)})
+            except Exception:
+                log.exception("could not queue the logs of %s", task.name)
         if result.status == "ok":
             log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
         else:
             log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
-                        (result.error or "").strip().splitlines()[-1:] or "")
+                        error.strip().splitlines()[-1:] or "")
+
+    def _send_report(self, task: InstalledTask, status: str, trigger: str, error: str, duration_s: float = 0.0,
+                     peak_memory_kb: int = 0) -> None:
+        rep = tunnel_pb2.RunReport(task=task.name, version=task.version, release_id=task.release_id, status=status,
+                                   duration_s=duration_s, peak_memory_kb=peak_memory_kb, error=error,
+                                   trigger=_text(trigger)[:200])
+        self.up.send("run_report", rep.SerializeToString())
+
+    def _report_refused(self, name: str, trigger: str, reason: str) -> None:
+        """The trigger engine stopped a run of `name` (a trigger loop): the platform sees a refused run."""
+        task = self.store.get(name)
+        if task is not None:
+            self._send_report(task, "refused", trigger, _text(reason)[:2000])
 
     def _triggered_run(self, name: str, event: dict, trigger: str) -> list:
         try:
@@ -254,3 +289,28 @@ class DeviceHost:
                 "revision": self.sync.revision, "last_sync": self.sync.last_sync, "sync_error": self.sync.last_error,
                 "unauthenticated": self.sync.unauthenticated or (self.up.last_error if self.up.unauthenticated else ""),
                 "up_tunnel": self.up.stats(), "runs": dict(self.stats), "time": time.time()}
+
+
+def _text(value: object) -> str:
+    """Text that is valid UTF-8 (a task's message may hold lone surrogates, which protobuf refuses)."""
+    return str(value or "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _fit_logs(lines: list[str]) -> list[str]:
+    """The last lines that fit in one tunnel record, with a visible note of what was cut."""
+    lines = [_text(line) for line in lines]
+    lines = [line if len(line) <= MAX_LOG_LINE_CHARS else line[:MAX_LOG_LINE_CHARS] + " [line truncated]"
+             for line in lines]
+    kept, size = [], 0
+    for line in reversed(lines[-MAX_LOG_LINES:]):
+        cost = len(json.dumps(line)) + 1
+        if size + cost > MAX_LOG_RECORD_BYTES:
+            break
+        kept.append(line)
+        size += cost
+    cut = len(lines) - len(kept)
+    kept.reverse()
+    if cut:
+        kept.insert(0, f"[{cut} earlier log line(s) truncated: a run's logs are capped at {MAX_LOG_LINES} lines "
+                       f"and {MAX_LOG_RECORD_BYTES} bytes]")
+    return kept

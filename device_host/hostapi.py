@@ -21,6 +21,11 @@ must be JSON-able (arrays allowed). Raise walle.protos.errors types for bad inpu
 `HostAPIError("host API model.train failed: InvalidArgument: <message>")`.
 Calls are checked against inspect.signature before running: unknown ops, unknown or missing arguments
 are refused with InvalidArgument naming the op.
+
+Host work is charged to the run (walle.device_host.budget): an op called after the run's budget is spent
+is refused, and an op that declares its cost (`budget.declare_cost(fn, estimate)`) is refused with
+ResourceExhausted before it starts when the estimate is over the run's remaining CPU, wall time or memory.
+Events are capped per run in count and in bytes (MAX_EVENTS, MAX_RUN_EVENT_BYTES).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Callable, Mapping
 
 from walle.protos.errors import InvalidArgument, ResourceExhausted
 
+from . import budget
 from .storage import TaskStorage
 
 OP_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
@@ -38,6 +44,7 @@ EVENT_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 MAX_EVENTS = 1000
 MAX_LOG_LINES = 1000
 MAX_EVENT_BYTES = 64 * 1024
+MAX_RUN_EVENT_BYTES = 1 << 20  # all events of one run together
 MAX_LOG_CHARS = 4096
 
 
@@ -50,6 +57,7 @@ class HostAPI:
         self.storage, self.task = storage, task_name
         self.config = dict(config or {})
         self.events: list[dict] = []
+        self.event_bytes = 0
         self.logs: list[dict] = []
         s, t = storage, task_name
 
@@ -111,6 +119,12 @@ class HostAPI:
             self._signatures[op].bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidArgument(f"bad arguments for {op}: {exc} (signature {op}{self._signatures[op]})") from None
+        run = budget.current()
+        if run is not None:
+            run.check()
+            estimate = budget.cost_of(fn)
+            if estimate is not None:
+                run.admit(op, estimate(*args, **kwargs))
         return fn(*args, **kwargs)
 
     def _config_get(self, key: str) -> object:
@@ -135,4 +149,8 @@ class HostAPI:
             raise ResourceExhausted(f"event {name!r} payload is {size} bytes (limit {MAX_EVENT_BYTES})")
         if len(self.events) >= MAX_EVENTS:
             raise ResourceExhausted(f"more than {MAX_EVENTS} events in one run")
+        if self.event_bytes + size > MAX_RUN_EVENT_BYTES:
+            raise ResourceExhausted(f"event {name!r} would bring this run's events to {self.event_bytes + size} bytes "
+                                    f"(limit {MAX_RUN_EVENT_BYTES} per run)")
+        self.event_bytes += size
         self.events.append({"name": name, "payload": payload})

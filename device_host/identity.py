@@ -44,6 +44,7 @@ class Credentials:
     platform: str = ""
     ca_pem: str = ""             # the platform CA pinned at enrollment: TLS is checked against it
     bundle_public_key: str = ""  # hex Ed25519 key pinned at enrollment: bundles must be signed by it
+    user_id: str = ""            # the user the platform bound this device to at enrollment
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -58,7 +59,8 @@ class Credentials:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump({"device_id": self.device_id, "token": self.token, "platform": self.platform,
-                           "ca_pem": self.ca_pem, "bundle_public_key": self.bundle_public_key}, f)
+                           "ca_pem": self.ca_pem, "bundle_public_key": self.bundle_public_key,
+                           "user_id": self.user_id}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -91,7 +93,7 @@ class Credentials:
         if not isinstance(platform, str):
             raise IdentityError(f"{source}: field 'platform' must be a string")
         pinned = {}
-        for key in ("ca_pem", "bundle_public_key"):
+        for key in ("ca_pem", "bundle_public_key", "user_id"):
             value = data.get(key) or ""
             if not isinstance(value, str):
                 raise IdentityError(f"{source}: field {key!r} must be a string")

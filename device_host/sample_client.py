@@ -7,7 +7,6 @@ fires an event. The host knows services only by name (BATCH_SERVICES) and how to
 rows; what the rows mean is the task's business."""
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,6 +15,8 @@ import grpc
 
 from walle.protos import coda_pb2, coda_pb2_grpc
 from walle.protos.errors import InvalidArgument, Unavailable
+
+from .coda_rows import sample_to_row
 
 MAX_BATCH_BYTES = 4 << 20  # decompressed; a batch holds at most 40 samples
 
@@ -68,20 +69,9 @@ class SampleClient:
         return out
 
 
-def sample_row(sample: coda_pb2.Sample, **extra) -> dict:
-    """One table row of a matched sample (the layout tasks/_lib/coda/rows.py reads,
-    docs/coda-tasks.md): scalars as they are, list fields as compact JSON text."""
-    row = {"sample_id": sample.sample_id, "day": int(sample.day), "ts": int(sample.ts), "label": float(sample.label),
-           "item_id": int(sample.item_id)}
-    for col in ("item_cats", "hist_items", "hist_cats", "profile"):
-        row[col] = json.dumps(list(getattr(sample, col)), separators=(",", ":"))
-    row.update(extra)
-    return row
-
-
 # service name -> how a batch becomes table rows (the only per-service knowledge of the host)
 BATCH_SERVICES: dict[str, Callable[[PulledBatch], list[dict]]] = {
-    "samples": lambda b: [sample_row(s, batch_id=b.batch_id, state="new", score=None) for s in b.samples],
+    "samples": lambda b: [sample_to_row(s, batch_id=b.batch_id, state="new", score=None) for s in b.samples],
 }
 MAX_ROWS_LIMIT = 100_000
 

@@ -22,6 +22,8 @@ import sqlite_utils
 
 from walle.protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from . import budget
+
 TASK_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 COLUMN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -57,6 +59,7 @@ class TaskStorage:
         self.path = str(db_path)
         self.quotas = quotas or Quotas()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.set_progress_handler(budget.sqlite_progress, 10_000)  # a run that is over stops its SQL
         self.db = sqlite_utils.Database(conn)
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills

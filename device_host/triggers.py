@@ -14,6 +14,15 @@ may be queued once more (it runs again after the current run ends). Events a tas
 are dispatched after the emitting run has ended, so a task emitting its own trigger event runs again
 after itself, never inside itself.
 
+Trigger loops are stopped (a task emitting its own trigger event would otherwise run forever):
+  * chain depth: an event emitted by a run triggered at depth d triggers runs at depth d + 1; runs past
+    MAX_CHAIN_DEPTH are not queued;
+  * rate limit: each task's runs that tasks can keep going by themselves (events emitted by runs, and
+    table_rows) draw from a token bucket (RATE_BURST runs, refilled at RATE_PER_S); a run due with no
+    token left is dropped. Runs of app events and schedules are not limited: the app sets their pace.
+Each stop is reported through `on_refused(task, trigger, reason)` (the host sends a "refused" run report),
+once per chain and once per rate-limited stretch, not once per dropped run.
+
 The engine runs the queue on its own worker threads (`start`) or in the caller's thread (`drain`), which
 is how a fleet of emulated devices shares one thread pool.
 """
@@ -30,23 +39,43 @@ from walle.protos import device_pb2
 
 log = logging.getLogger("walle.device.triggers")
 
+MAX_CHAIN_DEPTH = 16  # runs one app event may set off through events the runs emit
+RATE_BURST = 30  # triggered runs a task may make in a burst...
+RATE_PER_S = 1.0  # ...and per second after it
+
 
 @dataclass
 class Pending:
     task: str
     event: dict
     trigger: str
+    depth: int = 0
+
+
+class _Bucket:
+    def __init__(self, now: float):
+        self.tokens, self.at, self.dropped = float(RATE_BURST), now, 0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(float(RATE_BURST), self.tokens + (now - self.at) * RATE_PER_S)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
 
 
 # (task, event, trigger) -> list of (event_name, payload) the run emitted
 Runner = Callable[[str, dict, str], list]
 RowCounter = Callable[[str, str], int]  # (task, table) -> row count
+Refused = Callable[[str, str, str], None]  # (task, trigger, reason): a triggered run was stopped
 
 
 class TriggerEngine:
     def __init__(self, runner: Runner, count_rows: RowCounter | None = None, *, workers: int = 1,
-                 tick: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 tick: float = 0.5, clock: Callable[[], float] = time.monotonic, on_refused: Refused | None = None):
         self.runner = runner
+        self.on_refused = on_refused
         self.count_rows = count_rows
         self.workers = workers
         self.tick = tick
@@ -61,7 +90,9 @@ class TriggerEngine:
         self._fired_at: dict[tuple[str, str], int] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._buckets: dict[str, _Bucket] = {}
         self.runs = 0
+        self.refused = 0
 
     # -- which task fires on what ---------------------------------------------------------------
     def set_tasks(self, manifests: dict[str, device_pb2.TaskManifest]) -> None:
@@ -97,19 +128,36 @@ class TriggerEngine:
             return list(self._by_event.get(event_name, ()))
 
     # -- queueing -------------------------------------------------------------------------------
-    def enqueue(self, task: str, event: dict, trigger: str) -> None:
+    def enqueue(self, task: str, event: dict, trigger: str, depth: int = 0) -> None:
         with self._cond:
             # A queued task keeps its place (OrderedDict keeps a key's position) and takes the latest event.
-            self._queue[task] = Pending(task, event, trigger)
+            self._queue[task] = Pending(task, event, trigger, depth)
             self._cond.notify()
 
-    def emit(self, event_name: str, payload: object = None) -> list[str]:
-        """Queue every task whose event trigger matches; returns their names."""
+    def emit(self, event_name: str, payload: object = None, depth: int = 0) -> list[str]:
+        """Queue every task whose event trigger matches; returns their names. `depth`: how many runs
+        led to this event (0 for an app event); past MAX_CHAIN_DEPTH nothing is queued."""
         tasks = self.tasks_for_event(event_name)
+        if depth > MAX_CHAIN_DEPTH:
+            for task in tasks:
+                self._refuse(task, f"event:{event_name}", (
+                    f"trigger loop stopped: event {event_name!r} is {depth} runs deep in one chain of events "
+                    f"(limit {MAX_CHAIN_DEPTH}); a task that emits the event that triggers it loops"))
+            return []
         for task in tasks:
             self.enqueue(task, {"name": event_name, "payload": payload if payload is not None else {},
-                                "ts_ms": int(time.time() * 1000)}, f"event:{event_name}")
+                                "ts_ms": int(time.time() * 1000)}, f"event:{event_name}", depth)
         return tasks
+
+    def _refuse(self, task: str, trigger: str, reason: str) -> None:
+        with self._cond:
+            self.refused += 1
+        log.warning("%s (%s): %s", task, trigger, reason)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(task, trigger, reason)
+            except Exception:
+                log.exception("reporting the stopped run of %s failed", task)
 
     def check_tables(self) -> list[str]:
         """Queue tasks whose table_rows trigger is due; returns their names."""
@@ -162,18 +210,37 @@ class TriggerEngine:
 
     # -- running --------------------------------------------------------------------------------
     def _take(self, block: bool) -> Pending | None:
+        while True:
+            p, limited = self._next(block)
+            if p is None or limited is None:
+                return p
+            self._refuse(p.task, p.trigger, limited)
+
+    def _next(self, block: bool) -> tuple[Pending | None, str | None]:
+        """The next runnable pending run, or one dropped by the rate limit with the reason to report."""
         with self._cond:
             while True:
                 for name, p in self._queue.items():
                     if name not in self._running:
                         del self._queue[name]
+                        bucket = self._buckets.setdefault(name, _Bucket(self.clock()))
+                        if (p.depth > 0 or p.trigger.startswith("table_rows:")) and not bucket.take(self.clock()):
+                            bucket.dropped += 1
+                            if bucket.dropped == 1:  # once per rate-limited stretch
+                                return p, (f"trigger rate limit: {name} was triggered more than {RATE_BURST} times "
+                                           f"in a burst (refill {RATE_PER_S:g} per second); triggered runs are "
+                                           f"dropped until the rate falls")
+                            self.refused += 1
+                            break
+                        bucket.dropped = 0
                         self._running.add(name)
-                        return p
-                if not block or self._stop.is_set():
-                    return None
-                self._cond.wait(self.tick)
-                if self._stop.is_set():
-                    return None
+                        return p, None
+                else:
+                    if not block or self._stop.is_set():
+                        return None, None
+                    self._cond.wait(self.tick)
+                    if self._stop.is_set():
+                        return None, None
 
     def _execute(self, p: Pending) -> None:
         emitted: list = []
@@ -187,7 +254,7 @@ class TriggerEngine:
                 self.runs += 1
                 self._cond.notify_all()
         for name, payload in emitted:  # after the run ended: see the module docstring
-            self.emit(name, payload)
+            self.emit(name, payload, p.depth + 1)
         self.check_tables()
 
     def drain(self, max_runs: int = 10_000) -> int:

@@ -4,12 +4,15 @@ Up (`UpTunnel`): an on-disk queue in SQLite (WAL). `send()` gives each record th
 sequence number and commits it before returning, so a record survives a crash or a restart. A flusher
 uploads the queue in order, in batches of at most 500 records or 1 MiB (zlib-compressed), and deletes
 records only after the cloud's ack: delivery is at-least-once, and the cloud drops records it already
-holds by (device_id, seq). While offline it retries with exponential backoff and jitter.
+holds by (device_id, epoch, seq); the epoch is random per queue, so a wiped queue starts a new stream. While offline it retries with exponential backoff and jitter.
 
 Queue cap: at most `max_records` records are kept. When a send would go over, the oldest records of
 the lowest priority class are dropped first: "log" (0), then "event" and task topics "task.*" (1),
 then "behavior" (2); "run_report" and "delivery" (3) are dropped only if nothing else is left. Dropped
-records are counted in `stats()["dropped"]`.
+records are counted in `stats()["dropped"]`. The queue is also capped in bytes (`max_bytes`, same order),
+and each task's own records in it (`task_max_bytes`): a task over its share gets ResourceExhausted, and
+one run may queue at most RUN_MAX_BYTES. Space is reclaimed as records are acked (incremental vacuum and
+a WAL checkpoint), so the file shrinks back when the queue drains.
 
 Down (`DownTunnel`): versioned resources by name (e.g. "coda/global_model"), verified against their
 sha256 digest and cached on disk by digest, so an unchanged resource is never downloaded twice.
@@ -39,6 +42,7 @@ import grpc
 from google.protobuf import json_format
 
 from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
+from walle.protos.errors import ResourceExhausted
 
 log = logging.getLogger("walle.device.tunnel")
 
@@ -47,9 +51,15 @@ MAX_BATCH_BYTES = 1 << 20
 MAX_BATCHES_PER_UPLOAD = 8
 MAX_RECORD_BYTES = 256 * 1024
 DEFAULT_MAX_RECORDS = 100_000
+DEFAULT_MAX_BYTES = 128 << 20  # the whole queue
+DEFAULT_TASK_MAX_BYTES = 16 << 20  # one task's records waiting in the queue
+RUN_MAX_BYTES = 4 << 20  # what one run may queue
+_RECLAIM_PAGES = 256  # free pages that trigger an incremental vacuum
 TOPIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
 TASK_SHARED_TOPICS = frozenset({"behavior", "behavior.batch"})
 DOWN_MAX_BYTES = 4 << 20
+# The cloud will never take such a record (malformed, or a report on a release it never sent).
+REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
@@ -76,15 +86,22 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 60.0) -> float:
 
 class UpTunnel:
     def __init__(self, db_path: str | os.PathLike, channel: grpc.Channel | None, metadata: tuple = (), *,
-                 max_records: int = DEFAULT_MAX_RECORDS, durable: bool = True, timeout: float = 30.0):
+                 max_records: int = DEFAULT_MAX_RECORDS, durable: bool = True, timeout: float = 30.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES, task_max_bytes: int = DEFAULT_TASK_MAX_BYTES):
         self.path = pathlib.Path(db_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stub = tunnel_pb2_grpc.TunnelServiceStub(channel) if channel is not None else None
         self.metadata = tuple(metadata)
         self.max_records = max_records
+        self.max_bytes, self.task_max_bytes = max_bytes, task_max_bytes
         self.timeout = timeout
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            # INCREMENTAL: freed pages can be given back to the file system (VACUUM applies it to an old file)
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA journal_size_limit={4 << 20}")
         # FULL: a committed send() survives power loss, not only a process crash.
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
@@ -92,6 +109,16 @@ class UpTunnel:
             seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
             prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
         self._db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+        # The stream epoch: picked once per queue, so a wiped or new queue (whose seqs restart)
+        # is a new stream to the cloud, never mistaken for records it already holds.
+        self._db.execute("CREATE TABLE IF NOT EXISTS up_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._db.execute("INSERT OR IGNORE INTO up_meta VALUES ('epoch', ?)", [random.getrandbits(63) or 1])
+        self.epoch = self._db.execute("SELECT value FROM up_meta WHERE key='epoch'").fetchone()[0]
+        if "owner" not in {r[1] for r in self._db.execute("PRAGMA table_info(up_queue)")}:
+            self._db.execute("ALTER TABLE up_queue ADD COLUMN owner TEXT")  # the task that queued it
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(length(payload)), 0) FROM up_queue").fetchone()[0]
+        self._owner_bytes: dict[str, int] = dict(self._db.execute(
+            "SELECT owner, SUM(length(payload)) FROM up_queue WHERE owner IS NOT NULL GROUP BY owner"))
         self._lock = threading.Lock()        # guards the connection
         self._upload_lock = threading.Lock()  # one upload at a time keeps order
         self._stats = {"sent": 0, "acked": 0, "duplicates": 0, "dropped": 0, "rejected": 0, "errors": 0}
@@ -102,8 +129,8 @@ class UpTunnel:
         self.last_error = ""
 
     # -- queue ----------------------------------------------------------------------------------
-    def send(self, topic: str, payload: bytes | dict | list | str) -> int:
-        """Queue one record durably; returns its seq."""
+    def send(self, topic: str, payload: bytes | dict | list | str, owner: str | None = None) -> int:
+        """Queue one record durably; returns its seq. `owner`: the task it is charged to (None: the host)."""
         if not isinstance(topic, str) or not TOPIC_RE.match(topic) or len(topic) > 128:
             raise TunnelError(f"up-tunnel topic {topic!r} is invalid: lower-case words separated by '.'")
         if isinstance(payload, (dict, list, str)):
@@ -113,26 +140,49 @@ class UpTunnel:
         if len(payload) > MAX_RECORD_BYTES:
             raise TunnelError(f"up-tunnel record of {len(payload)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
         with self._lock:
+            if owner is not None and self._owner_bytes.get(owner, 0) + len(payload) > self.task_max_bytes:
+                raise ResourceExhausted(
+                    f"task {owner!r} has {self._owner_bytes.get(owner, 0)} bytes waiting in the up-tunnel queue; "
+                    f"{len(payload)} more would be over its {self.task_max_bytes}-byte share (retry once uploaded)")
+            saved = self._bytes, dict(self._owner_bytes), self._stats["dropped"]
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self._db.execute("INSERT INTO up_queue (topic, ts_ms, prio, payload) VALUES (?, ?, ?, ?)",
-                                       [topic, int(time.time() * 1000), priority(topic), bytes(payload)])
+                cur = self._db.execute("INSERT INTO up_queue (topic, ts_ms, prio, payload, owner) VALUES (?, ?, ?, ?, ?)",
+                                       [topic, int(time.time() * 1000), priority(topic), bytes(payload), owner])
                 seq = cur.lastrowid
+                self._charge(owner, len(payload))
                 self._enforce_cap()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._bytes, self._owner_bytes, self._stats["dropped"] = saved
                 raise
         self._wake.set()
         return seq
 
+    def _charge(self, owner: str | None, delta: int) -> None:
+        self._bytes += delta
+        if owner is not None:
+            left = self._owner_bytes.get(owner, 0) + delta
+            if left > 0:
+                self._owner_bytes[owner] = left
+            else:
+                self._owner_bytes.pop(owner, None)
+
     def _enforce_cap(self) -> None:
         over = self._db.execute("SELECT COUNT(*) FROM up_queue").fetchone()[0] - self.max_records
-        while over > 0:
-            victims = self._db.execute("SELECT seq FROM up_queue ORDER BY prio, seq LIMIT ?", [over]).fetchall()
-            self._db.executemany("DELETE FROM up_queue WHERE seq = ?", victims)
-            self._stats["dropped"] += len(victims)
-            over -= len(victims)
+        while over > 0 or self._bytes > self.max_bytes:
+            victims = self._db.execute("SELECT seq, owner, length(payload) FROM up_queue ORDER BY prio, seq LIMIT ?",
+                                       [max(over, 64)]).fetchall()
+            if not victims:
+                break
+            for seq, owner, size in victims:
+                if over <= 0 and self._bytes <= self.max_bytes:
+                    break
+                self._db.execute("DELETE FROM up_queue WHERE seq = ?", [seq])
+                self._charge(owner, -size)
+                self._stats["dropped"] += 1
+                over -= 1
 
     def pending(self) -> int:
         with self._lock:
@@ -143,7 +193,14 @@ class UpTunnel:
             return self._db.execute("SELECT seq, topic FROM up_queue ORDER BY seq").fetchall()
 
     def stats(self) -> dict:
-        return dict(self._stats, pending=self.pending())
+        with self._lock:
+            queued = self._bytes
+        return dict(self._stats, pending=self.pending(), pending_bytes=queued)
+
+    def owner_bytes(self, owner: str) -> int:
+        """Bytes of `owner`'s records waiting in the queue."""
+        with self._lock:
+            return self._owner_bytes.get(owner, 0)
 
     # -- upload ---------------------------------------------------------------------------------
     def _batches(self) -> list[tuple[tunnel_pb2.UpBatch, int]]:
@@ -161,7 +218,7 @@ class UpTunnel:
         if cur:
             out.append(cur)
         return [(tunnel_pb2.UpBatch(zlib_records=zlib.compress(tunnel_pb2.UpRecords(records=recs).SerializeToString(), 6),
-                                    count=len(recs)), recs[-1].seq) for recs in out]
+                                    count=len(recs), epoch=self.epoch), recs[-1].seq) for recs in out]
 
     def flush_once(self) -> int:
         """One Upload call for the head of the queue; returns how many records were acked.
@@ -178,10 +235,17 @@ class UpTunnel:
             try:
                 ack = self.stub.Upload(iter([b for b, _ in batches]), metadata=self.metadata, timeout=self.timeout)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if e.code() in REFUSED:
                     return self._isolate(batches, e.details())
                 self._stats["errors"] += 1
                 raise
+            if ack.max_seq > self._last_assigned():
+                # The cloud holds seqs this queue never assigned (a restored copy of an old queue):
+                # what it called duplicates may be new. Start a new epoch and send them again.
+                log.warning("cloud holds seq %d of epoch %d but this queue assigned only up to %d; "
+                            "starting a new epoch", ack.max_seq, self.epoch, self._last_assigned())
+                self._new_epoch()
+                return 0
             # Deleting only after the ack is what makes delivery at-least-once.
             self._delete_through(last_seq)
             self._stats["sent"] += n
@@ -197,14 +261,14 @@ class UpTunnel:
         for b, _ in batches:
             for rec in tunnel_pb2.UpRecords.FromString(zlib.decompress(b.zlib_records)).records:
                 one = tunnel_pb2.UpBatch(zlib_records=zlib.compress(
-                    tunnel_pb2.UpRecords(records=[rec]).SerializeToString()), count=1)
+                    tunnel_pb2.UpRecords(records=[rec]).SerializeToString()), count=1, epoch=self.epoch)
                 try:
                     ack = self.stub.Upload(iter([one]), metadata=self.metadata, timeout=self.timeout)
                     self._stats["acked"] += ack.accepted
                     self._stats["duplicates"] += ack.duplicates
                     self._stats["sent"] += 1
                 except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    if e.code() not in REFUSED:
                         self._stats["errors"] += 1
                         raise  # offline again: what is left stays queued
                     # The cloud will never take this record; keeping it would block the queue forever.
@@ -215,9 +279,36 @@ class UpTunnel:
                 sent += 1
         return sent
 
+    def _last_assigned(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='up_queue'").fetchone()
+        return row[0] if row else 0
+
+    def _new_epoch(self) -> None:
+        with self._lock:
+            self.epoch = random.getrandbits(63) or 1
+            self._db.execute("UPDATE up_meta SET value=? WHERE key='epoch'", [self.epoch])
+
     def _delete_through(self, seq: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM up_queue WHERE seq <= ?", [seq])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._db.execute("SELECT owner, SUM(length(payload)) FROM up_queue WHERE seq <= ? GROUP BY owner",
+                                        [seq]).fetchall()
+                self._db.execute("DELETE FROM up_queue WHERE seq <= ?", [seq])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            for owner, size in gone:
+                self._charge(owner, -size)
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Give freed pages back to the file system, so the file shrinks as the queue drains."""
+        if self._db.execute("PRAGMA freelist_count").fetchone()[0] >= _RECLAIM_PAGES:
+            self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page per call
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Upload until the queue is empty; False if it is not empty by the deadline."""
@@ -358,8 +449,9 @@ def _up_payload(topic: str, data: Any) -> bytes | dict | list | str:
 
 
 def tunnel_ops(task_name: str, up: UpTunnel, down: DownTunnel | None) -> dict[str, Callable]:
-    """Host-API ops a task granted the "tunnel" API may call."""
+    """Host-API ops a task granted the "tunnel" API may call; make them once per run (RUN_MAX_BYTES)."""
     own = f"task.{task_name}"
+    queued = [0]  # bytes this run has queued
 
     def up_op(topic: str, data: Any = None) -> dict:
         if not isinstance(topic, str) or not (topic == own or topic.startswith(own + ".") or topic in TASK_SHARED_TOPICS):
@@ -368,7 +460,12 @@ def tunnel_ops(task_name: str, up: UpTunnel, down: DownTunnel | None) -> dict[st
         payload = _up_payload(topic, data)
         if isinstance(payload, str):
             payload = payload.encode()
-        return {"seq": up.send(topic, payload)}
+        if queued[0] + len(payload) > RUN_MAX_BYTES:
+            raise ResourceExhausted(f"this run has queued {queued[0]} bytes on the up tunnel; {len(payload)} more "
+                                    f"would be over the {RUN_MAX_BYTES}-byte limit per run")
+        seq = up.send(topic, payload, owner=task_name)
+        queued[0] += len(payload)
+        return {"seq": seq}
 
     def down_op(name: str, version: str = "", format: str = "auto") -> dict:
         if down is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
@@ -15,6 +16,7 @@ from .errors import InvalidArgument, NotFound, Unauthenticated
 from .state import PlatformState
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # as allow-list ids (releases.ID_RE)
 TOKEN_PREFIX = "wdt1"
 
 
@@ -39,27 +41,55 @@ class DeviceCredentials:
         self.state = state
         self._cache: dict[str, tuple[str, int]] = {}  # token hash -> (device id, expires_at)
         self._cache_rev = -1
+        self._users: dict[str, str] = {}  # device id -> bound user
+        self._users_rev = -1
         self._lock = threading.Lock()
 
-    def enroll(self, device_id: str = "", *, ttl_seconds: int = 0, actor: str = "operator") -> tuple[str, str]:
+    def enroll(self, device_id: str = "", *, ttl_seconds: int = 0, actor: str = "operator",
+               user_id: str = "") -> tuple[str, str]:
+        """Issue a device credential. `user_id` binds the device to a user: the platform then uses
+        that user (never what the device says) for hit rules, allow-lists, uploads and samples."""
         device_id = device_id or "dev-" + secrets.token_hex(6)
         if not DEVICE_ID_RE.match(device_id):
             raise InvalidArgument(f"device id {device_id!r} is invalid: use 1-128 letters, digits, '.', '_', ':' or '-'")
+        if user_id and not USER_ID_RE.match(user_id):
+            raise InvalidArgument(f"user id {user_id!r} is invalid: use 1-128 letters, digits, '.', '_', ':', '@' or '-'")
         if ttl_seconds < 0:
             raise InvalidArgument(f"ttl_seconds must be >= 0 (got {ttl_seconds})")
         token = f"{TOKEN_PREFIX}.{secrets.token_urlsafe(32)}"
         now = int(time.time())
-        expires = now + ttl_seconds if ttl_seconds else 0
+        # rounded up, never down: int(now) + 1 could expire a 1 s credential milliseconds after enrollment
+        expires = math.ceil(time.time() + ttl_seconds) if ttl_seconds else 0
         with self.state.transaction() as db:
-            # Re-enrolling a device replaces its credential (the old token stops working).
-            db.execute("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked)
-                          VALUES (?, ?, ?, ?, 0)
+            before = db.execute("SELECT user_id FROM devices WHERE device_id = ?", [device_id]).fetchall()
+            # Re-enrolling a device replaces its credential (the old token stops working) and its user.
+            db.execute("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked, user_id)
+                          VALUES (?, ?, ?, ?, 0, ?)
                           ON CONFLICT(device_id) DO UPDATE SET token_hash=excluded.token_hash,
-                          enrolled_at=excluded.enrolled_at, expires_at=excluded.expires_at, revoked=0""",
-                       [device_id, _hash(token), now, expires])
-            self.state.audit(db, actor, "device.enroll", device_id, {"ttl_seconds": ttl_seconds})
+                          enrolled_at=excluded.enrolled_at, expires_at=excluded.expires_at, revoked=0,
+                          user_id=excluded.user_id""",
+                       [device_id, _hash(token), now, expires, user_id])
+            detail = {"ttl_seconds": ttl_seconds, "user_id": user_id}
+            if before and before[0][0] != user_id:
+                detail["previous_user_id"] = before[0][0]
+            self.state.audit(db, actor, "device.enroll", device_id, detail)
             self.state.bump_revision(db)
         return device_id, token
+
+    def bound_user(self, device_id: str) -> str:
+        """The user bound to a device at enrollment ("" if none)."""
+        rev = self.state.cached_revision()
+        with self._lock:
+            if rev != self._users_rev:  # enrollments bump the revision
+                self._users.clear()
+                self._users_rev = rev
+            user = self._users.get(device_id)
+        if user is None:
+            rows = self.state.db.execute("SELECT user_id FROM devices WHERE device_id = ?", [device_id]).fetchall()
+            user = rows[0][0] if rows else ""
+            with self._lock:
+                self._users[device_id] = user
+        return user
 
     def revoke(self, device_id: str, *, actor: str = "operator") -> dict:
         with self.state.transaction() as db:

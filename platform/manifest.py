@@ -52,6 +52,8 @@ LIBRARY_FILE = "library.toml"
 LIBRARY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 MAX_LIBRARIES = 16
 _LIBRARY_KEYS = ("description", "libraries")
+# Modules the sandbox provides itself (device_host/sandbox/policy.py): a library cannot take their names.
+SANDBOX_MODULES = ("numpy", "math", "json", "random", "walle", "mnn")
 
 
 class ManifestError(InvalidArgument):
@@ -313,6 +315,8 @@ def _library_names(raw: Any, src: str, label: str) -> tuple[str, ...]:
         if not LIBRARY_NAME_RE.match(lib):
             raise ManifestError(f"{src}: {label}[{i}] must be a library name: a lowercase letter, then up to 47 of "
                                 f"a-z 0-9 _ (it is imported as a Python package) (got {lib!r})")
+        if lib in SANDBOX_MODULES:
+            raise ManifestError(f"{src}: {label}[{i}] {lib!r} is the name of a module the sandbox provides")
         if lib in out:
             raise ManifestError(f"{src}: {label} lists {lib!r} twice")
         out.append(lib)

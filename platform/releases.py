@@ -2,7 +2,11 @@
 
 Per task and channel, releases form a chain, newest first. A device gets the version of the first
 release in the chain whose audience it is in; revoked releases are skipped, and paused ones are
-skipped too (devices fall back to the release before, as if it were disabled). A release's
+skipped too (devices fall back to the release before, as if it were disabled). The chain's newest
+live, unpaused release is 'active'; the older live ones, which devices outside its audience (or
+everyone, while it is paused) fall back to, are 'fallback': listed among the active releases and
+pausable, resumable and revocable like any release. A rollback revokes the releases of the version
+it rolls back, so nothing it replaced can come back when the rollback is paused or revoked. A release's
 audience: never a deny-listed id; always an allow-listed id; otherwise (not in beta) the rule must
 match and the device's sticky bucket must be under the rollout percentage; and the device host must
 be new enough for the task. The same inputs always give the same answer, and `explain` says why.
@@ -55,6 +59,52 @@ def device_attrs(info: device_pb2.DeviceInfo) -> dict:
     return attrs
 
 
+MAX_DEVICE_INFO_BYTES = 16 * 1024
+MAX_ATTR_CHARS = 256
+MAX_TAGS = 64
+MAX_INSTALLED = 256
+TAG_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_STR_FIELDS = tuple(f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields
+                    if f.type == f.TYPE_STRING and not f.is_repeated)
+
+
+def check_device_info(info: device_pb2.DeviceInfo, size: int) -> None:
+    """Refuse a DeviceInfo that is too big, carries fields this platform does not know, or has an
+    attribute out of bounds; `size` is its serialized size."""
+    for name in _STR_FIELDS:
+        if len(getattr(info, name)) > MAX_ATTR_CHARS:
+            raise InvalidArgument(f"DeviceInfo attribute {name!r} is {len(getattr(info, name))} characters; "
+                                  f"at most {MAX_ATTR_CHARS}")
+    if len(info.tags) > MAX_TAGS:
+        raise InvalidArgument(f"DeviceInfo has {len(info.tags)} tags; at most {MAX_TAGS}")
+    for t in info.tags:
+        if not TAG_RE.match(t):
+            raise InvalidArgument(f"DeviceInfo tag {t[:80]!r} is invalid: 1-64 letters, digits, '_', '.', ':' or '-'")
+    if len(info.installed) > MAX_INSTALLED:
+        raise InvalidArgument(f"DeviceInfo lists {len(info.installed)} installed tasks; at most {MAX_INSTALLED}")
+    for ref in info.installed:
+        if len(ref) > MAX_ATTR_CHARS:
+            raise InvalidArgument(f"DeviceInfo installed entry {ref[:80]!r}... is longer than {MAX_ATTR_CHARS} characters")
+    if info.channel and not CHANNEL_RE.match(info.channel):
+        raise InvalidArgument(f"DeviceInfo channel {info.channel!r} is invalid: lower-case letters, digits, '_' or '-'")
+    if size > MAX_DEVICE_INFO_BYTES:
+        raise InvalidArgument(f"DeviceInfo is {size} bytes; at most {MAX_DEVICE_INFO_BYTES}")
+    known = info.ByteSize()
+    info.DiscardUnknownFields()
+    if info.ByteSize() != known:
+        raise InvalidArgument("DeviceInfo carries fields this platform does not know; known attributes: "
+                              + ", ".join(f.name for f in device_pb2.DeviceInfo.DESCRIPTOR.fields))
+
+
+def info_from_attrs(attrs: dict) -> device_pb2.DeviceInfo:
+    """The DeviceInfo a stored attribute dict (device_attrs) was made from (installed aside)."""
+    info = device_pb2.DeviceInfo(tags=[t for t in attrs.get("tags", []) if isinstance(t, str)])
+    for name in _STR_FIELDS:
+        if isinstance(attrs.get(name), str):
+            setattr(info, name, attrs[name])
+    return info
+
+
 @dataclass
 class _Compiled:
     row: dict
@@ -79,6 +129,15 @@ class ReleaseManager:
                stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
                note: str = "", config: dict | None = None) -> dict:
         """`config`: overrides of the task's [config] defaults (text as typed after --set, or typed values)."""
+        with self.state.transaction() as db:
+            rid = self._create_in(db, task, version, rule=rule, rollout=rollout, stage=stage, channel=channel,
+                                  allow=allow, deny=deny, actor=actor, note=note, config=config)
+        return self.get(rid)
+
+    def _create_in(self, db, task: str, version: str, *, rule: str, rollout: float | None, stage: str,
+                   channel: str, allow, deny, actor: str, note: str, action: str = "release.create",
+                   config: dict | None = None) -> str:
+        """Insert a release inside the caller's write transaction; returns its id."""
         tv = self.repo.get(task, version)  # NotFound for an unknown task or version
         resolved = taskconfig.resolve(tv.manifest.config, config, f"config of {task}@{tv.version[:12]}")
         compile_rule(rule)  # RuleError (InvalidArgument) with the position of a syntax error
@@ -99,34 +158,52 @@ class ReleaseManager:
             raise InvalidArgument(f"a full release goes to 100% of its audience (got --rollout {rollout:g}); use --stage gray")
         if stage == "gray" and rollout >= 100:
             raise InvalidArgument("a gray release needs a rollout below 100%; use --stage full for everyone")
-        digest = tv.bundle_digest
-        with self.state.transaction() as db:
-            # At most one active (or paused) release per task and channel.
-            for prev in db.execute_returning_dicts(
-                    "SELECT id FROM releases WHERE task=? AND channel=? AND state IN ('active','paused')",
-                    [task, channel]):
-                db.execute("UPDATE releases SET state='superseded' WHERE id=?", [prev["id"]])
-                self.state.log_release_change(db, prev["id"], actor, {"state": "superseded"})
-            rid, seq = self.state.next_release_id(db)
-            row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
-                       channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
-                       note=note, bundle_digest=digest, allow=_json(allow), deny=_json(deny),
-                       salt=secrets.token_hex(8), config=taskconfig.to_json(resolved))
-            db["releases"].insert(row)
-            created = {k: row[k] for k in ("task", "version", "rule", "rollout", "stage", "channel")}
-            if resolved:
-                created["config"] = resolved
-            self.state.log_release_change(db, rid, actor, {"created": created})
-            self.state.audit(db, actor, "release.create", rid, created)
-            self.state.bump_revision(db)
-        return self.get(rid)
+        # Inside the transaction: a submit confirms (or takes back) its commit in this database, so
+        # a version still unconfirmed, or already taken back, can never be released.
+        if self.repo.pending_version(task, tv.version):
+            raise FailedPrecondition(f"{task}@{tv.version[:12]} is still being submitted; release it once the "
+                                     "submit has returned")
+        self.repo.resolve(task, tv.version)  # NotFound if it was taken back meanwhile
+        rid, seq = self.state.next_release_id(db)
+        row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
+                   channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
+                   note=note, bundle_digest=tv.bundle_digest, allow=_json(allow), deny=_json(deny),
+                   salt=secrets.token_hex(8), config=taskconfig.to_json(resolved))
+        db["releases"].insert(row)
+        created = {k: row[k] for k in ("task", "version", "rule", "rollout", "stage", "channel")}
+        if resolved:
+            created["config"] = resolved
+        self.state.log_release_change(db, rid, actor, {"created": created})
+        detail = {"task": task, "version": tv.version, "rule": rule, "rollout": rollout, "stage": stage,
+                  "channel": channel}
+        if resolved:
+            detail["config"] = resolved
+        if note:
+            detail["note"] = note
+        self.state.audit(db, actor, action, rid, detail)
+        self._settle_chain(db, task, channel, actor)
+        self.state.bump_revision(db)
+        return rid
+
+    def _settle_chain(self, db, task: str, channel: str, actor: str) -> None:
+        """Name what devices get: the newest live, unpaused release of a chain is 'active'; the older
+        ones, which devices outside its audience fall back to, are 'fallback' (listed, pausable,
+        revocable like any release); paused and revoked ones stay as they are."""
+        live = db.execute_returning_dicts(
+            "SELECT id, state FROM releases WHERE task=? AND channel=? AND state IN ('active','fallback') "
+            "ORDER BY seq DESC", [task, channel])
+        for i, r in enumerate(live):
+            want = "active" if i == 0 else "fallback"
+            if r["state"] != want:
+                db.execute("UPDATE releases SET state=? WHERE id=?", [want, r["id"]])
+                self.state.log_release_change(db, r["id"], actor, {"state": [r["state"], want]})
 
     def set_rollout(self, release_id: str, rollout: float, stage: str = "", actor: str = "operator") -> dict:
         rollout = self._check_rollout(rollout)
         with self.state.transaction() as db:
             rel = self._get_row(db, release_id)
-            if rel["state"] not in ("active", "paused"):
-                raise FailedPrecondition(f"release {release_id} is {rel['state']}; only an active or paused release can grow")
+            if rel["state"] not in ("active", "paused", "fallback"):
+                raise FailedPrecondition(f"release {release_id} is {rel['state']}; only a live release can grow")
             if rollout < rel["rollout"]:
                 raise FailedPrecondition(
                     f"rollout may only grow: {release_id} is at {rel['rollout']:g}%, asked {rollout:g}% "
@@ -147,45 +224,63 @@ class ReleaseManager:
         return self.get(release_id)
 
     def pause(self, release_id: str, actor: str = "operator") -> dict:
-        return self._transition(release_id, "active", "paused", "release.pause", actor)
+        return self._transition(release_id, ("active", "fallback"), "paused", "release.pause", actor)
 
     def resume(self, release_id: str, actor: str = "operator") -> dict:
-        return self._transition(release_id, "paused", "active", "release.resume", actor)
+        return self._transition(release_id, ("paused",), "fallback", "release.resume", actor)
 
     def revoke(self, release_id: str, actor: str = "operator") -> dict:
         with self.state.transaction() as db:
             rel = self._get_row(db, release_id)
             if rel["state"] == "revoked":
                 raise FailedPrecondition(f"release {release_id} is already revoked")
-            db.execute("UPDATE releases SET state='revoked' WHERE id=?", [release_id])
-            self.state.log_release_change(db, release_id, actor, {"state": [rel["state"], "revoked"]})
-            self.state.audit(db, actor, "release.revoke", release_id, {"from": rel["state"]})
+            self._revoke_in(db, rel, actor, "release.revoke")
+            self._settle_chain(db, rel["task"], rel["channel"], actor)
             self.state.bump_revision(db)
         return self.get(release_id)
 
+    def _revoke_in(self, db, rel: dict, actor: str, action: str, why: str = "") -> None:
+        db.execute("UPDATE releases SET state='revoked' WHERE id=?", [rel["id"]])
+        change = {"state": [rel["state"], "revoked"]}
+        if why:
+            change["why"] = why
+        self.state.log_release_change(db, rel["id"], actor, change)
+        self.state.audit(db, actor, action, rel["id"], {"from": rel["state"], **({"why": why} if why else {})})
+
     def rollback(self, task: str, to_version: str = "", channel: str = "", actor: str = "operator") -> dict:
+        """Ship an earlier version to the current release's audience, as a new release. Decided inside
+        one write transaction (concurrent operators see each other's changes), and every live release
+        of the version rolled back is revoked, so pausing or revoking the rollback never re-ships it."""
         channel = channel or DEFAULT_CHANNEL
-        chain = [r for r in self.state.releases(task=task, channel=channel) if r["state"] != "revoked"]
-        if not chain:
-            raise NotFound(f"task {task!r} has no release on channel {channel!r} to roll back")
-        current = chain[0]
-        if to_version:
-            target = self.repo.resolve(task, to_version)
-        else:
-            older = [r for r in chain[1:] if r["version"] != current["version"]]
-            if not older:
-                raise FailedPrecondition(f"task {task!r} has no earlier released version than "
-                                         f"{current['version'][:12]} on channel {channel!r}; use --to VERSION")
-            target = older[0]["version"]
-        if target == current["version"]:
-            raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
-        # The target version goes out with the config it last ran with (its defaults if never released).
-        before = next((r for r in chain if r["version"] == target and r.get("config")), None)
-        config = json.loads(before["config"]) if before else None
-        # Same audience at 100%: every device that could get the bad version now gets the target.
-        return self.create(task, target, rule=current["rule"], rollout=100.0, stage="full", channel=channel,
-                           allow=current["allow"], deny=current["deny"], actor=actor, config=config,
-                           note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
+        with self.state.transaction() as db:
+            chain = [self.state._release_row(r) for r in db.execute_returning_dicts(
+                "SELECT * FROM releases WHERE task=? AND channel=? AND state != 'revoked' ORDER BY seq DESC",
+                [task, channel])]
+            if not chain:
+                raise NotFound(f"task {task!r} has no release on channel {channel!r} to roll back")
+            current = chain[0]
+            if to_version:
+                target = self.repo.resolve(task, to_version)
+            else:
+                older = [r for r in chain[1:] if r["version"] != current["version"]]
+                if not older:
+                    raise FailedPrecondition(f"task {task!r} has no earlier released version than "
+                                             f"{current['version'][:12]} on channel {channel!r}; use --to VERSION")
+                target = older[0]["version"]
+            if target == current["version"]:
+                raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
+            # The target version goes out with the config it last ran with (its defaults if never released).
+            before = next((r for r in chain if r["version"] == target and r.get("config")), None)
+            config = json.loads(before["config"]) if before else None
+            for r in chain:
+                if r["version"] == current["version"]:
+                    self._revoke_in(db, r, actor, "release.revoke", f"rolled back to {target[:12]}")
+            # Same audience at 100%: every device that could get the bad version now gets the target.
+            rid = self._create_in(db, task, target, rule=current["rule"], rollout=100.0, stage="full",
+                                  channel=channel, allow=current["allow"], deny=current["deny"], actor=actor,
+                                  note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}",
+                                  config=config)
+        return self.get(rid)
 
     def get(self, release_id: str) -> dict:
         rel = self.state.release(release_id)
@@ -284,14 +379,15 @@ class ReleaseManager:
         return _Compiled(row, compile_rule(row["rule"]), frozenset(row["allow"]), frozenset(row["deny"]), min_host, pb)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _transition(self, release_id: str, frm: str, to: str, action: str, actor: str) -> dict:
+    def _transition(self, release_id: str, frm: tuple[str, ...], to: str, action: str, actor: str) -> dict:
         with self.state.transaction() as db:
             rel = self._get_row(db, release_id)
-            if rel["state"] != frm:
-                raise FailedPrecondition(f"release {release_id} is {rel['state']}, not {frm}")
+            if rel["state"] not in frm:
+                raise FailedPrecondition(f"release {release_id} is {rel['state']}, not {' or '.join(frm)}")
             db.execute("UPDATE releases SET state=? WHERE id=?", [to, release_id])
-            self.state.log_release_change(db, release_id, actor, {"state": [frm, to]})
-            self.state.audit(db, actor, action, release_id, {"state": [frm, to]})
+            self.state.log_release_change(db, release_id, actor, {"state": [rel["state"], to]})
+            self.state.audit(db, actor, action, release_id, {"state": [rel["state"], to]})
+            self._settle_chain(db, rel["task"], rel["channel"], actor)
             self.state.bump_revision(db)
         return self.get(release_id)
 

@@ -8,15 +8,20 @@ Data folder layout:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
+import math
+import re
 import os
 import pathlib
 import tempfile
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 
 from google.protobuf import json_format
@@ -24,8 +29,10 @@ from google.protobuf import json_format
 from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 
 from .auth import DeviceCredentials, OperatorCredentials
-from .errors import InvalidArgument, NotFound
-from .releases import ReleaseManager, device_attrs, release_to_proto
+from .errors import InvalidArgument, NotFound, PermissionDenied
+from .manifest import strip_ignored, validate_task_files
+from .releases import MAX_DEVICE_INFO_BYTES, ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
+from .runnable import check_runnable
 from .state import PlatformState
 from .taskrepo import TaskRepository, TaskVersion
 
@@ -34,6 +41,22 @@ log = logging.getLogger("walle.platform")
 MAX_UPLOAD_RECORDS = 10_000
 MAX_UPLOAD_BYTES = 16 << 20
 RESOURCE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-./")
+EPOCH_SPAN = 1 << 40          # seqs per up-tunnel epoch; stored seq = slot * EPOCH_SPAN + seq
+MAX_EPOCHS_PER_DEVICE = 1000
+REPORT_STATUS_RE = re.compile(r"^[a-z_]{1,32}$")
+DELIVERY_STATUSES = ("installed", "rejected", "rolled_back")
+
+MEMO_MAX_BYTES = 64 << 20    # decision memo: keys and replies
+GRANT_TTL_S = 3600           # a replaced active set still authorises downloads this long
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one active set lets a device download and report on."""
+    digests: frozenset
+    releases: frozenset
+    tunnel: bool
+
 
 # (device_id, [(seq, ts_ms, payload bytes)]) -> (accepted, duplicates)
 UploadHandler = Callable[[str, list[tuple[int, int, bytes]]], tuple[int, int]]
@@ -54,7 +77,7 @@ class Platform:
         self.keys = keys
         signer = keys.sign if keys is not None else None
         self.state = PlatformState(self.data_dir / "state.sqlite3")
-        self.repo = TaskRepository(self.data_dir / "tasks")
+        self.repo = TaskRepository(self.data_dir / "tasks", journal=StateSubmitJournal(self.state))
         self.credentials = DeviceCredentials(self.state)
         self.operators = OperatorCredentials(self.state)
         self.releases = ReleaseManager(self.state, self.repo, signer=signer)
@@ -62,8 +85,12 @@ class Platform:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.upload_handlers: dict[str, UploadHandler] = {}
         self._seen: dict[str, tuple[int, str, bytes]] = {}  # device -> (time, app version, DeviceInfo bytes)
-        self._memo: tuple[int, dict] = (-1, {})
+        self._memo: tuple[int, dict, int] = (-1, {}, 0)  # (revision, DeviceInfo bytes -> (reply, Grant), bytes)
         self._seen_lock = threading.Lock()
+        self._handed: dict[str, dict[Grant, float]] = {}  # device -> sets it was handed -> last time
+        self._grants: dict[Grant, Grant] = {}
+        self._unrecorded: set[tuple[str, str]] = set()   # (device, release) not yet in device_releases
+        self._trim_due = False
 
     # -- tasks ----------------------------------------------------------------------------------
     def SubmitTask(self, req: admin_pb2.SubmitTaskRequest) -> admin_pb2.TaskVersion:
@@ -71,11 +98,9 @@ class Platform:
             files = bundle.unpack(req.archive, bundle.digest(req.archive))
         except bundle.BundleError as e:
             raise InvalidArgument(f"task archive refused: {e}") from None
+        check_runnable(files, validate_task_files(strip_ignored(files)).entry)
+        # The audit entry is written by the repository's journal before the submit is acknowledged.
         tv = self.repo.submit_files(files, message=req.message or None, author=req.author or "walle")
-        if tv.created:
-            with self.state.transaction() as db:
-                self.state.audit(db, req.author or "walle", "task.submit", f"{tv.name}@{tv.version}",
-                                 {"message": tv.message, "digest": tv.bundle_digest})
         return task_version_to_proto(tv)
 
     def ListTasks(self, req: admin_pb2.Empty | None = None) -> admin_pb2.TaskList:
@@ -136,8 +161,8 @@ class Platform:
     # -- devices --------------------------------------------------------------------------------
     def EnrollDevice(self, req: admin_pb2.EnrollRequest) -> admin_pb2.EnrollReply:
         device_id, token = self.credentials.enroll(req.device_id, ttl_seconds=req.ttl_seconds,
-                                                   actor=req.actor or "operator")
-        reply = admin_pb2.EnrollReply(device_id=device_id, token=token)
+                                                   actor=req.actor or "operator", user_id=req.user_id)
+        reply = admin_pb2.EnrollReply(device_id=device_id, token=token, user_id=req.user_id)
         if self.keys is not None:  # what the device pins: the CA for TLS, the key for bundle signatures
             reply.platform_ca_pem = self.keys.ca_pem.decode()
             reply.bundle_public_key = self.keys.bundle_public_key
@@ -207,43 +232,133 @@ class Platform:
 
     # -- device-facing --------------------------------------------------------------------------
     def active_tasks(self, device_id: str, info: device_pb2.DeviceInfo) -> device_pb2.ActiveTasks:
-        info.device_id = device_id  # the credential, not the request, says who the device is
+        size = info.ByteSize()
+        if size > MAX_DEVICE_INFO_BYTES:  # refused before anything is copied out of it
+            self._trim_due = True
+            check_device_info(info, size)
+        # The credential, not the request, says who the device is and whose it is.
+        user = self.credentials.bound_user(device_id)
+        if info.user_id and info.user_id != user:
+            if user:
+                raise PermissionDenied(
+                    f"device {device_id!r} is enrolled for user {user!r} but reports user_id {info.user_id[:130]!r}: "
+                    "the platform uses only the user bound at enrollment (re-enroll with --user-id to change it)")
+            info.user_id = ""  # an unbound device has no user: what it claims is ignored, never trusted
+        info.device_id, info.user_id = device_id, user
         # Devices poll with unchanged attributes and the decision is a pure function of them and
         # the release state, so replies are memoised per revision (the whole memo goes on a change).
         key = info.SerializeToString(deterministic=True)
         rev = self.state.cached_revision()
         memo = self._memo
-        if memo[0] != rev or len(memo[1]) > 200_000:
-            memo = self._memo = (rev, {})
-        reply = memo[1].get(key)
-        if reply is None:
+        if memo[0] != rev or memo[2] > MEMO_MAX_BYTES:
+            memo = self._memo = (rev, {}, 0)
+        hit = memo[1].get(key)
+        if hit is None:
+            check_device_info(info, len(key))
             tasks, _ = self.releases.resolve(info)
             h = hashlib.sha256()
             for t in tasks:
                 h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
             reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
-            memo[1][key] = reply
+            hit = memo[1][key] = (reply, self._grant(tasks))
+            self._memo = (rev, memo[1], memo[2] + 2 * len(key) + reply.ByteSize())
+        reply, grant = hit
+        now = time.monotonic()
         with self._seen_lock:
             self._seen[device_id] = (int(time.time()), info.app_version, key)
+            held = self._handed.setdefault(device_id, {})
+            if grant not in held:
+                self._unrecorded.update((device_id, r) for r in grant.releases)
+                if len(held) > 8:  # keep the most recent few sets per device
+                    for old in sorted(held, key=held.get)[:len(held) - 8]:
+                        del held[old]
+            held[grant] = now
         return reply
 
-    def device_user(self, device_id: str) -> str:
-        """The user_id a device last reported ("" if none yet)."""
+    def _grant(self, tasks) -> "Grant":
+        tunnel = any("tunnel" in t.manifest.apis for t in tasks)
+        g = Grant(frozenset(t.bundle_digest for t in tasks), frozenset(t.release_id for t in tasks), tunnel)
+        with self._seen_lock:
+            if len(self._grants) > 100_000:  # interning only saves memory; start afresh if it grows
+                self._grants = {}
+            return self._grants.setdefault(g, g)  # one shared copy per distinct set
+
+    def _recent_grants(self, device_id: str) -> list["Grant"]:
+        """What the device was handed recently (in-flight downloads of a replaced set still finish)."""
+        horizon = time.monotonic() - GRANT_TTL_S
+        with self._seen_lock:
+            return [g for g, at in self._handed.get(device_id, {}).items() if at >= horizon]
+
+    def _current_grant(self, device_id: str) -> "Grant":
+        """What the device gets now, from its last reported attributes (for a device whose poll
+        another server process answered, or that polled before a restart)."""
         with self._seen_lock:
             hit = self._seen.get(device_id)
         if hit is not None:
-            return device_pb2.DeviceInfo.FromString(hit[2]).user_id
-        rows = self.state.db.execute("SELECT attrs FROM devices WHERE device_id = ?", [device_id]).fetchall()
-        return json.loads(rows[0][0]).get("user_id", "") if rows else ""
+            info = device_pb2.DeviceInfo.FromString(hit[2])
+        else:
+            rows = self.state.db.execute("SELECT attrs FROM devices WHERE device_id = ?", [device_id]).fetchall()
+            info = info_from_attrs(json.loads(rows[0][0]) if rows else {})
+            info.device_id, info.user_id = device_id, self.credentials.bound_user(device_id)
+        tasks, _ = self.releases.resolve(info)
+        return self._grant(tasks)
+
+    def authorize_blob(self, device_id: str, digest: str) -> None:
+        """A device may download a bundle only if it is in its active set (or a recent one)."""
+        if any(digest in g.digests for g in self._recent_grants(device_id)):
+            return
+        if digest in self._current_grant(device_id).digests:
+            return
+        raise PermissionDenied(f"bundle {digest[:80]} is not released to device {device_id!r}")
+
+    def authorize_resource(self, device_id: str) -> str:
+        """Resources go only to devices whose active set (or a recent one) holds a task granted the
+        "tunnel" API, the only way a task reads them. Returns the device id."""
+        if any(g.tunnel for g in self._recent_grants(device_id)) or self._current_grant(device_id).tunnel:
+            return device_id
+        raise PermissionDenied(f"device {device_id!r} has no released task granted the 'tunnel' API, "
+                               "so it may not download resources")
+
+    def delivered_to(self, device_id: str, release_ids: set[str]) -> set[str]:
+        """Those of `release_ids` the platform ever handed to the device."""
+        got = set()
+        for g in self._recent_grants(device_id):
+            got |= g.releases & release_ids
+        if release_ids - got:
+            self._record_deliveries()
+            got |= self.state.delivered_releases(device_id, release_ids - got)
+        return got
+
+    def _record_deliveries(self) -> None:
+        with self._seen_lock:
+            pairs, self._unrecorded = self._unrecorded, set()
+        try:
+            self.state.record_deliveries(pairs)
+        except BaseException:
+            with self._seen_lock:
+                self._unrecorded |= pairs
+            raise
+
+    def device_user(self, device_id: str) -> str:
+        """The user bound to the device at enrollment ("" if none): never what the device reports."""
+        return self.credentials.bound_user(device_id)
 
     def flush_seen(self) -> None:
+        if self._trim_due:
+            # A refused huge request lives on in exception/frame cycles until the cyclic GC runs, and
+            # glibc then keeps its freed buffers: collect, and hand the memory back to the system.
+            self._trim_due = False
+            gc.collect()
+            _malloc_trim()
+        self._record_deliveries()
         with self._seen_lock:
             seen, self._seen = self._seen, {}
         self.credentials.touch({d: (ts, app, device_attrs(device_pb2.DeviceInfo.FromString(raw)))
                                 for d, (ts, app, raw) in seen.items()})
 
     def upload(self, device_id: str, batch: tunnel_pb2.UpBatch) -> tuple[int, int, int]:
-        """Store one up-tunnel batch; returns (accepted, duplicates, max_seq)."""
+        """Store one up-tunnel batch; returns (accepted, duplicates, the cloud's high-water seq for
+        the batch's epoch). A batch is stored whole or refused whole: nothing refused is acknowledged."""
         try:
             raw = zlib.decompressobj().decompress(batch.zlib_records, MAX_UPLOAD_BYTES + 1)
         except zlib.error as e:
@@ -261,59 +376,127 @@ class Platform:
             raise InvalidArgument(f"upload batch has {len(records.records)} records; at most {MAX_UPLOAD_RECORDS}")
         by_topic: dict[str, list[tuple[int, int, bytes]]] = {}
         for r in records.records:
-            if r.seq <= 0:
-                raise InvalidArgument(f"upload record has seq {r.seq}; sequence numbers start at 1")
+            if not 0 < r.seq < EPOCH_SPAN:
+                raise InvalidArgument(f"upload record has seq {r.seq}; sequence numbers run from 1 to {EPOCH_SPAN - 1}")
             by_topic.setdefault(r.topic, []).append((r.seq, r.ts_ms, r.payload))
         for topic in by_topic:
             if topic not in self.upload_handlers and topic not in ("run_report", "delivery") \
                     and not topic.startswith(("event", "task.", "log")):
                 raise InvalidArgument(f"unknown upload topic {topic!r}")
+        parsed = {t: self._parse_platform_records(device_id, t, recs) for t, recs in by_topic.items()
+                  if t not in self.upload_handlers}
+        k, _hw = self.state.stream_slot(device_id, batch.epoch, MAX_EPOCHS_PER_DEVICE)
+        base = k * EPOCH_SPAN  # the stored seq: slot k of this device's epochs, then the device's seq
         accepted = dups = 0
         for topic, recs in by_topic.items():
             if topic in self.upload_handlers:
-                a, d = self.upload_handlers[topic](device_id, recs)
+                a, d = self.upload_handlers[topic](device_id, [(base + seq, ts, p) for seq, ts, p in recs])
             else:
-                a, d = self._store_platform_records(device_id, topic, recs)
+                a, d = self._store_platform_records(device_id, topic, base, parsed[topic])
             accepted, dups = accepted + a, dups + d
-        max_seq = max((r.seq for r in records.records), default=0)
-        return accepted, dups, max_seq
+        top = max((r.seq for r in records.records), default=0)
+        return accepted, dups, self.state.raise_stream_hw(device_id, batch.epoch, top)
 
-    def _store_platform_records(self, device_id: str, topic: str, recs) -> tuple[int, int]:
-        accepted = 0
+    def _parse_platform_records(self, device_id: str, topic: str, recs) -> list:
+        """Parse and check run and delivery reports; a bad one refuses the batch with its reason."""
         parsed = []
         for seq, ts_ms, payload in recs:
-            if topic == "run_report":
-                m = tunnel_pb2.RunReport()
-            elif topic == "delivery":
-                m = tunnel_pb2.DeliveryReport()
-            else:
-                m = None
-            if m is not None:
+            m = None
+            if topic in ("run_report", "delivery"):
+                m = tunnel_pb2.RunReport() if topic == "run_report" else tunnel_pb2.DeliveryReport()
                 try:
                     m.ParseFromString(payload)
                 except Exception:
                     raise InvalidArgument(f"{topic} record seq {seq} is not a valid {type(m).__name__}") from None
+                _check_report(topic, seq, m)
             parsed.append((seq, ts_ms, payload, m))
+        releases = {m.release_id for *_, m in parsed if m is not None and m.release_id}
+        missing = releases - self.delivered_to(device_id, releases)
+        if missing:
+            raise PermissionDenied(f"{topic} for release {sorted(missing)[0]}, which was never delivered to device "
+                                   f"{device_id!r}: a device reports only on releases it received")
+        return parsed
+
+    def _store_platform_records(self, device_id: str, topic: str, base: int, parsed: list) -> tuple[int, int]:
+        accepted = 0
+        # ON CONFLICT on the key only: any other failed constraint raises instead of passing for a duplicate.
         with self.state.transaction() as db:
             for seq, ts_ms, payload, m in parsed:
                 ts = int(ts_ms / 1000) or int(time.time())
+                seq += base
                 if topic == "run_report":
-                    cur = db.execute("INSERT OR IGNORE INTO run_reports VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    cur = db.execute("INSERT INTO run_reports VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                                     "ON CONFLICT(device_id, seq) DO NOTHING",
                                      [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.duration_s,
                                       m.peak_memory_kb, m.error[:2000], m.trigger])
                 elif topic == "delivery":
-                    cur = db.execute("INSERT OR IGNORE INTO deliveries VALUES (?,?,?,?,?,?,?,?)",
+                    cur = db.execute("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id, seq) DO NOTHING",
                                      [device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.error[:2000]])
                 else:
-                    cur = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
+                    cur = db.execute("INSERT INTO events VALUES (?,?,?,?,?) ON CONFLICT(device_id, seq) DO NOTHING",
                                      [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
                 accepted += cur.rowcount
         return accepted, len(parsed) - accepted
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+class StateSubmitJournal:
+    """The task repository's submit journal (taskrepo.SubmitJournal) in the state database: every
+    acknowledged submit has its audit entry; a commit never confirmed is taken back, on the record."""
+
+    def __init__(self, state: PlatformState):
+        self.state = state
+
+    def begin(self, task: str, parent: str, actor: str) -> int:
+        return self.state.begin_submit(task, parent, actor)
+
+    def confirm(self, intent: int, tv: TaskVersion) -> None:
+        self.state.end_submit(intent, "task.submit", f"{tv.name}@{tv.version}",
+                              {"message": tv.message, "digest": tv.bundle_digest})
+
+    def rolled_back(self, intent: int, task: str, sha: str) -> None:
+        if sha:
+            self.state.end_submit(intent, "task.submit.rolled_back", f"{task}@{sha}",
+                                  {"why": "the submit was not acknowledged; its commit was taken back"})
+        else:
+            self.state.end_submit(intent)
+
+    def recovered(self, intent: int, task: str, parent: str) -> None:
+        self.state.end_submit(intent, "task.submit.recovered", task,
+                              {"why": "an unconfirmed submit whose commit is no longer the newest was kept",
+                               "parent": parent})
+
+    def pending(self) -> list[dict]:
+        return self.state.pending_submits()
+
+
+def _check_report(topic: str, seq: int, m) -> None:
+    where = f"{topic} record seq {seq}"
+    for field in ("task", "version", "release_id", "status"):
+        if len(getattr(m, field)) > 128:
+            raise InvalidArgument(f"{where}: {field} is longer than 128 characters")
+    if not m.task or not REPORT_STATUS_RE.match(m.status):
+        raise InvalidArgument(f"{where}: needs a task and a status of lower-case letters or '_' (got {m.status!r})")
+    if topic == "delivery":
+        if m.status not in DELIVERY_STATUSES:
+            raise InvalidArgument(f"{where}: status must be one of {', '.join(DELIVERY_STATUSES)} (got {m.status!r})")
+        return
+    if not math.isfinite(m.duration_s) or m.duration_s < 0:
+        raise InvalidArgument(f"{where}: duration_s must be a finite number >= 0 (got {m.duration_s!r})")
+    if m.peak_memory_kb < 0:
+        raise InvalidArgument(f"{where}: peak_memory_kb must be >= 0 (got {m.peak_memory_kb})")
+
+
 def _device_proto(d: dict) -> admin_pb2.Device:
     return admin_pb2.Device(device_id=d["device_id"], enrolled_at=d["enrolled_at"], revoked=bool(d["revoked"]),
-                            last_seen=d["last_seen"], app_version=d["app_version"], attrs_json=d["attrs"])
+                            last_seen=d["last_seen"], app_version=d["app_version"], attrs_json=d["attrs"],
+                            user_id=d.get("user_id", ""))
 
 
 def to_dict(msg) -> dict:

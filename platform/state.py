@@ -15,6 +15,8 @@ from typing import Iterator
 
 import sqlite_utils
 
+from .errors import ResourceExhausted
+
 SCHEMA_VERSION = 1
 
 
@@ -94,6 +96,25 @@ class PlatformState:
             db.execute("""CREATE TABLE IF NOT EXISTS events (
                 device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL, topic TEXT NOT NULL,
                 payload TEXT NOT NULL, PRIMARY KEY (device_id, seq))""")
+            # Up-tunnel streams: each (device, epoch) gets a slot k; a record's stored seq is
+            # k * EPOCH_SPAN + its seq, so every report table keeps its (device_id, seq) key and
+            # a device that starts afresh (new epoch) never collides with what it sent before.
+            db.execute("""CREATE TABLE IF NOT EXISTS up_streams (
+                device_id TEXT NOT NULL, epoch INTEGER NOT NULL, k INTEGER NOT NULL, hw INTEGER NOT NULL,
+                created_at INTEGER NOT NULL, PRIMARY KEY (device_id, epoch), UNIQUE (device_id, k))""")
+            # Which releases each device was handed: reports are accepted only for those.
+            db.execute("""CREATE TABLE IF NOT EXISTS device_releases (
+                device_id TEXT NOT NULL, release_id TEXT NOT NULL, first_at INTEGER NOT NULL,
+                PRIMARY KEY (device_id, release_id))""")
+            # Submits between their durable intent and their confirmation (audit); see SubmitJournal.
+            db.execute("""CREATE TABLE IF NOT EXISTS submit_intents (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, task TEXT NOT NULL, parent TEXT NOT NULL,
+                actor TEXT NOT NULL, started_at INTEGER NOT NULL)""")
+            cols = {r[1] for r in db.execute("PRAGMA table_info(devices)").fetchall()}
+            if "user_id" not in cols:  # data folders from before users were bound at enrollment
+                db.execute("ALTER TABLE devices ADD COLUMN user_id TEXT NOT NULL DEFAULT ''")
+            # Older releases that still serve as fallbacks were called 'superseded'.
+            db.execute("UPDATE releases SET state='fallback' WHERE state='superseded'")
             db.execute("""CREATE TABLE IF NOT EXISTS resources (
                 name TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
                 size INTEGER NOT NULL, metadata TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -156,7 +177,7 @@ class PlatformState:
             sql += " AND channel = ?"
             args.append(channel)
         if active_only:
-            sql += " AND state IN ('active', 'paused')"
+            sql += " AND state IN ('active', 'fallback', 'paused')"  # what devices may get
         sql += " ORDER BY seq DESC"
         return [self._release_row(r) for r in self.db.execute_returning_dicts(sql, args)]
 
@@ -200,3 +221,61 @@ class PlatformState:
             for rid, ds in durations.items():
                 out[rid]["p50_duration_s"] = ds[(len(ds) - 1) // 2]
         return out
+
+    # -- up-tunnel streams ----------------------------------------------------------------------
+    def stream_slot(self, device_id: str, epoch: int, max_streams: int) -> tuple[int, int]:
+        """(k, high-water seq) of a device's up-tunnel epoch; a new epoch gets the next slot."""
+        rows = self.db.execute("SELECT k, hw FROM up_streams WHERE device_id=? AND epoch=?",
+                               [device_id, epoch]).fetchall()
+        if rows:
+            return rows[0][0], rows[0][1]
+        with self.transaction() as db:
+            rows = db.execute("SELECT k, hw FROM up_streams WHERE device_id=? AND epoch=?", [device_id, epoch]).fetchall()
+            if rows:
+                return rows[0][0], rows[0][1]
+            n, top = db.execute("SELECT COUNT(*), COALESCE(MAX(k), -1) FROM up_streams WHERE device_id=?",
+                                [device_id]).fetchone()
+            if n >= max_streams:
+                raise ResourceExhausted(f"device {device_id!r} has started {n} up-tunnel epochs; at most {max_streams} "
+                                        "(a device picks a new epoch only when its data folder starts afresh)")
+            db.execute("INSERT INTO up_streams VALUES (?, ?, ?, 0, ?)", [device_id, epoch, top + 1, int(time.time())])
+            return top + 1, 0
+
+    def raise_stream_hw(self, device_id: str, epoch: int, seq: int) -> int:
+        with self.transaction() as db:
+            db.execute("UPDATE up_streams SET hw = MAX(hw, ?) WHERE device_id=? AND epoch=?", [seq, device_id, epoch])
+            return db.execute("SELECT hw FROM up_streams WHERE device_id=? AND epoch=?",
+                              [device_id, epoch]).fetchone()[0]
+
+    # -- what devices were handed ---------------------------------------------------------------
+    def record_deliveries(self, pairs: set[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        now = int(time.time())
+        with self.transaction() as db:
+            db.conn.executemany("INSERT OR IGNORE INTO device_releases VALUES (?, ?, ?)",
+                           [(d, r, now) for d, r in pairs])
+
+    def delivered_releases(self, device_id: str, release_ids: set[str]) -> set[str]:
+        """Those of `release_ids` the platform ever handed to the device."""
+        ids = sorted(release_ids)[:500]
+        marks = ",".join("?" * len(ids))
+        return {r for (r,) in self.db.execute(
+            f"SELECT release_id FROM device_releases WHERE device_id=? AND release_id IN ({marks})", [device_id, *ids])}
+
+    # -- submit intents -------------------------------------------------------------------------
+    def begin_submit(self, task: str, parent: str, actor: str) -> int:
+        with self.transaction() as db:
+            return db.execute("INSERT INTO submit_intents (task, parent, actor, started_at) VALUES (?, ?, ?, ?)",
+                              [task, parent, actor, int(time.time())]).lastrowid
+
+    def pending_submits(self) -> list[dict]:
+        return self.db.execute_returning_dicts("SELECT * FROM submit_intents ORDER BY id")
+
+    def end_submit(self, intent_id: int, action: str = "", target: str = "", detail: dict | None = None) -> None:
+        """Drop the intent and write its audit entry (if `action`), atomically."""
+        with self.transaction() as db:
+            row = db.execute("SELECT actor FROM submit_intents WHERE id=?", [intent_id]).fetchall()
+            db.execute("DELETE FROM submit_intents WHERE id=?", [intent_id])
+            if action:
+                self.audit(db, row[0][0] if row else "walle", action, target, detail or {})

@@ -22,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import git
 
@@ -38,6 +38,18 @@ _BUNDLE_MEMORY_CAP = 64 * 1024 * 1024
 _FILES_MEMORY_CAP = 64 * 1024 * 1024
 # Our git must not depend on whoever runs it: no global/system config (hooks, signing, autocrlf).
 _GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+
+
+class SubmitJournal(Protocol):
+    """Durable record of submits in flight (the platform's state database): an intent is written
+    before the git commit and confirmed, with the audit entry, after it. A submit is acknowledged
+    only once confirmed; an intent left by a writer that died settles on the next open or submit."""
+
+    def begin(self, task: str, parent: str, actor: str) -> int: ...
+    def confirm(self, intent: int, tv: "TaskVersion") -> None: ...
+    def rolled_back(self, intent: int, task: str, sha: str) -> None: ...
+    def recovered(self, intent: int, task: str, parent: str) -> None: ...
+    def pending(self) -> list[dict]: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ class _ByteLRU:
 class TaskRepository:
     """Versioned task store. Thread-safe, and safe for several processes sharing one `root`."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, journal: "SubmitJournal | None" = None):
         self.root = Path(root)
         self.repo_dir = self.root / "repo"
         self.bundle_dir = self.root / "bundles" / "sha256"
@@ -99,8 +111,10 @@ class TaskRepository:
         # HEAD-dependent: commits touching each task, newest first, as of self._index_head.
         self._index_head: str | None = None
         self._index: dict[str, list[str]] = {}
+        self.journal = journal
         with self._lock, self._file_lock():
             self._repo = self._open_or_init()
+            self._recover_submits()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -181,13 +195,69 @@ class TaskRepository:
 
         with self._lock, self._file_lock():
             self._refresh_index()
+            self._recover_submits()
             shas = self._index.get(name)
             if shas and self._commit_files(name, shas[0]) == files:
                 return dataclasses.replace(self._version(name, shas[0]), created=False)
-            sha = self._commit(name, files, message, author)
-            self._files.put((name, sha), files, sum(len(d) for d in files.values()))
-            self._refresh_index()
-            return self._version(name, sha)
+            parent = self._head_sha()
+            intent = self.journal.begin(name, parent, author) if self.journal else None
+            try:
+                sha = self._commit(name, files, message, author)
+            except BaseException:
+                if intent is not None:
+                    self.journal.rolled_back(intent, name, "")  # nothing was committed
+                raise
+            try:
+                self._files.put((name, sha), files, sum(len(d) for d in files.values()))
+                self._refresh_index()
+                tv = self._version(name, sha)
+                if intent is not None:
+                    self.journal.confirm(intent, tv)  # the audit entry: from now on the version exists
+            except BaseException:
+                # Not acknowledged, so it must not stay a version: take the commit back.
+                self._undo_commit(sha, parent)
+                if intent is not None:
+                    try:
+                        self.journal.rolled_back(intent, name, sha)
+                    except Exception:
+                        pass  # the intent stays; the next open or submit finds the commit gone
+                raise
+            return tv
+
+    def _undo_commit(self, sha: str, parent: str) -> None:
+        """Move the branch back from `sha` to its parent (we hold the file lock: nothing is on top)."""
+        if self._head_sha() == sha:
+            self._repo.git.update_ref(f"refs/heads/{_BRANCH}", parent, sha)
+            self._repo.git.reset("-q", "--hard", parent)
+        self._index_head = None  # rebuild the per-task index from the new HEAD
+        self._refresh_index()
+
+    def _recover_submits(self) -> None:
+        """Settle the intents of submits that died before their confirmation (caller holds the locks):
+        a commit that was made is taken back; the operator never got an acknowledgement for it."""
+        if self.journal is None:
+            return
+        for intent in self.journal.pending():
+            head = self._head_sha()
+            if head != intent["parent"] and self._repo.commit(head).parents[:1] and \
+                    self._repo.commit(head).parents[0].hexsha == intent["parent"]:
+                self._undo_commit(head, intent["parent"])
+                self.journal.rolled_back(intent["id"], intent["task"], head)
+            elif head == intent["parent"]:
+                self.journal.rolled_back(intent["id"], intent["task"], "")
+            else:  # history moved on past it (not by us): keep the version, but on the record
+                self.journal.recovered(intent["id"], intent["task"], intent["parent"])
+
+    def pending_version(self, name: str, sha: str) -> bool:
+        """True while `sha` is a commit of a submit not yet confirmed (it is not releasable)."""
+        if self.journal is None:
+            return False
+        parents = {i["parent"] for i in self.journal.pending() if i["task"] == name}
+        if not parents:
+            return False
+        with self._lock:
+            commit = self._repo.commit(sha)
+            return bool(commit.parents) and commit.parents[0].hexsha in parents
 
     def _commit(self, name: str, files: dict[str, bytes], message: str, author: str) -> str:
         repo = self._repo

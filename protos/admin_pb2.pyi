@@ -237,26 +237,30 @@ class RollbackRequest(_message.Message):
     def __init__(self, task: _Optional[str] = ..., to_version: _Optional[str] = ..., channel: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("device_id", "actor", "ttl_seconds")
+    __slots__ = ("device_id", "actor", "ttl_seconds", "user_id")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     actor: str
     ttl_seconds: int
-    def __init__(self, device_id: _Optional[str] = ..., actor: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    user_id: str
+    def __init__(self, device_id: _Optional[str] = ..., actor: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class EnrollReply(_message.Message):
-    __slots__ = ("device_id", "token", "platform_ca_pem", "bundle_public_key")
+    __slots__ = ("device_id", "token", "platform_ca_pem", "bundle_public_key", "user_id")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_CA_PEM_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     token: str
     platform_ca_pem: str
     bundle_public_key: bytes
-    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., platform_ca_pem: _Optional[str] = ..., bundle_public_key: _Optional[bytes] = ...) -> None: ...
+    user_id: str
+    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ..., platform_ca_pem: _Optional[str] = ..., bundle_public_key: _Optional[bytes] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class DeviceRef(_message.Message):
     __slots__ = ("device_id", "actor")
@@ -267,20 +271,22 @@ class DeviceRef(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "enrolled_at", "revoked", "last_seen", "app_version", "attrs_json")
+    __slots__ = ("device_id", "enrolled_at", "revoked", "last_seen", "app_version", "attrs_json", "user_id")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     APP_VERSION_FIELD_NUMBER: _ClassVar[int]
     ATTRS_JSON_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     enrolled_at: int
     revoked: bool
     last_seen: int
     app_version: str
     attrs_json: str
-    def __init__(self, device_id: _Optional[str] = ..., enrolled_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., last_seen: _Optional[int] = ..., app_version: _Optional[str] = ..., attrs_json: _Optional[str] = ...) -> None: ...
+    user_id: str
+    def __init__(self, device_id: _Optional[str] = ..., enrolled_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., last_seen: _Optional[int] = ..., app_version: _Optional[str] = ..., attrs_json: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class DeviceList(_message.Message):
     __slots__ = ("devices",)

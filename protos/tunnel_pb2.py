@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from walle.protos import device_pb2 as walle_dot_protos_dot_device__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19walle/protos/tunnel.proto\x12\x08walle.v1\x1a\x19walle/protos/device.proto\"F\n\x08UpRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12\r\n\x05ts_ms\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"0\n\tUpRecords\x12#\n\x07records\x18\x01 \x03(\x0b\x32\x12.walle.v1.UpRecord\".\n\x07UpBatch\x12\x14\n\x0czlib_records\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"B\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x0f\n\x07max_seq\x18\x03 \x01(\x04\"\x9a\x01\n\tRunReport\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x16\n\x0epeak_memory_kb\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07trigger\x18\x08 \x01(\t\"b\n\x0e\x44\x65liveryReport\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"0\n\x0fResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"b\n\x0cResourceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x15\n\rmetadata_json\x18\x05 \x01(\t2\xc4\x01\n\rTunnelService\x12\x32\n\x06Upload\x12\x11.walle.v1.UpBatch\x1a\x13.walle.v1.UploadAck(\x01\x12@\n\x0bGetResource\x12\x19.walle.v1.ResourceRequest\x1a\x16.walle.v1.ResourceInfo\x12=\n\rFetchResource\x12\x19.walle.v1.ResourceRequest\x1a\x0f.walle.v1.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19walle/protos/tunnel.proto\x12\x08walle.v1\x1a\x19walle/protos/device.proto\"F\n\x08UpRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12\r\n\x05ts_ms\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"0\n\tUpRecords\x12#\n\x07records\x18\x01 \x03(\x0b\x32\x12.walle.v1.UpRecord\"=\n\x07UpBatch\x12\x14\n\x0czlib_records\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"B\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x0f\n\x07max_seq\x18\x03 \x01(\x04\"\x9a\x01\n\tRunReport\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x16\n\x0epeak_memory_kb\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07trigger\x18\x08 \x01(\t\"b\n\x0e\x44\x65liveryReport\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"0\n\x0fResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"b\n\x0cResourceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x15\n\rmetadata_json\x18\x05 \x01(\t2\xc4\x01\n\rTunnelService\x12\x32\n\x06Upload\x12\x11.walle.v1.UpBatch\x1a\x13.walle.v1.UploadAck(\x01\x12@\n\x0bGetResource\x12\x19.walle.v1.ResourceRequest\x1a\x16.walle.v1.ResourceInfo\x12=\n\rFetchResource\x12\x19.walle.v1.ResourceRequest\x1a\x0f.walle.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPRECORDS']._serialized_start=138
   _globals['_UPRECORDS']._serialized_end=186
   _globals['_UPBATCH']._serialized_start=188
-  _globals['_UPBATCH']._serialized_end=234
-  _globals['_UPLOADACK']._serialized_start=236
-  _globals['_UPLOADACK']._serialized_end=302
-  _globals['_RUNREPORT']._serialized_start=305
-  _globals['_RUNREPORT']._serialized_end=459
-  _globals['_DELIVERYREPORT']._serialized_start=461
-  _globals['_DELIVERYREPORT']._serialized_end=559
-  _globals['_RESOURCEREQUEST']._serialized_start=561
-  _globals['_RESOURCEREQUEST']._serialized_end=609
-  _globals['_RESOURCEINFO']._serialized_start=611
-  _globals['_RESOURCEINFO']._serialized_end=709
-  _globals['_TUNNELSERVICE']._serialized_start=712
-  _globals['_TUNNELSERVICE']._serialized_end=908
+  _globals['_UPBATCH']._serialized_end=249
+  _globals['_UPLOADACK']._serialized_start=251
+  _globals['_UPLOADACK']._serialized_end=317
+  _globals['_RUNREPORT']._serialized_start=320
+  _globals['_RUNREPORT']._serialized_end=474
+  _globals['_DELIVERYREPORT']._serialized_start=476
+  _globals['_DELIVERYREPORT']._serialized_end=574
+  _globals['_RESOURCEREQUEST']._serialized_start=576
+  _globals['_RESOURCEREQUEST']._serialized_end=624
+  _globals['_RESOURCEINFO']._serialized_start=626
+  _globals['_RESOURCEINFO']._serialized_end=724
+  _globals['_TUNNELSERVICE']._serialized_start=727
+  _globals['_TUNNELSERVICE']._serialized_end=923
 # @@protoc_insertion_point(module_scope)

@@ -26,12 +26,14 @@ class UpRecords(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[UpRecord, _Mapping]]] = ...) -> None: ...
 
 class UpBatch(_message.Message):
-    __slots__ = ("zlib_records", "count")
+    __slots__ = ("zlib_records", "count", "epoch")
     ZLIB_RECORDS_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     zlib_records: bytes
     count: int
-    def __init__(self, zlib_records: _Optional[bytes] = ..., count: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, zlib_records: _Optional[bytes] = ..., count: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("accepted", "duplicates", "max_seq")

@@ -6,11 +6,16 @@ frames over MAX_MESSAGE before reading them, so a child cannot make the host buf
 numpy arrays travel as a tagged object ``{"__ndarray__": <base64>, "dtype": "float32", "shape": [..]}``
 (numeric dtypes only) and numpy scalars as plain numbers; both directions decode the tag back into an
 array. NaN and infinity are not JSON and are refused.
+
+Bytes are not the only bound: 8 MB of `[]` decodes into 2.7 million lists (over 200 MB). Before parsing,
+a frame is checked for what it may expand into (MAX_ITEMS values, MAX_CONTAINERS lists/objects, nesting
+depth MAX_DEPTH), and nothing a peer sends can make `decode` raise anything but ProtocolError.
 """
 from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import struct
 import sys
@@ -24,6 +29,12 @@ _DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
 )
 _TAG_KEYS = frozenset(("__ndarray__", "dtype", "shape"))
+MAX_DEPTH = 64  # nesting of lists/objects in one message
+MAX_CONTAINERS = 100_000  # lists and objects in one message
+MAX_ITEMS = 500_000  # values of any kind in one message (~40 MB of Python objects at most)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class ProtocolError(Exception):
@@ -58,9 +69,35 @@ def _hook(obj: dict) -> object:
             raise ProtocolError(f"bad ndarray encoding (dtype={dtype!r}, shape={shape!r})")
         import numpy as np
 
-        raw = base64.b64decode(obj["__ndarray__"], validate=True)
+        data = obj["__ndarray__"]
+        if not isinstance(data, str):
+            raise ProtocolError(f"bad ndarray encoding: data must be base64 text, got {type(data).__name__}")
+        raw = base64.b64decode(data, validate=True)
         return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
     return obj
+
+
+def check_expansion(data: bytes) -> None:
+    """Refuse a JSON frame that would decode into more than MAX_ITEMS values, MAX_CONTAINERS lists or
+    objects, or nesting deeper than MAX_DEPTH. Counts at C speed, without building any object."""
+    opens = data.count(b"[") + data.count(b"{")
+    if opens <= MAX_DEPTH and data.count(b",") + opens < MAX_ITEMS:
+        return  # the common small message: structure characters alone prove it is within bounds
+    bare = _STRING.sub(b"", data)  # brackets and commas inside strings are not structure
+    containers = bare.count(b"[") + bare.count(b"{")
+    items = containers + bare.count(b",") + 1  # every value but a container's first follows a comma
+    if containers > MAX_CONTAINERS:
+        raise ProtocolError(f"message holds {containers} lists/objects, over the {MAX_CONTAINERS} limit")
+    if items > MAX_ITEMS:
+        raise ProtocolError(f"message holds about {items} values, over the {MAX_ITEMS} limit")
+    if containers > MAX_DEPTH:
+        brackets = bare.translate(None, _NOT_BRACKETS)
+        for _ in range(MAX_DEPTH):  # each pass peels one level; bounded by MAX_CONTAINERS bytes each
+            brackets = _INNERMOST.sub(b"", brackets)
+            if not brackets:
+                return
+        if _INNERMOST.search(brackets):
+            raise ProtocolError(f"message nests lists/objects deeper than {MAX_DEPTH} levels")
 
 
 def encode(obj: object) -> bytes:
@@ -69,10 +106,14 @@ def encode(obj: object) -> bytes:
 
 
 def decode(data: bytes) -> object:
+    """Parse one frame; whatever the bytes are, the only exception is ProtocolError."""
+    check_expansion(data)
     try:
         return json.loads(data.decode("utf-8"), object_hook=_hook)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"bad json: {exc}") from None
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # ValueError: bad UTF-8/JSON/base64
+        raise ProtocolError(f"bad json: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def frame(payload: bytes) -> bytes:

@@ -2,7 +2,9 @@
 
 The host never runs task code and is never forked for a task. Per run it makes a socketpair, hands one
 end to an idle zygote (SCM_RIGHTS), and talks framed JSON with the forked child directly: host API calls
-are answered by `api_handler` here, in the host. At the end (result, error, deadline) the child's process
+are answered by `api_handler` here, in the host, on a per-run worker thread under the run's Budget: the
+deadline and the CPU limit (the child's CPU plus the host's CPU for its ops) end the run even while an op is
+executing, and the op is cancelled (walle.device_host.budget). At the end (result, error, deadline) the child's process
 group always gets SIGKILL and the zygote reaps it and reports the wait status and peak RSS.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable
 
 from walle.protos.errors import FailedPrecondition, InvalidArgument
 
+from .. import budget as host_budget
 from . import protocol
 
 STATUSES = ("ok", "error", "timeout", "cpu_limit", "memory", "crashed", "killed", "protocol", "refused")
@@ -54,6 +57,8 @@ class RunResult:
     duration_s: float = 0.0
     peak_memory_kb: int = 0
     logs: list[str] = field(default_factory=list)
+    host_cpu_s: float = 0.0  # CPU the host spent on this run's host API ops
+    cpu_s: float = 0.0  # CPU of the task process itself
 
 
 class _ZygoteDied(Exception):
@@ -214,6 +219,10 @@ class Sandbox:
             raise InvalidArgument(f"event is not JSON: {exc}") from None
         if len(task) > protocol.MAX_MESSAGE:
             raise InvalidArgument(f"task bundle + event is {len(task)} bytes, over the {protocol.MAX_MESSAGE}-byte cap")
+        try:
+            protocol.check_expansion(task)  # the child would refuse it
+        except protocol.ProtocolError as exc:
+            raise InvalidArgument(f"task bundle + event: {exc}") from None
         z = self._acquire()
         try:
             for attempt in (1, 2):
@@ -243,8 +252,9 @@ class Sandbox:
                 raise _ZygoteDied(f"zygote could not start the task: {reply.get('error', reply)}")
             z.runs += 1
             pid = int(reply["pid"])
-            outcome = _Conversation(protocol.Channel(ours), deadline, api_handler, allowed).run(task)
-            if outcome.timed_out:
+            run_budget = host_budget.Budget(deadline, limits.cpu_seconds, limits.memory_mb << 20, pid)
+            outcome = _Conversation(protocol.Channel(ours), run_budget, api_handler, allowed).run(task)
+            if outcome.timed_out or outcome.kind == "host_cpu":
                 _killpg(pid)  # the zombie holds the pgid until the zygote reaps it: no pid reuse race
             duration = time.monotonic() - started
             reaped = self._reap(z, pid)
@@ -256,7 +266,9 @@ class Sandbox:
                     self._reap(z, pid)
                 except _ZygoteDied:
                     pass
-        return _classify(outcome, reaped, limits, duration)
+        res = _classify(outcome, reaped, limits, duration)
+        res.host_cpu_s = run_budget.host_cpu_s
+        return res
 
     @staticmethod
     def _reap(z: _Zygote, pid: int) -> dict:
@@ -318,15 +330,90 @@ class _Outcome:
         self.logs: list[str] = []
 
 
+class _Overrun(Exception):
+    """The run's budget ran out while a host op was executing ("timeout" or "cpu")."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _OpWorker:
+    """Runs one run's host API ops on a daemon thread with the run's Budget bound, while the calling
+    thread watches the deadline and the CPU spent (child + host) and gives up on an op that overruns."""
+
+    POLL_S = 0.05
+
+    def __init__(self, run_budget: host_budget.Budget, owner: str):
+        self.budget, self.owner = run_budget, owner
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="walle-host-op", daemon=True)
+        self._thread.start()
+        self._clock = time.pthread_getcpuclockid(self._thread.ident)
+
+    def _loop(self) -> None:
+        host_budget.bind(self.budget)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, done, box = job
+            t0 = time.thread_time()
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            box["cpu"] = time.thread_time() - t0
+            done.set()
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """fn()'s value or exception; _Overrun when the run's wall or CPU budget runs out first."""
+        host_budget.admit_new_op(self.owner)
+        done, box = threading.Event(), {}
+        start = time.clock_gettime(self._clock)
+        self._jobs.put((fn, done, box))
+        while not done.wait(max(0.0, min(self.POLL_S, self.budget.wall_left()))):
+            if self.budget.wall_left() <= 0:
+                self._abandon("wall-clock limit reached")
+                raise _Overrun("timeout")
+            if self.budget.cpu_left(time.clock_gettime(self._clock) - start) <= 0:
+                self._abandon("CPU limit reached")
+                raise _Overrun("cpu")
+        self.budget.charge(box["cpu"])
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _abandon(self, reason: str) -> None:
+        self.budget.cancel(reason)
+        host_budget.linger(self.owner, self._thread)
+
+    def close(self) -> None:
+        self._jobs.put(None)  # an abandoned op finishes (cancelled) on its own, then the thread ends
+
+
 class _Conversation:
     """Reads the child's messages until its result, answering host API calls on the way."""
 
-    def __init__(self, channel: protocol.Channel, deadline: float, api_handler, allowed: frozenset):
-        self.channel, self.deadline, self.api_handler, self.allowed = channel, deadline, api_handler, allowed
+    def __init__(self, channel: protocol.Channel, run_budget: host_budget.Budget, api_handler, allowed: frozenset):
+        self.channel, self.budget, self.api_handler, self.allowed = channel, run_budget, api_handler, allowed
+        self.deadline = run_budget.deadline
         self.out = _Outcome()
         self.log_chars = 0
+        self.ops: _OpWorker | None = None
 
     def run(self, task: bytes) -> _Outcome:
+        try:
+            out = self._converse(task)
+            if self.budget.cpu_exceeded and not out.timed_out:
+                out.kind = "host_cpu"  # the budget's watcher killed the child
+            return out
+        finally:
+            self.budget.cancel("the run ended")  # an op still executing stops at its next check
+            if self.ops is not None:
+                self.ops.close()
+
+    def _converse(self, task: bytes) -> _Outcome:
         out = self.out
         try:
             self.channel.send_bytes(task, self.deadline)
@@ -356,10 +443,17 @@ class _Conversation:
                     raise protocol.ProtocolError(f"unknown message kind {kind!r} from the child")
         except protocol.DeadlineExceeded:
             out.timed_out = True
+        except _Overrun as exc:
+            if exc.kind == "timeout":
+                out.timed_out = True
+            else:
+                out.kind = "host_cpu"
         except protocol.ProtocolError as exc:
             out.kind, out.detail = "protocol", str(exc)
         except protocol.PeerClosed as exc:
             out.kind, out.detail = "eof", str(exc)
+        except Exception as exc:  # a host bug must still end in this run's failure, never escape the run
+            out.kind, out.detail = "host", f"{type(exc).__name__}: {exc}"
         return out
 
     def _answer(self, msg: dict) -> None:
@@ -372,8 +466,13 @@ class _Conversation:
         elif self.api_handler is None:
             reply = _api_error("Unavailable", f"no host API handler is attached, so {op!r} cannot run")
         else:
+            if self.ops is None:  # ops are charged to the task the handler serves (HostAPI.task)
+                self.ops = _OpWorker(self.budget, str(getattr(self.api_handler, "task", "") or id(self.api_handler)))
+            handler = self.api_handler
             try:
-                value = self.api_handler(op, args, kwargs)
+                value = self.ops.call(lambda: handler(op, args, kwargs))
+            except _Overrun:
+                raise
             except Exception as exc:  # the handler's error goes back to the task, never up into the host
                 reply = _api_error(type(exc).__name__, str(exc))
             else:
@@ -383,6 +482,11 @@ class _Conversation:
                     reply = _api_error("TypeError", f"result of {op!r} is not JSON: {exc}")
             if len(reply) > protocol.MAX_MESSAGE:
                 reply = _api_error("ResourceExhausted", f"result of {op!r} is over the {protocol.MAX_MESSAGE}-byte cap")
+            else:
+                try:  # the child would refuse it: tell the task why instead
+                    protocol.check_expansion(reply)
+                except protocol.ProtocolError as exc:
+                    reply = _api_error("ResourceExhausted", f"result of {op!r}: {exc}")
         self.channel.send_bytes(reply, self.deadline)
 
     def _log(self, line: object) -> None:
@@ -398,9 +502,15 @@ def _api_error(kind: str, message: str) -> bytes:
 
 def _classify(out: _Outcome, reaped: dict, limits: Limits, duration: float) -> RunResult:
     status_raw = int(reaped.get("status", 0))
-    res = RunResult("crashed", duration_s=duration, peak_memory_kb=int(reaped.get("maxrss_kb", 0)), logs=out.logs)
+    res = RunResult("crashed", duration_s=duration, peak_memory_kb=int(reaped.get("maxrss_kb", 0)), logs=out.logs,
+                    cpu_s=float(reaped.get("cpu_s", 0)))
     if out.timed_out:
         res.status, res.error = "timeout", f"wall-clock limit of {limits.wall_seconds} s exceeded; killed"
+    elif out.kind == "host_cpu":
+        res.status, res.error = "cpu_limit", (f"CPU limit of {limits.cpu_seconds} s exceeded by the task and the "
+                                              f"host work it asked for; killed")
+    elif out.kind == "host":
+        res.status, res.error = "crashed", f"the host failed while serving the task: {out.detail}"
     elif out.kind == "result":
         res.status, res.value = "ok", out.value
     elif out.kind == "error":

@@ -25,16 +25,20 @@ def device_group():
 @click.option("--device-id", default="", help="Device id (default: generated).")
 @click.option("--ttl", "ttl", default=0, type=int, help="Credential lifetime in seconds (0 = no expiry).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the credential to this file (mode 0600).")
+@click.option("--user-id", default="", help="Bind the device to this user: rules, allow-lists, uploads and samples "
+                                            "use it, never the user_id the device reports.")
 @data_dir_option
 @json_option
 @pass_ctx
-def device_enroll(obj: Ctx, device_id, ttl, out):
+def device_enroll(obj: Ctx, device_id, ttl, out, user_id):
     """Register a device and print its credential (shown once; the platform keeps only a hash)."""
-    reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor))
+    reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor,
+                                                           user_id=user_id))
     if out:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"device_id": reply.device_id, "token": reply.token, "platform": obj.platform_addr or "",
+                       "user_id": reply.user_id,
                        "ca_pem": reply.platform_ca_pem, "bundle_public_key": reply.bundle_public_key.hex()}, f)
     emit(obj, reply, lambda r: console.print(f"device {r.device_id}\ntoken {r.token}", highlight=False))
 
@@ -77,6 +81,8 @@ def device_preview(obj: Ctx, attrs):
         for t in reply.tasks:
             console.print(f"[bold]{t.name}@{t.version[:12]}[/bold] from {t.release_id} ({t.bundle_digest[:19]}…)",
                           highlight=False)
+            if t.config_json:  # the release's task config this device would run with
+                click.echo(f"  config {t.config_json}")
         for line in reply.explanation:
             console.print(f"  {line}", highlight=False)
     emit(obj, obj.api().Preview(parse_attrs(attrs)), human)

@@ -69,7 +69,7 @@ def release_create(obj: Ctx, ref, rule, rollout, stage, channel, allow, deny, se
 @release_group.command("list")
 @click.option("--task", default="", help="Only this task.")
 @click.option("--channel", default="", help="Only this channel.")
-@click.option("--active", is_flag=True, help="Only active or paused releases.")
+@click.option("--active", is_flag=True, help="Only releases devices may get: active, fallback or paused.")
 @data_dir_option
 @json_option
 @pass_ctx

@@ -91,6 +91,10 @@ def task_show(obj: Ctx, ref):
         console.print(f"[bold]{v.name}@{v.version}[/bold]  {ts(v.created_at)}  {v.author}: {v.message}", highlight=False)
         console.print(f"bundle {v.bundle_digest} ({v.bundle_size} B)", highlight=False)
         _print_libraries(v.manifest.libraries, reply)
+        for p in v.manifest.config:  # what `release create --set KEY=VALUE` accepts
+            bounds = f" in [{p.min_json or '-inf'}, {p.max_json or '+inf'}]" if p.min_json or p.max_json else ""
+            choices = f" one of {', '.join(p.choices_json)}" if p.choices_json else ""
+            click.echo(f"config {p.name}: {p.type} = {p.default_json}{bounds}{choices}  {p.help}".rstrip())
         for path in sorted(reply.files):
             console.rule(path)
             click.echo(reply.files[path])

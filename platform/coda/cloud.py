@@ -164,7 +164,8 @@ class CodaCloud:
 
     def publish_global_model(self, day: int, seed: int | None = None) -> object:
         """Paper 4.2.2: train the global DIN on the day's samples and publish it as a new version of
-        `coda/global_model`, recording the day and the catalog version it was trained with."""
+        `coda/global_model` (a model blob: the task library's DIN, sized by the item catalog), recording
+        the day and the catalog version it was trained with."""
         from walle.protos import admin_pb2
 
         from .global_model import catalog_config, train_global

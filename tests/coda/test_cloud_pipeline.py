@@ -48,9 +48,9 @@ def enroll_all(platform, channel, users):
     mds = {}
     stub = device_pb2_grpc.DeviceServiceStub(channel)
     for u in users:
-        token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=movielens.device_id(u))).token
-        mds[u] = bearer_metadata(token)
-        stub.GetActiveTasks(device_pb2.DeviceInfo(user_id=str(u)), metadata=mds[u], timeout=10)  # says who it is
+        token = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=movielens.device_id(u), user_id=str(u))).token
+        mds[u] = bearer_metadata(token)  # the user is bound at enrollment, not taken from the device
+        stub.GetActiveTasks(device_pb2.DeviceInfo(), metadata=mds[u], timeout=10)
     return mds
 
 

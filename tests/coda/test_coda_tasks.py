@@ -20,7 +20,7 @@ from walle.device_host.sandbox import Limits, Sandbox
 from walle.device_host.storage import TaskStorage
 from walle.platform.coda import movielens
 from walle.platform.coda import samples as gen
-from walle.device_host.sample_client import sample_row
+from walle.device_host.coda_rows import sample_to_row
 from walle.platform.coda.global_model import catalog_config, sample_dict, train_global
 from walle.platform.coda.tasklib import coda_module
 from walle.platform import taskconfig
@@ -112,12 +112,12 @@ class Device:
         self.storage.put(NS, key, value)
 
     def insert_local(self, samples, **overrides) -> list[dict]:
-        rows = [{**sample_row(s), **overrides} for s in samples]
+        rows = [{**sample_to_row(s), **overrides} for s in samples]
         self.storage.insert(NS, "local", rows)
         return rows
 
     def insert_outside(self, samples, batch_id="b1", state="new", scores=None) -> list[dict]:
-        rows = [sample_row(s, batch_id=batch_id, state=state, score=None if scores is None else float(scores[i]))
+        rows = [sample_to_row(s, batch_id=batch_id, state=state, score=None if scores is None else float(scores[i]))
                 for i, s in enumerate(samples)]
         self.storage.insert(NS, "outside", rows)
         return rows
@@ -205,7 +205,7 @@ def test_manifests_share_the_coda_namespace_and_declare_their_triggers(tasks):
 def test_rows_round_trip_real_samples(data):
     import json
     s = data["local"][-1]
-    row = sample_row(s, batch_id="b7", state="new", score=None)
+    row = sample_to_row(s, batch_id="b7", state="new", score=None)
     assert all(not isinstance(v, (list, dict)) for v in row.values())
     assert row["batch_id"] == "b7" and row["state"] == "new" and row["score"] is None
     assert json.loads(row["hist_items"]) == list(s.hist_items) and json.loads(row["item_cats"]) == list(s.item_cats)
@@ -410,7 +410,7 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     device.models.commit("ctr", net.params(), {"arch": "din", "config": net.config},
                          device.models.begin_update("ctr")["version"])
     cands = as_dicts(data["local"][-25:])
-    cands[0] = sample_row(data["local"][-25])  # list fields as stored JSON text are accepted too
+    cands[0] = sample_to_row(data["local"][-25])  # list fields as stored JSON text are accepted too
     res = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": cands}})
     assert res.status == "ok", res.error
     probs = device.predict("ctr", data["local"][-25:])
@@ -501,13 +501,13 @@ def test_hostile_config_rows_and_events_change_nothing(device, data):
         device.put("today", TODAY)
         assert device.snapshot() == before
     # A malformed stored row is named, and nothing is written.
-    device.storage.insert(NS, "outside", [{**sample_row(data["outside"][40], batch_id="b2", state="new",
+    device.storage.insert(NS, "outside", [{**sample_to_row(data["outside"][40], batch_id="b2", state="new",
                                                           score=None), "hist_items": "not json"}])
     before = device.snapshot()
     res = device.run("coda_filter", BATCH)
     assert res.status == "error" and "hist_items" in res.error and data["outside"][40].sample_id in res.error
     assert device.snapshot() == before and not device.models.exists("clf")
-    device.storage.insert(NS, "local", [{**sample_row(data["local"][0]), "day": "Tuesday"}])
+    device.storage.insert(NS, "local", [{**sample_to_row(data["local"][0]), "day": "Tuesday"}])
     before = device.snapshot()
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "error" and "'day' must be an integer" in res.error and device.snapshot() == before

@@ -52,14 +52,17 @@ def test_rule_hits_the_right_subset_and_watch_fans_out(live, tmp_path):
     platform, address = live
     enrolled = []
 
-    def enroll(device_id):
+    def enroll(device_id, user_id):
         enrolled.append(device_id)
-        return platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet-test")).token
+        return platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, user_id=user_id,
+                                                             actor="fleet-test")).token
 
     sandbox = Sandbox(workers=2)
     fleet = Fleet(20, address, tmp_path / "fleet", profile=PROFILE, seed=3, sandbox=sandbox, enroll=enroll, workers=8)
     try:
         assert len(enrolled) == 20
+        # each device is bound to the user its profile names, at enrollment
+        assert {platform.device_user(d.device_id) for d in fleet.devices} == {f"u{i:06d}" for i in range(20)}
         v1 = submit_hello(platform, tmp_path)
         r1 = platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=v1.version, rule=RULE))
         st = fleet.sync_all()

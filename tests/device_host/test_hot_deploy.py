@@ -194,7 +194,7 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
     """coda_train and coda_filter v1 train; coda_filter v2 changes the classifier's width in its code,
     a coda_train release changes the DIN's MLP by per-release config; the running host trains them (the script migrates the stored model: same-shaped
     parameters kept, the rest fresh), and after a rollback v1 trains its own architecture again."""
-    from walle.device_host.sample_client import sample_row
+    from walle.device_host.coda_rows import sample_to_row
     from walle.platform.coda.global_model import train_global
     rng = np.random.default_rng(0)
     platform, stop, host = platform_and_device(tmp_path, sandbox)
@@ -204,13 +204,13 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
         platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=data, actor="t"))
         st = host.storage
         st.put("coda", "today", 5)
-        st.insert("coda", "local", [sample_row(s) for d in (3, 4, 5) for s in coda_samples(60, rng, d, "local")])
+        st.insert("coda", "local", [sample_to_row(s) for d in (3, 4, 5) for s in coda_samples(60, rng, d, "local")])
         host.start()
         models = host.models.scope("coda")
 
         def run(name, batch=None):
             if batch is not None:
-                st.insert("coda", "outside", [sample_row(s, batch_id=f"b{batch}", state="new", score=None)
+                st.insert("coda", "outside", [sample_to_row(s, batch_id=f"b{batch}", state="new", score=None)
                                               for s in coda_samples(60, rng, 5, f"out{batch}")])
             event = {"name": "batch_received"} if name == "coda_filter" else {"name": "batches_exhausted"}
             res = host.run_task(name, event)

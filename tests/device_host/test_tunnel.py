@@ -9,7 +9,7 @@ from walle.device_host.tunnel import DownTunnel, TunnelError, UpTunnel, tunnel_o
 from walle.platform.auth import bearer_metadata
 from walle.platform.server import build_server
 from walle.platform.service import Platform
-from walle.protos import admin_pb2, tunnel_pb2
+from walle.protos import admin_pb2, device_pb2, tunnel_pb2
 
 
 class Live:
@@ -28,6 +28,18 @@ class Live:
     def close(self):
         self.channel.close()
         self.stop(0)
+
+
+def release_tunnel_task(live, tmp_path, name="reader"):
+    from walle.platform.manifest import validate_task_dir
+    from walle.protos import bundle
+    src = tmp_path / name
+    src.mkdir()
+    (src / "task.toml").write_text(f'name = "{name}"\nentry = "main.py"\napis = ["tunnel"]\n')
+    (src / "main.py").write_text("def main(event):\n    return 1\n")
+    _m, files = validate_task_dir(src)
+    tv = live.platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files)))
+    live.platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version))
 
 
 @pytest.fixture
@@ -176,6 +188,11 @@ def test_task_ops_restrict_topics_and_read_resources(live, tmp_path):
     live.platform.PublishResource(admin_pb2.PublishResourceRequest(name="conf/thresholds", data=b'{"t": 0.5}',
                                                                    metadata_json='{"kind": "json"}'))
     live.platform.PublishResource(admin_pb2.PublishResourceRequest(name="blob/raw", data=b"\x00\xffraw"))
+    # resources go only to devices released a task that may read them (granted the "tunnel" API)
+    with pytest.raises(TunnelError, match="PERMISSION_DENIED"):
+        ops["tunnel.down"]("conf/thresholds")
+    release_tunnel_task(live, tmp_path)
+    live.platform.active_tasks("dev-4", device_pb2.DeviceInfo(host_version="0.1.0"))
     got = ops["tunnel.down"]("conf/thresholds")
     assert got["encoding"] == "json" and got["data"] == {"t": 0.5} and got["version"] == "v1"
     assert got["metadata"] == {"kind": "json"}
@@ -241,3 +258,23 @@ def test_a_record_the_cloud_refuses_does_not_sink_its_batch(live, tmp_path):
     assert [r[0] for r in live.events("dev-6")] == [a, d]
     assert live.platform.state.db.execute("SELECT seq FROM run_reports WHERE device_id='dev-6'").fetchall() == [(c,)]
     up.close()
+
+
+def test_queue_is_capped_in_bytes_and_per_task_and_survives_a_restart(tmp_path):
+    from walle.protos.errors import ResourceExhausted
+    up = UpTunnel(tmp_path / "q.sqlite3", None, max_bytes=1_000_000, task_max_bytes=600_000)
+    keep = up.send("run_report", b"r" * 100_000)
+    for _ in range(3):
+        up.send("task.a", b"a" * 200_000, owner="a")
+    with pytest.raises(ResourceExhausted, match="share"):
+        up.send("task.a", b"a" * 200_000, owner="a")
+    assert up.owner_bytes("a") == 600_000
+    for _ in range(3):
+        up.send("task.b", b"b" * 200_000, owner="b")  # over max_bytes: the oldest task records go first
+    assert up.stats()["pending_bytes"] <= 1_000_000 and up.stats()["dropped"] == 2
+    assert up.owner_bytes("a") == 200_000 and up.owner_bytes("b") == 600_000
+    assert up.pending_records()[0] == (keep, "run_report")
+    up.close()
+    again = UpTunnel(tmp_path / "q.sqlite3", None, max_bytes=1_000_000, task_max_bytes=600_000)
+    assert (again.owner_bytes("a"), again.owner_bytes("b")) == (200_000, 600_000)
+    again.close()

@@ -9,7 +9,7 @@ from walle.platform.auth import bearer_metadata
 from walle.platform.manifest import validate_task_dir
 from walle.platform.server import build_server
 from walle.platform.service import Platform
-from walle.protos import admin_pb2, bundle, device_pb2_grpc, tunnel_pb2_grpc
+from walle.protos import admin_pb2, bundle, device_pb2, device_pb2_grpc, tunnel_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,16 @@ class Live:
     def enroll(self, device_id: str) -> tuple:
         reply = self.platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="tester"))
         return bearer_metadata(reply.token)
+
+    def active(self, md, **attrs) -> list[str]:
+        """name@version of what GetActiveTasks gives the device with these attributes."""
+        attrs.setdefault("host_version", "0.1.0")  # tasks/hello needs host >= 0.1.0
+        reply = self.devices.GetActiveTasks(device_pb2.DeviceInfo(**attrs), metadata=md, timeout=10)
+        return [f"{t.name}@{t.version}" for t in reply.tasks]
+
+    def release(self, task, version="", **kw) -> admin_pb2.Release:
+        return self.platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=task, version=version,
+                                                                          has_rollout="rollout" in kw, **kw))
 
     def close(self):
         self.channel.close()

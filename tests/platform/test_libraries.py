@@ -114,6 +114,7 @@ def test_library_code_runs_in_the_real_sandbox(tasks, tmp_path):
     ('["/etc"]', "escapes the tasks folder"),
     ('["Greet"]', "must be a library name"),
     ('["greet", "greet"]', "twice"),
+    ('["numpy"]', "the name of a module the sandbox provides"),
     ('["nosuch"]', "unknown library 'nosuch' (needed by task.toml)"),
 ])
 def test_bad_library_declarations_are_refused(tasks, libraries, error):

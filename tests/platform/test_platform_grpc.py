@@ -19,8 +19,7 @@ def info(**kw) -> device_pb2.DeviceInfo:
 
 
 def active(live, md, **attrs) -> list[str]:
-    reply = live.devices.GetActiveTasks(info(**attrs), metadata=md, timeout=10)
-    return [f"{t.name}@{t.version}" for t in reply.tasks]
+    return live.active(md, **attrs)
 
 
 def snapshot(p):
@@ -99,20 +98,23 @@ def test_pause_resume_revoke_and_rollback(live):
     v2 = live.submit(live.hello_variant("h2", "v2"))
     r1 = release(p, "hello", v1.version)
     r2 = release(p, "hello", v2.version)
-    assert p.GetRelease(admin_pb2.ReleaseRef(id=r1.id)).state == "superseded"
+    state = lambda r: p.GetRelease(admin_pb2.ReleaseRef(id=r.id)).state  # noqa: E731
+    assert (state(r2), state(r1)) == ("active", "fallback")
     assert active(live, md, user_id="u") == [f"hello@{v2.version}"]
     p.PauseRelease(admin_pb2.ReleaseRef(id=r2.id))
     assert active(live, md, user_id="u") == [f"hello@{v1.version}"]  # falls back while paused
+    assert (state(r2), state(r1)) == ("paused", "active")  # and says so
     p.ResumeRelease(admin_pb2.ReleaseRef(id=r2.id))
     assert active(live, md, user_id="u") == [f"hello@{v2.version}"]
+    assert (state(r2), state(r1)) == ("active", "fallback")
     rb = p.Rollback(admin_pb2.RollbackRequest(task="hello"))
     assert rb.version == v1.version and rb.id not in (r1.id, r2.id) and "rollback of " + r2.id in rb.note
     assert active(live, md, user_id="u") == [f"hello@{v1.version}"]
     history = p.ListReleases(admin_pb2.ReleaseFilter(task="hello")).releases
     assert [r.id for r in history] == [rb.id, r2.id, r1.id]  # nothing rewritten
-    assert history[1].version == v2.version
+    assert history[1].version == v2.version and history[1].state == "revoked"  # what was rolled back
     p.RevokeRelease(admin_pb2.ReleaseRef(id=rb.id))
-    assert active(live, md, user_id="u") == [f"hello@{v2.version}"]  # chain falls back past the revoked one
+    assert active(live, md, user_id="u") == [f"hello@{v1.version}"]  # never back to the rolled-back v2
     with pytest.raises(errors.FailedPrecondition):
         p.RevokeRelease(admin_pb2.ReleaseRef(id=rb.id))
 
@@ -201,10 +203,12 @@ def test_device_id_comes_from_the_credential(live):
 
 def test_tampered_or_unknown_bundle_is_refused(live):
     tv = live.submit(ROOT / "tasks" / "hello")
+    release(live.platform, "hello")
     md = live.enroll("phone-t")
+    assert active(live, md) == [f"hello@{tv.version}"]
     with pytest.raises(grpc.RpcError) as e:
         list(live.devices.FetchBundle(device_pb2.FetchBundleRequest(digest="sha256:" + "0" * 64), metadata=md))
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED  # not released to it (nor to anyone)
     # flip one byte of the cached bundle on disk: the platform never serves the corrupt bytes
     # (it re-verifies and rebuilds the bundle from git), and a device refuses tampered bytes
     cache = next(live.platform.repo.root.glob("bundles/sha256/*"))
@@ -245,6 +249,7 @@ def test_run_reports_aggregate_per_release_and_duplicates_are_dropped(live):
     tv = live.submit(ROOT / "tasks" / "hello")
     rel = release(live.platform, "hello")
     md = live.enroll("phone-r")
+    assert active(live, md) == [f"hello@{tv.version}"]  # delivered: the device may report on it
 
     def rep(seq, status, d):
         r = tunnel_pb2.RunReport(task="hello", version=tv.version, release_id=rel.id, status=status, duration_s=d)

@@ -123,6 +123,9 @@ def test_cli_release_set_show_and_audit(task_dir, tmp_path):
     run = CliRunner()
     base = ["--data-dir", str(tmp_path / "data")]
     assert run.invoke(cli, base + ["task", "submit", str(task_dir)]).exit_code == 0
+    shown = run.invoke(cli, base + ["task", "show", "tuned"]).output
+    assert "config sigma: float = 0.2 in [0.0, 1.0]  keep outside samples" in shown
+    assert 'config metric: str = "auc" one of "auc", "logloss"  validation metric' in shown
     bad = run.invoke(cli, base + ["release", "create", "tuned", "--set", "sigma=2"])
     assert bad.exit_code == 2 and "sigma must be in [0.0, 1.0] (got 2.0)" in bad.output
     bad = run.invoke(cli, base + ["release", "create", "tuned", "--set", "sigam=0.3"])
@@ -156,7 +159,7 @@ def test_two_releases_deliver_different_config_to_two_user_buckets(task_dir, tmp
         assert r_b.version == r_a.version and r_b.bundle_digest == r_a.bundle_digest  # one shared bundle
         got = {}
         for user in ("ann", "bob", "carol", "dave"):
-            r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{user}"))
+            r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=f"phone-{user}", user_id=user))
             cred = Credentials(f"phone-{user}", r.token, f"localhost:{port}", r.platform_ca_pem,
                                r.bundle_public_key.hex())
             host = DeviceHost(tmp_path / user, attrs={"user_id": user}, sandbox=sandbox, credentials=cred)
@@ -182,7 +185,8 @@ def test_two_releases_deliver_different_config_to_two_user_buckets(task_dir, tmp
         # Ann's bucket moves to arm B: same version, new release, new config; no new download.
         platform.CreateRelease(admin_pb2.CreateReleaseRequest(
             task="tuned", version=tv.version, rule='user_id == "ann"', config={"sigma": "0.9", "K": "9"}))
-        ann.sync_now()
+        assert ann.sync_now().installed == []  # same code: re-pointed to the new release, nothing fetched
+        assert ann.installed()["tuned"].release_id != r_a.id
         assert ann.run_task("tuned", {}).value["all"] == {"K": 9, "metric": "auc", "sigma": 0.9, "warm": False}
         assert hosts[3].sync_now() and hosts[3].run_task("tuned", {}).value["sigma"] == 0.2
     finally:
@@ -203,3 +207,33 @@ def test_sandbox_run_reads_config_defaults_and_refuses_unknown_keys(task_dir, tm
     typo = dict(src, **{"main.py": "from walle import config\ndef main(event):\n    return config.get('sigmaa')\n"})
     res = sandbox.run(typo, "main.py", {}, api_handler=api, allowed_apis=api.allowed_apis())
     assert res.status == "error" and "config key 'sigmaa' is not declared in task.toml" in res.error
+
+
+def test_rollback_releases_the_target_with_the_config_it_last_ran_with(task_dir, tmp_path):
+    platform = Platform(tmp_path / "p")
+    _m, files = validate_task_dir(task_dir)
+    v1 = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="t"))
+    platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="tuned", version=v1.version, config={"sigma": "0.4"}))
+    files["main.py"] += b"\n# v2\n"
+    v2 = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="t"))
+    r2 = platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="tuned", version=v2.version))
+    assert json.loads(r2.config_json)["sigma"] == 0.2
+    back = platform.Rollback(admin_pb2.RollbackRequest(task="tuned"))
+    assert back.version == v1.version and json.loads(back.config_json)["sigma"] == 0.4
+
+
+def test_an_ab_test_with_the_cli_alone(task_dir, tmp_path):
+    run = CliRunner()
+    base = ["--data-dir", str(tmp_path / "data")]
+    assert run.invoke(cli, base + ["task", "submit", str(task_dir)]).exit_code == 0
+    a = run.invoke(cli, base + ["release", "create", "tuned"])
+    b = run.invoke(cli, base + ["release", "create", "tuned", "--rollout", "50", "--set", "sigma=0.5"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    arms = {}
+    for i in range(40):
+        out = run.invoke(cli, base + ["--json", "device", "preview", "--attrs", f"user_id=u{i},host_version=0.1.0"])
+        task = json.loads(out.output)["tasks"][0]
+        arms.setdefault(json.loads(task["config_json"])["sigma"], set()).add(task["release_id"])
+    assert set(arms) == {0.2, 0.5} and all(len(ids) == 1 for ids in arms.values())  # one release per arm
+    human = run.invoke(cli, base + ["device", "preview", "--attrs", "user_id=u1,host_version=0.1.0"]).output
+    assert '  config {"K":5,"metric":"auc","sigma":' in human
