@@ -149,9 +149,9 @@ class Experiment:
                     f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
 
-            def enroll(did: str) -> Credentials:  # each device pins the CA and the bundle key
-                r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo"))
-                return Credentials(did, r.token, address, r.platform_ca_pem, r.bundle_public_key.hex())
+            def enroll(did: str, user: str) -> Credentials:  # each device pins the CA and the bundle key
+                r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo", user_id=user))
+                return Credentials(did, r.token, address, r.platform_ca_pem, r.bundle_public_key.hex(), user_id=user)
 
             channel = Credentials("demo", "-", address, keys.ca_pem.decode()).channel()
             fleet = Fleet(len(self.user_ids), address, work / "devices", profile_file=profile, sandbox=sandbox,
