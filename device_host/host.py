@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -33,9 +32,13 @@ from typing import Any, Callable, Mapping
 import grpc
 
 from walle.protos import bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
+from walle.protos.namespaces import storage_scope
 
 from .identity import Credentials, IdentityError, credentials_path, device_info
-from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
+from .recovery import set_aside
+from .storage import StorageCorrupt
+from .sync import BundleCache, CorruptInstall, InstalledTask, SyncResult, TaskStore, TaskSync
 from .triggers import TriggerEngine
 from .tunnel import DownTunnel, UpTunnel, tunnel_ops
 
@@ -61,6 +64,7 @@ class DeviceHost:
                  bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
         self.platform_address = platform_address or self.credentials.platform
         if channel is None and not self.platform_address:
@@ -72,6 +76,8 @@ class DeviceHost:
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
+        if self.up.recovered:
+            self._host_event("recovered", {"file": "tunnel.sqlite3", "problem": self.up.recovered})
         self.down = DownTunnel(self.data_dir / "resources", self.channel, md)
         self._storage = None
         self._models = None
@@ -99,11 +105,26 @@ class DeviceHost:
     # -- storage and models, opened on first use --------------------------------------------------
     @property
     def storage(self):
+        """Opened on first use. A corrupt file is set aside and reported, and StorageCorrupt raised (the run
+        that hit it fails with that message); the next use starts an empty storage."""
         with self._storage_lock:
             if self._storage is None:
-                from .storage import TaskStorage
-                self._storage = TaskStorage(self.data_dir / "storage.sqlite3")
+                from .storage import StorageCorrupt, TaskStorage
+                path = self.data_dir / "storage.sqlite3"
+                try:
+                    self._storage = TaskStorage(path)
+                except StorageCorrupt as e:
+                    account = set_aside(path, str(e))
+                    self._host_event("recovered", {"file": path.name, "problem": account})
+                    raise StorageCorrupt(f"{account}; task storage restarts empty") from None
             return self._storage
+
+    def _host_event(self, kind: str, detail: dict) -> None:
+        """Tell the platform what the host had to repair ("event.host.<kind>"); never raises."""
+        try:
+            self.up.send(f"event.host.{kind}", dict(detail, device_id=self.device_id))
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk; the problem is logged already
+            log.error("cannot queue a host %s event: %s", kind, e)
 
     @property
     def models(self):
@@ -135,8 +156,9 @@ class DeviceHost:
 
     @staticmethod
     def namespace(manifest: device_pb2.TaskManifest) -> str:
-        """Storage namespace: the manifest's (shared by cooperating tasks), else one from the name."""
-        return manifest.namespace or re.sub(r"[-_]+", "_", manifest.name).strip("_")
+        """The task's storage (and model) scope: its namespace, shared only with the tasks each side grants
+        in namespace_members (walle.protos.namespaces; checked at submit and at install), else its own."""
+        return storage_scope(manifest)
 
     def _count_rows(self, task: str, table: str) -> int:
         installed = self.store.get(task)
@@ -189,29 +211,51 @@ class DeviceHost:
         if task is None:
             raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
-        api = None
         try:
+            files = task.files()
             api = self._host_api(task)
+        except (CorruptInstall, StorageCorrupt) as e:
+            return self._cannot_run(task, trigger, e), []
+        try:
             # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
             groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
             allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
             limits = self._limits(task.manifest)
             if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline
                 limits = dataclasses.replace(limits, wall_seconds=wall_seconds)
-            result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=limits,
+            result = self.sandbox.run(files, task.manifest.entry, event or {}, limits=limits,
                                       api_handler=api, allowed_apis=allowed)
         except Exception as exc:  # still this run's failure, reported like any other
             from .sandbox import RunResult
             log.exception("running %s failed in the host", name)
             status = "refused" if getattr(exc, "exit_code", 1) in (2, 5) else "crashed"
             result = RunResult(status, error=f"the host could not run the task: {type(exc).__name__}: {exc}")
-        self._report_run(task, result, trigger, api.logs if api else [])
+        self._report_run(task, result, trigger, api.logs)
         with self._stats_lock:
             self.stats["runs"] += 1
             self.stats["ok" if result.status == "ok" else "failed"] += 1
         if self.on_run is not None:
             self.on_run(name, result)
-        return result, [(e["name"], e["payload"]) for e in api.events] if api else []
+        return result, [(e["name"], e["payload"]) for e in api.events]
+
+    def _cannot_run(self, task: InstalledTask, trigger: str, error: Exception):
+        """A run stopped before it started by a corrupt file: quarantine what can be fetched again, report
+        the run as failed with the reason, and carry on (the next sync re-installs the task)."""
+        from .sandbox import RunResult
+        message = str(error)
+        if isinstance(error, CorruptInstall):
+            self.store.quarantine(task, message)
+            self.sync.report_problems()
+            self.sync.poke()
+            message += "; the installed copy was quarantined and will be fetched again"
+        result = RunResult(status="error", error=message)
+        self._report_run(task, result, trigger, [])
+        with self._stats_lock:
+            self.stats["runs"] += 1
+            self.stats["failed"] += 1
+        if self.on_run is not None:
+            self.on_run(task.name, result)
+        return result
 
     def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
         """Queue the run's one RunReport, then its logs; never raises (a task cannot hide its own run)."""
@@ -230,8 +274,9 @@ class DeviceHost:
         if result.status == "ok":
             log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
         else:
+            # the error's first line is "Type: message"; the task's own traceback follows it
             log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
-                        error.strip().splitlines()[-1:] or "")
+                        (error.strip().splitlines() or [""])[0])
 
     def _send_report(self, task: InstalledTask, status: str, trigger: str, error: str, duration_s: float = 0.0,
                      peak_memory_kb: int = 0) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from walle.platform import taskconfig
 from walle.platform.errors import InvalidArgument
 from walle.protos import bundle as _bundle
+from walle.protos import namespaces as _namespaces
 from walle.protos import device_pb2
 
 MANIFEST_FILE = "task.toml"
@@ -42,7 +43,8 @@ IGNORED_FILES = {".DS_Store"}
 RESERVED_NAMES = {".git", ".gitattributes"}
 
 _TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "namespace", "limits", "triggers",
-             "libraries", "config")
+             "namespace_members", "libraries", "config")
+MAX_NAMESPACE_MEMBERS = 32
 # Storage namespaces: what the device storage accepts as a task name (no "-", no "__").
 NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds")
@@ -94,14 +96,15 @@ class Manifest:
     limits: Limits = field(default_factory=Limits)
     triggers: tuple[Trigger, ...] = ()
     namespace: str = ""
+    namespace_members: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     config: tuple[taskconfig.ConfigParam, ...] = ()
 
     @property
     def storage_namespace(self) -> str:
-        """Where the task's storage lives: its declared namespace, shared by cooperating tasks
-        (the CoDA tasks and their app share "coda"), else one derived from its name."""
-        return self.namespace or re.sub(r"[-_]+", "_", self.name).strip("_")
+        """Where the task's storage lives: its declared namespace, shared with the tasks it grants in
+        namespace_members (the CoDA tasks share "coda"), else one derived from its name."""
+        return _namespaces.storage_scope(self)
 
     def to_proto(self) -> device_pb2.TaskManifest:
         return device_pb2.TaskManifest(
@@ -110,6 +113,7 @@ class Manifest:
             limits=device_pb2.Limits(memory_mb=self.limits.memory_mb, cpu_seconds=self.limits.cpu_seconds,
                                      wall_seconds=self.limits.wall_seconds),
             apis=list(self.apis), min_host_version=self.min_host_version, namespace=self.namespace,
+            namespace_members=list(self.namespace_members),
             libraries=list(self.libraries), config=[_param_proto(p) for p in self.config])
 
     @classmethod
@@ -122,6 +126,8 @@ class Manifest:
             data["min_host_version"] = pb.min_host_version
         if pb.namespace:
             data["namespace"] = pb.namespace
+        if pb.namespace_members:
+            data["namespace_members"] = list(pb.namespace_members)
         if pb.libraries:
             data["libraries"] = list(pb.libraries)
         if pb.config:
@@ -148,6 +154,8 @@ class Manifest:
             lines.append(f"min_host_version = {_toml_str(self.min_host_version)}")
         if self.namespace:
             lines.append(f"namespace = {_toml_str(self.namespace)}")
+        if self.namespace_members:
+            lines.append("namespace_members = [" + ", ".join(_toml_str(m) for m in self.namespace_members) + "]")
         if self.libraries:
             lines.append("libraries = [" + ", ".join(_toml_str(lib) for lib in self.libraries) + "]")
         lines += ["", "[limits]", f"memory_mb = {self.limits.memory_mb}",
@@ -291,13 +299,33 @@ def _from_dict(data: dict, src: str) -> Manifest:
         raise ManifestError(f"{src}: namespace must be lowercase letters and digits in words joined by single "
                             f"'_', at most 48 characters (got {namespace!r})")
 
+    members = _namespace_members(data, name, namespace, src)
     limits = _limits(data.get("limits", {}), src)
     triggers = _triggers(data.get("triggers", []), src)
     libraries = _library_names(data.get("libraries", []), src, "libraries")
     config = taskconfig.parse_schema(data.get("config", {}), src)
     return Manifest(name=name, entry=entry, description=description, apis=tuple(apis),
                     min_host_version=min_host_version, limits=limits, triggers=triggers, namespace=namespace,
-                    libraries=libraries, config=config)
+                    namespace_members=members, libraries=libraries, config=config)
+
+
+def _namespace_members(data: dict, name: str, namespace: str, src: str) -> tuple[str, ...]:
+    """The tasks this one grants to share its namespace (see walle.protos.namespaces); itself included."""
+    raw = data.get("namespace_members", [])
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise ManifestError(f"{src}: namespace_members must be a list of task names (got {raw!r})")
+    if raw and not namespace:
+        raise ManifestError(f"{src}: namespace_members needs a namespace to share")
+    if len(raw) > MAX_NAMESPACE_MEMBERS:
+        raise ManifestError(f"{src}: namespace_members lists {len(raw)} tasks; at most {MAX_NAMESPACE_MEMBERS}")
+    for i, m in enumerate(raw):
+        if not NAME_RE.match(m):
+            raise ManifestError(f"{src}: namespace_members[{i}] is not a task name (got {m!r})")
+    if len(set(raw)) != len(raw):
+        raise ManifestError(f"{src}: namespace_members lists a task twice")
+    if raw and name not in raw:
+        raise ManifestError(f"{src}: namespace_members must include this task ({name!r}) itself")
+    return tuple(sorted(raw))
 
 
 def _library_names(raw: Any, src: str, label: str) -> tuple[str, ...]:

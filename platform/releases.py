@@ -278,8 +278,8 @@ class ReleaseManager:
             # Same audience at 100%: every device that could get the bad version now gets the target.
             rid = self._create_in(db, task, target, rule=current["rule"], rollout=100.0, stage="full",
                                   channel=channel, allow=current["allow"], deny=current["deny"], actor=actor,
-                                  note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}",
-                                  config=config)
+                                  action="release.rollback", config=config,
+                                  note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
         return self.get(rid)
 
     def get(self, release_id: str) -> dict:

@@ -77,7 +77,7 @@ class ConfigParam(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., min_json: _Optional[str] = ..., max_json: _Optional[str] = ..., choices_json: _Optional[_Iterable[str]] = ..., help: _Optional[str] = ...) -> None: ...
 
 class TaskManifest(_message.Message):
-    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace", "libraries", "config")
+    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace", "libraries", "config", "namespace_members")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class TaskManifest(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     LIBRARIES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     entry: str
     description: str
@@ -98,7 +99,8 @@ class TaskManifest(_message.Message):
     namespace: str
     libraries: _containers.RepeatedScalarFieldContainer[str]
     config: _containers.RepeatedCompositeFieldContainer[ConfigParam]
-    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ..., libraries: _Optional[_Iterable[str]] = ..., config: _Optional[_Iterable[_Union[ConfigParam, _Mapping]]] = ...) -> None: ...
+    namespace_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ..., libraries: _Optional[_Iterable[str]] = ..., config: _Optional[_Iterable[_Union[ConfigParam, _Mapping]]] = ..., namespace_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActiveTask(_message.Message):
     __slots__ = ("name", "version", "bundle_digest", "bundle_size", "manifest", "release_id", "signature", "config_json")

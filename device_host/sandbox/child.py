@@ -213,7 +213,8 @@ class TaskRuntime:
             package = (globals or {}).get("__package__") or ""
             parts = package.split(".") if package else []
             if level > len(parts):
-                raise ImportError("relative import outside a package; use an absolute import like `import helpers`")
+                raise ImportError("relative imports work only inside a package (a library, a task sub-folder); "
+                                  "use `import helpers`")
             base = ".".join(parts[:len(parts) - level + 1])
             name = f"{base}.{name}" if name else base
         target = self._resolve(name)

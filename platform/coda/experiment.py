@@ -43,6 +43,7 @@ from ..server import build_server, tls_credentials
 from ..service import Platform
 from . import movielens
 from . import samples as samplegen
+from .plot import plot
 from .simulator import Users
 
 TASKS = ("coda_samples", "coda_fetch", "coda_filter", "coda_train", "coda_infer")
@@ -416,31 +417,6 @@ def summarize(seeds: dict) -> dict:
             vals = [s[arm][metric] for s in seeds.values() if s[arm][metric] is not None]
             out[arm][metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)) if len(vals) > 1 else 0.0}
     return out
-
-
-def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    s = results["summary"]
-    arms = ["cloud", "local", "coda"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, title in ((axes[0], "user_auc_mean", "mean per-user test AUC"),
-                              (axes[1], "pooled_logloss", "pooled test logloss")):
-        means = [s[a][metric]["mean"] for a in arms]
-        stds = [s[a][metric]["std"] for a in arms]
-        ax.bar(arms, means, yerr=stds, color=["#888", "#5a9", "#36c"], capsize=4)
-        lo = min(means) - 3 * max(max(stds), 0.005)
-        ax.set_ylim(max(0.0, lo), max(means) + 3 * max(max(stds), 0.005))
-        ax.set_title(title)
-        for i, m in enumerate(means):
-            ax.text(i, m, f"{m:.4f}", ha="center", va="bottom", fontsize=8)
-    n = results["users"]
-    fig.suptitle(f"CoDA on MovieLens-100k: {n} users, {results['config']['days']} days, "
-                 f"{len(results['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def print_results(results: dict, console: Console) -> None:

@@ -25,7 +25,6 @@ from walle.protos import admin_pb2, bundle, coda_pb2
 PROBE = ("""name = "probe"
 entry = "main.py"
 apis = ["storage"]
-namespace = "coda"
 [[triggers]]
 kind = "event"
 event = "batch_received"
@@ -188,23 +187,23 @@ def test_fetch_pulls_what_fits_and_the_daily_limit(world):
     assert 150 < first <= 200  # what fits below MAX_ROWS (200)
     rows = st.query("coda", "outside", limit=1)
     assert rows[0]["state"] == "new" and rows[0]["batch_id"].startswith("1.")
-    seen = st.get("coda", "seen")
+    seen = st.get("probe", "seen")
     assert seen[0][0] == "batch_received" and seen[0][1]["day"] == 1 and len(seen[0][1]["batches"]) >= 6
 
     dev.emit("fetch_samples")  # the table is full: nothing pulled, nothing counted
     run_all(dev)
-    assert st.count("coda", "outside") == first and len(st.get("coda", "seen")) == 1
+    assert st.count("coda", "outside") == first and len(st.get("probe", "seen")) == 1
 
     st.delete_rows("coda", "outside", {"state": "new"})  # the filter consumed them
     dev.emit("fetch_samples")
     run_all(dev)
-    seen = st.get("coda", "seen")
+    seen = st.get("probe", "seen")
     pulled = sum(len(p["batches"]) for name, p in seen if name == "batch_received")
     assert pulled == 12  # the daily limit
     assert seen[-1] == ["batches_exhausted", {"day": 1, "reason": "daily limit reached"}]
     dev.emit("fetch_samples")
     run_all(dev)
-    assert st.get("coda", "seen") == seen  # exhausted is said once a day
+    assert st.get("probe", "seen") == seen  # exhausted is said once a day
 
 
 def publish_global_model(platform, n_items: int = 201, n_cats: int = 6) -> None:

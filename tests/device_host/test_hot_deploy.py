@@ -146,7 +146,7 @@ def test_device_run_once_cli(tmp_path):
         assert bad.exit_code == 2 and "unknown device attribute 'colour'" in bad.output
         platform.RevokeDevice(admin_pb2.DeviceRef(device_id="cli-phone"))
         res = CliRunner().invoke(device_run, ["--data-dir", str(data), "--once"])
-        assert res.exit_code == 1
+        assert res.exit_code == 6, res.output  # unauthenticated: the documented code
     finally:
         stop(0)
 
