@@ -161,8 +161,18 @@ def ask(host, event: str, payload: Any = None, task: str = "", timeout_s: float 
     if installed is None:
         raise NotFound(f"task {task!r} is not installed on device {host.device_id!r}")
     ev = {"name": event, "payload": {} if payload is None else payload, "ts_ms": int(time.time() * 1000)}
-    result, _events = host._run(task, ev, f"ask:{event}", wall_seconds=timeout_s or None)
+    result, events = host._run(task, ev, f"ask:{event}", wall_seconds=timeout_s or None)
+    for name, payload in events:  # what the task emitted triggers the next tasks, as after a triggered run
+        host.emit(name, payload)
     return task, installed.version, result
+
+
+def answer(host, event: str, payload: Any = None, task: str = "", timeout_s: float = 0.0) -> Any:
+    """`ask` for an app: the task's result; raises FailedPrecondition with the task's error when the run failed."""
+    name, _version, result = ask(host, event, payload, task, timeout_s)
+    if result.status != "ok":
+        raise FailedPrecondition(f"{name} {result.status}: {(result.error or '').strip()[-500:]}")
+    return result.value
 
 
 def _reply(task: str, version: str, result) -> app_pb2.AskReply:
@@ -311,10 +321,7 @@ class Device:
 
     def ask(self, event: str, payload: Any = None, task: str = "", timeout: float = 0.0) -> Any:
         """The task's result; raises FailedPrecondition with the task's error when the run failed."""
-        name, _version, result = ask(self.host, event, payload, task, timeout)
-        if result.status != "ok":
-            raise FailedPrecondition(f"{name} {result.status}: {(result.error or '').strip()[-500:]}")
-        return result.value
+        return answer(self.host, event, payload, task, timeout)
 
     def close(self) -> None:
         if self.server is not None:

@@ -77,7 +77,7 @@ class CodaCloud:
     def __init__(self, platform, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
                  kv_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
                  max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50,
-                 global_epochs: int = 0):
+                 global_epochs: int = 0, global_seed: int = 0):
         """`platform`: the Platform whose tunnel receives the logs and whose credentials
         authenticate devices. `items`: a fixed catalogue (item_id, genre_ids); None reads the
         catalog loaded with `walle cloud catalog load` (an empty one until then). `users`: optional
@@ -94,7 +94,7 @@ class CodaCloud:
         self.mappings = Mappings(self.store, batch_size=batch_size, max_batch=max_batch, keep_days=keep_days,
                                  daily_limit=daily_limit)
         self.k, self.daily_limit, self.scheduler, self.hist_len = k, daily_limit, scheduler, hist_len
-        self.global_epochs = global_epochs
+        self.global_epochs, self.global_seed = global_epochs, global_seed
         self.day_samples: dict[int, dict[str, list[coda_pb2.Sample]]] = {}
         platform.upload_handlers["behavior"] = self._on_behavior
         platform.upload_handlers[BEHAVIOR_BATCH_TOPIC] = self._on_behavior_batch
@@ -162,17 +162,18 @@ class CodaCloud:
             thread.join(timeout)
         return stop_clock
 
-    def publish_global_model(self, day: int, seed: int = 0) -> object:
+    def publish_global_model(self, day: int, seed: int | None = None) -> object:
         """Paper 4.2.2: train the global DIN on the day's samples and publish it as a new version of
         `coda/global_model` (a model blob: the task library's DIN, sized by the item catalog), recording
-        the catalog version it was trained with."""
+        the day and the catalog version it was trained with."""
         from walle.protos import admin_pb2
 
         from .global_model import catalog_config, train_global
         pool = [s for ss in self.day_samples.get(day, {}).values() for s in ss]
         if not pool:
             raise FailedPrecondition(f"no samples for day {day}: nothing to train the global model on")
-        data, metrics = train_global(pool, epochs=self.global_epochs, seed=seed, catalog=catalog_config(self.items))
+        data, metrics = train_global(pool, epochs=self.global_epochs, seed=self.global_seed if seed is None else seed,
+                                     catalog=catalog_config(self.items))
         try:
             catalog_version = self.platform.resource(catalog_mod.RESOURCE).version
         except Exception:

@@ -1,15 +1,23 @@
-"""The CoDA work cycle end to end (paper Figure 1) on MovieLens-100k, and its evaluation.
+"""The CoDA work cycle end to end (paper Figure 1, section 4.1) on MovieLens-100k, as a deployment,
+and its evaluation.
 
-This is a harness: it plays the operator (submit and release the three CoDA tasks), the cloud
-(the platform server with the CoDA services, the daily pipeline, the global model) and the app on
-every emulated device (upload the day's behaviour, record the user's own samples, pull matched
-batches, raise the events that trigger the tasks). Everything between them goes over real gRPC on
-127.0.0.1, and every task runs in the device host's sandbox.
+Three parties, talking over the interfaces a real deployment uses:
+  - the cloud: a served platform (real gRPC, TLS, signed bundles) with the CoDA services; the
+    operator submits the five CoDA tasks and releases them with the run's config (as
+    `walle release create --set`), loads the catalog (`walle cloud catalog load`) and closes each day
+    with the daily pipeline (`walle cloud pipeline`: samples, matching, the global model on day 1);
+  - a fleet of real device hosts (as `walle fleet run`: shared sandbox, each host runs its own
+    queued tasks and uploads its own queue);
+  - the users (simulator.py): each MovieLens user plays the app on their device and talks to it only
+    through the app interface (emit / ask). Devices build their own samples from that behaviour
+    (coda_samples), upload it, pull their matched batches (coda_fetch), filter (coda_filter) and
+    train (coda_train); the home page is ranked by coda_infer.
+This module never writes device storage, models or cloud tables (tests/coda/test_demo_e2e.py checks).
 
-Evaluation: each user's last 10% of interactions is held out (never uploaded, never matched,
-never trained on) and scored at the end by three models that start from the same global model:
-Cloud (the global model only), Local (fine-tuned on the user's own samples, same Algorithm 3 gate)
-and CoDA (local + filtered outside samples)."""
+Evaluation: each user's last 10% of interactions is held out (never emitted, never uploaded) and, at
+the end, shown on the user's home page: the device ranks it with its CoDA model `ctr` and its Local
+baseline `ctr_local` (same Algorithm 3 gate, local samples only), and the published global model
+scores it for the Cloud arm; the user's clicks (rating >= 4) are the labels."""
 from __future__ import annotations
 
 import json
@@ -21,11 +29,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from walle.protos import admin_pb2, bundle, coda_pb2
+from walle.protos import admin_pb2, bundle
 
 from .. import manifest as manifest_mod
 from .. import pki
@@ -34,12 +43,12 @@ from ..server import build_server, tls_credentials
 from ..service import Platform
 from . import movielens
 from . import samples as samplegen
-from .cloud import CodaCloud
 from .plot import plot
+from .simulator import Users
 
-TASKS = ("coda_filter", "coda_train", "coda_infer")
-MAX_OUTSIDE = 200          # the outside table's size limit (paper 5.2)
+TASKS = ("coda_samples", "coda_fetch", "coda_filter", "coda_train", "coda_infer")
 PAPER_COST = {"wall_s": 0.7, "memory_mb": 120, "kb_per_trigger": 19.4}
+EVAL_KEY = b"walle-demo-evaluation"  # pseudonyms of the evaluator's own test samples
 
 
 @dataclass
@@ -48,8 +57,14 @@ class Config:
     days: int = 3             # simulated work cycles; day 1 only feeds the global model
     seeds: tuple[int, ...] = (0,)
     k: int = 100
-    t: int = 0                # validation: today's local samples (the paper's t = 3 days, time compressed)
-    t_prime: int = 2          # local samples older than this are dropped (the paper's t' = 7)
+    # The device's "today" is the cloud's day, which the pipeline advances when it closes a day: the
+    # matched samples of day d are pulled on day d + 1. So t = 1 validates on yesterday's (day d's)
+    # local samples and t' = 3 trains on days d-2..d-1 (time compressed; the paper's t = 3, t' = 7).
+    t: int = 1
+    t_prime: int = 3
+    # One morning pull stands for a day of 10-minute fetches: the outside table holds the day's 12
+    # batches (12 x 25 samples), so coda_fetch gets them in one pull and the day's training follows.
+    max_rows: int = 300
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
     task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
@@ -58,10 +73,41 @@ class Config:
 
 @dataclass
 class DeviceLog:
-    rounds: list = field(default_factory=list)   # per device-day: wall, filter/train results
+    rounds: list = field(default_factory=list)   # per device-day: wall, runs, fetch results
     bytes_down: int = 0
     batches: int = 0
     filter_runs: int = 0
+
+
+def movielens_catalog(items: pd.DataFrame) -> pd.DataFrame:
+    """MovieLens items in the catalog layout (docs/data-layout.md): item_id, categories "a|b", title."""
+    return pd.DataFrame({"item_id": items["item_id"], "categories": items["genres"].map("|".join),
+                         "title": items["title"]})
+
+
+class FleetApp:
+    """One device of the fleet as its app sees it: `emit` and `ask` of the app interface. The fleet
+    runs no background threads per device, so the device runs what its triggers queued whenever the
+    app waits on it (an ask) and when the fleet settles it."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def emit(self, name: str, payload=None):
+        from walle.device_host import app
+        return app.emit(self.host, name, payload)[0]
+
+    def ask(self, event: str, payload=None, task: str = ""):
+        from walle.device_host import app
+        self.settle()
+        try:
+            return app.answer(self.host, event, payload, task)
+        finally:
+            self.settle()
+
+    def settle(self) -> None:
+        while self.host.triggers.drain():
+            pass
 
 
 class Experiment:
@@ -74,34 +120,36 @@ class Experiment:
             inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
         self.train, self.test = movielens.assign_days(inter, cfg.days)
-        items = self.ml.items
-        self.item_ids = items["item_id"].to_numpy()
-        self.item_cats = {int(i): [int(c) for c in cs] for i, cs in zip(items["item_id"], items["genre_ids"])}
-        self.titles = dict(zip(items["item_id"].astype(int), items["title"]))
-        self.seen_items = {int(u): set(g) for u, g in self.train.groupby("user_id")["item_id"]}
+        self.titles = dict(zip(self.ml.items["item_id"].astype(int), self.ml.items["title"]))
+        self.phases: dict[str, float] = {}  # wall seconds of each fleet-wide step of the current seed
 
     # -- one seed -------------------------------------------------------------------------------
     def run_seed(self, seed: int, work: pathlib.Path) -> dict:
         from walle.device_host.fleet import Fleet
+        from walle.device_host.identity import Credentials
         from walle.device_host.sandbox import Sandbox
 
-        from walle.device_host.identity import Credentials
+        from .catalog import items_frame
+        from .cloud import CodaCloud
         cfg, con = self.cfg, self.console
         keys = pki.init(work / "platform")  # TLS and signed bundles, as in production
         platform = Platform(work / "platform", keys=keys)
-        coda = CodaCloud(platform, items=self.ml.items, users=self.ml.users, k=cfg.k)
+        coda = CodaCloud(platform, users=self.ml.users, k=cfg.k, global_epochs=cfg.global_epochs, global_seed=seed)
         _server, port, stop = build_server(platform, port=0, extra=coda.add_services,
                                            credentials=tls_credentials(platform))
         address = f"localhost:{port}"
         sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
+            doc, _ref = coda.load_catalog(movielens_catalog(self.ml.items), actor="demo")  # `cloud catalog load`
+            items = items_frame(doc)
             self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
                     f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
+
             def enroll(did: str, user: str) -> Credentials:  # each device pins the CA and the bundle key
                 r = platform.EnrollDevice(admin_pb2.EnrollRequest(device_id=did, actor="demo", user_id=user))
                 return Credentials(did, r.token, address, r.platform_ca_pem, r.bundle_public_key.hex(), user_id=user)
@@ -109,32 +157,38 @@ class Experiment:
             channel = Credentials("demo", "-", address, keys.ca_pem.decode()).channel()
             fleet = Fleet(len(self.user_ids), address, work / "devices", profile_file=profile, sandbox=sandbox,
                           enroll=enroll, workers=cfg.workers, seed=seed, channel=channel)
-            devices = {movielens.device_id(u): d for u, d in zip(self.user_ids, fleet.devices)}
+            apps = {int(h.device_id.rsplit("-", 1)[1]): FleetApp(h) for h in fleet.devices}
             stats = fleet.sync_all()
-            logs = {did: DeviceLog() for did in devices}
             installed = fleet.installed_counts()
             counts = ", ".join(f"{ref.split('@')[0]} x{n}" for ref, n in sorted(installed.items()))
-            con.print(f"seed {seed}: {len(devices)} devices synced; installed {counts}", highlight=False)
-            global_blob = b""
+            con.print(f"seed {seed}: {len(apps)} devices synced; installed {counts}", highlight=False)
+            cats = {int(i): [int(c) for c in cs] for i, cs in zip(items["item_id"], items["genre_ids"])}
+            users = Users(self.train, cats, samplegen.profile_table(self.ml.users), items["item_id"].to_numpy())
+            logs = {uid: DeviceLog() for uid in apps}
             for day in range(1, cfg.days + 1):
-                coda.today = day
-                self._each(fleet, f"day {day}: upload logs", lambda did, d: self._upload(d, did, day))
-                res = coda.run_day(day)
-                con.print(f"  day {day}: cloud {res.samples} samples, {res.matched_users} users matched, "
-                          f"{res.batches} batches ({sum(res.seconds.values()):.1f}s)", highlight=False)
-                todays = coda.day_samples[day]
+                self._each(apps, f"day {day}: users", lambda uid, a: (users.behave(a, uid, day), a.settle()))
+                left = fleet.flush_all(timeout=60)  # each device's up tunnel (the uploads coda_samples queued)
+                res = coda.close_day()  # the daily pipeline (`walle cloud pipeline`): today becomes day + 1
+                con.print(f"  day {day}: cloud {res.raw_rows} behaviour rows, {res.samples} samples, "
+                          f"{res.matched_users} users matched, {res.batches} batches "
+                          f"({sum(res.seconds.values()):.1f}s){f'; {left} devices still uploading' if left else ''}",
+                          highlight=False)
                 if day == 1:
-                    global_blob = self._global_model(platform, todays, seed)
-                self._each(fleet, f"day {day}: devices", lambda did, d: self._device_day(
-                    d, logs[did], day, todays.get(coda.pseudonym_of_device(did), []), seed))
-            fleet.flush_all()
-            metrics = self._evaluate(coda, devices, global_blob)
+                    coda.global_epochs = 0  # the global model is trained once, on day 1 (the devices' start)
+                    self._report_global(platform)
+                    continue  # devices start the next day, from the global model
+                self._each(apps, f"day {day + 1} morning: fetch, filter, train, home page",
+                           lambda uid, a: self._device_day(users, a, logs[uid], uid, day))
+            metrics = self._evaluate(platform, apps, items)
+            fleet.flush_all(timeout=30)  # the run reports of the evaluation pages too
             metrics["cost"] = self._cost(logs)
             metrics["diagnostics"] = self._diagnostics(logs)
             metrics["release_stats"] = {r.task: {"delivered": r.stats.delivered, "ran": r.stats.ran,
                                                  "runs": r.stats.runs, "failed": r.stats.failed}
                                         for r in platform.ListReleases(admin_pb2.ReleaseFilter()).releases}
             metrics["sync"] = {"p50_s": getattr(stats, "p50", None)}
+            metrics["cloud_day"] = coda.today
+            metrics["phase_seconds"], self.phases = self.phases, {}
             return metrics
         finally:
             if fleet is not None:
@@ -146,8 +200,10 @@ class Experiment:
 
     def _release_tasks(self, platform: Platform, seed: int) -> None:
         """The operator: submit the CoDA tasks and release them with the run's config (the demo's
-        compressed t / t', the seed, and any overrides), like `walle release create ... --set`."""
-        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "seed": seed, **self.cfg.task_config}
+        compressed t / t', the seed, the Local arm, and any overrides), like `walle release create ... --set`."""
+        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "max_rows": self.cfg.max_rows, "seed": seed,
+                     "local_arm": True,
+                     **self.cfg.task_config}
         tasks = {name: manifest_mod.validate_task_dir(tasks_dir() / name) for name in TASKS}
         unknown = sorted(set(overrides) - {p.name for m, _f in tasks.values() for p in m.config})
         if unknown:
@@ -158,159 +214,94 @@ class Experiment:
                                                                  message=f"{name} for the demo"))
             platform.CreateRelease(admin_pb2.CreateReleaseRequest(
                 task=name, version=tv.version, rule='app_version >= "1.0"', actor="demo",
-                config={k: str(v) for k, v in overrides.items() if k in keys}))
+                config={k: str(v).lower() if isinstance(v, bool) else str(v)
+                        for k, v in overrides.items() if k in keys}))
 
-    def _each(self, fleet, label: str, fn) -> None:
-        items = [(d.device_id, d) for d in fleet.devices]
+    def _each(self, apps: dict, label: str, fn) -> None:
+        from concurrent import futures
         errors = []
+        t0 = time.perf_counter()
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.console, transient=True) as prog:
-            bar = prog.add_task(label, total=len(items))
-            futs = [fleet.pool.submit(fn, did, d) for did, d in items]
-            for f in futs:
+                      console=self.console, transient=True) as prog, \
+                futures.ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="walle-demo-user") as pool:
+            bar = prog.add_task(label, total=len(apps))
+            for f in [pool.submit(fn, uid, a) for uid, a in apps.items()]:
                 try:
                     f.result()
                 except Exception as e:  # one device failing must not stop the fleet; it is reported
                     errors.append(e)
                 prog.advance(bar)
+        self.phases[label] = time.perf_counter() - t0
         if errors:
             self.console.print(f"  [yellow]{label}: {len(errors)} device(s) failed; first: {errors[0]!r}[/yellow]")
 
-    # -- the app on a device ----------------------------------------------------------------------
-    def _upload(self, dev, did: str, day: int) -> None:
-        uid = int(did.rsplit("-", 1)[1])
-        for _seq, log in movielens.replay_logs(self.train, uid, day):
-            dev.up.send("behavior", log.SerializeToString())
-        dev.up.flush(timeout=30)
-
-    def _device_day(self, dev, log: DeviceLog, day: int, own: list, seed: int) -> None:
-        from walle.device_host.coda_rows import sample_to_row
-        from walle.device_host.sample_client import SampleClient
-        st = dev.storage
-        st.put("coda", "today", day)
-        st.put("coda", "experiment.local_arm", True)
-        if own:
-            st.insert("coda", "local", [sample_to_row(s) for s in own])
-        if day == 1:
-            return  # the first day's data trains the global model; devices start the next day
+    # -- a device's day, as its user lives it --------------------------------------------------------
+    def _device_day(self, users: Users, app: FleetApp, log: DeviceLog, uid: int, day: int) -> None:
+        runs = []
+        app.host.on_run = lambda name, result: runs.append((name, result))  # observe, as the run reports do
         rss0 = _reset_peak_rss()
         t0 = time.perf_counter()
-        runs = []
-        dev.on_run = lambda name, result: runs.append((name, result))
-        client = SampleClient(dev.channel, dev.credentials.metadata)
-        # One pull a day of what fits the outside table (at most 12 batches; a merged batch of up
-        # to 40 may overshoot the 200 rows, which the filter's forced cleanup trims).
-        have = st.count("coda", "outside") if "outside" in st.table_names("coda") else 0
-        room = (MAX_OUTSIDE - have) // 25
-        pulled = client.pull(day, max_batches=min(room, 12)) if room > 0 else []
-        for b in pulled:
-            st.insert("coda", "outside", [sample_to_row(s, batch_id=b.batch_id, state="new", score=None)
-                                          for s in b.samples])
-            log.bytes_down += b.wire_bytes
-            log.batches += 1
-        if pulled:
-            dev.emit("batch_received", {"day": day, "batches": [b.batch_id for b in pulled]})
-            log.filter_runs += 1
-            dev.triggers.drain()
-            dev.triggers.check_tables()  # coda_train fires at 100 filtered samples
-            dev.triggers.drain()
-        dev.emit("batches_exhausted", {"day": day})
-        dev.triggers.drain()
-        wall, extra_mb = time.perf_counter() - t0, _peak_rss_mb() - rss0  # the round: filter + train
-        self._page_view(dev, day)
-        dev.on_run = None
-        log.rounds.append({"day": day, "wall_s": wall, "extra_rss_mb": extra_mb,
+        fetches = users.fetch(app)  # the round: pull, filter, train
+        wall, extra_mb = time.perf_counter() - t0, _peak_rss_mb() - rss0
+        page = users.home_page(app, uid, day)
+        app.host.on_run = None
+        for f in fetches:
+            log.bytes_down += f.get("bytes", 0)
+            log.batches += f.get("pulled", 0)
+        log.filter_runs += sum(1 for n, _r in runs if n == "coda_filter")
+        log.rounds.append({"day": day, "wall_s": wall, "extra_rss_mb": extra_mb, "home_page": page,
                            "runs": [(n, r.status, r.duration_s, r.peak_memory_kb, r.error[-2000:] if r.error else "")
                                     for n, r in runs],
                            "values": [(n, r.value) for n, r in runs if r.status == "ok"]})
 
-    def _page_view(self, dev, day: int) -> None:
-        """The app opens its home page: 20 candidate items the user has not rated, in the context of
-        the user's latest history; coda_infer ranks them with the personal model."""
-        latest = dev.storage.query("coda", "local", order_by="-ts", limit=1)
-        if not latest:
-            return
-        row = latest[0]
-        uid = int(dev.device_id.rsplit("-", 1)[1])
-        seen = self.seen_items.get(uid, set())
-        rng = np.random.default_rng(uid * 1000 + day)
-        pool = [int(i) for i in rng.choice(self.item_ids, size=60, replace=False) if int(i) not in seen][:20]
-        cands = [{"item_id": i, "item_cats": self.item_cats[i], "hist_items": row["hist_items"],
-                  "hist_cats": row["hist_cats"], "profile": row["profile"]} for i in pool]
-        dev.emit("page_view:home", {"candidates": cands})
-        dev.triggers.drain()
-
-    # -- the cloud's global model -----------------------------------------------------------------
-    def _global_model(self, platform: Platform, todays: dict, seed: int) -> bytes:
-        from .global_model import catalog_config, train_global
-        pool = [s for ss in todays.values() for s in ss]
-        data, metrics = train_global(pool, epochs=self.cfg.global_epochs, seed=seed,
-                                     catalog=catalog_config(self.ml.items))
-        platform.PublishResource(admin_pb2.PublishResourceRequest(
-            name="coda/global_model", data=data, metadata_json=json.dumps({"metrics": metrics, "seed": seed}),
-            actor="demo"))
-        self.console.print(f"  global model: {metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}, "
-                           f"published as coda/global_model ({len(data) / 1024:.0f} KB)", highlight=False)
-        return data
+    def _report_global(self, platform: Platform) -> None:
+        info = platform.resource("coda/global_model")
+        m = json.loads(info.metadata_json)["metrics"]
+        self.console.print(f"  global model {info.name}@{info.version}: {m['n_train']} samples, train AUC "
+                           f"{m['train_auc']:.3f} ({info.size / 1024:.0f} KB)", highlight=False)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def test_samples(self, key: bytes) -> dict[str, list[coda_pb2.Sample]]:
+    def test_samples(self, items: pd.DataFrame) -> dict[str, list]:
         """Held-out samples: the test tail of each user, with histories of everything before it."""
-        import pandas as pd
         test = self.test.copy()
         test["day"] = self.cfg.days + 1
         both = pd.concat([self.train, test], ignore_index=True)
         raw = movielens.as_raw_frame(both)
-        gen = samplegen.generate(raw, self.ml.items, self.ml.users, key=key, day=self.cfg.days + 1)
-        return gen.samples
+        return samplegen.generate(raw, items, self.ml.users, key=EVAL_KEY, day=self.cfg.days + 1).samples
 
-    def _evaluate(self, coda: CodaCloud, devices: dict, global_blob: bytes) -> dict:
+    def _evaluate(self, platform: Platform, apps: dict, items: pd.DataFrame) -> dict:
+        """The users' evaluation home pages: the held-out movies, ranked by each arm; clicks are labels."""
         from .global_model import load_global, sample_dict
         from .tasklib import coda_module
         features, training, metrics = coda_module("features"), coda_module("training"), coda_module("metrics")
         auc, logloss = metrics.auc, metrics.logloss
-        tests = self.test_samples(coda.key)
-        glob = load_global(global_blob)
-        arms = {"cloud": [], "local": [], "coda": []}
-        per_user = {a: [] for a in arms}
-        for did, dev in devices.items():
-            user = coda.pseudonym_of_device(did)
-            samples = tests.get(user)
+        tests = self.test_samples(items)
+        glob = load_global(platform.blob(platform.resource("coda/global_model").digest))  # the Cloud arm
+        pages = {}
+
+        def page(uid: int, app: FleetApp) -> None:
+            samples = tests.get(samplegen.pseudonym(str(uid), EVAL_KEY))
             if not samples:
-                continue
-            arr = features.batch([sample_dict(s) for s in samples], glob.config["hist_len"],
-                                 glob.config["profile_dim"])
-            y = arr.label.astype(float)
-            for arm, model in (("cloud", glob), ("local", self._device_net(dev, "ctr_local") or glob),
-                               ("coda", self._device_net(dev, "ctr") or glob)):
-                p = training.predict(model, arr)
-                arms[arm].append((y, p))
-                per_user[arm].append((auc(y, p), logloss(y, p)))
+                return
+            shown = [{k: v for k, v in sample_dict(s).items() if k != "label"} for s in samples]
+            y = np.array([s.label for s in samples], dtype=float)
+            cloud = training.predict(glob, features.batch(shown, glob.config["hist_len"], glob.config["profile_dim"]))
+            pages[uid] = (y, {"cloud": np.asarray(cloud, dtype=float),
+                              "local": np.array(Users.evaluation_page(app, shown, "ctr_local")),
+                              "coda": np.array(Users.evaluation_page(app, shown, "ctr"))})
+        self._each(apps, "evaluation home pages", page)
         out = {}
-        for arm in arms:
-            y = np.concatenate([a for a, _ in arms[arm]])
-            p = np.concatenate([b for _, b in arms[arm]])
-            aucs = [a for a, _ in per_user[arm] if a is not None]
+        for arm in ("cloud", "local", "coda"):
+            y = np.concatenate([y for y, _ in pages.values()])
+            p = np.concatenate([ps[arm] for _, ps in pages.values()])
+            per_user = [(auc(y, ps[arm]), logloss(y, ps[arm])) for y, ps in pages.values()]
+            aucs = [a for a, _ in per_user if a is not None]
             out[arm] = {"user_auc_mean": float(np.mean(aucs)), "users_with_auc": len(aucs),
-                        "pooled_auc": auc(y, p), "user_logloss_mean": float(np.mean([l for _, l in per_user[arm]])),
+                        "pooled_auc": auc(y, p), "user_logloss_mean": float(np.mean([l for _, l in per_user])),
                         "pooled_logloss": logloss(y, p), "test_samples": int(len(y))}
         return out
 
-    @staticmethod
-    def _device_net(dev, name: str):
-        """A device's stored model (M) as the library's DIN, read by the harness, not the device."""
-        from walle.platform.errors import NotFound
-
-        from .tasklib import coda_module
-        try:
-            got = dev.models.scope("coda").load(name)
-        except NotFound:  # coda_train never ran on this device: it would serve the global model
-            return None
-        net = coda_module("din").DIN(got["meta"]["config"])
-        net.set_params(got["params"])
-        return net
-
-    def _cost(self, logs: dict[str, DeviceLog]) -> dict:
+    def _cost(self, logs: dict[int, DeviceLog]) -> dict:
         walls = [r["wall_s"] for lg in logs.values() for r in lg.rounds]
         runs = [x for lg in logs.values() for r in lg.rounds for x in r["runs"]]
         failed = [x for x in runs if x[1] != "ok"]
@@ -328,17 +319,15 @@ class Experiment:
                 "kb_per_trigger": (sum(lg.bytes_down for lg in logs.values()) / 1024 / triggers) if triggers else None,
                 "batches_pulled": sum(lg.batches for lg in logs.values())}
 
-    def _diagnostics(self, logs: dict[str, DeviceLog]) -> dict:
+    def _diagnostics(self, logs: dict[int, DeviceLog]) -> dict:
         """What the tasks did: how much the filter kept, how often the gate let an update through."""
         received = kept = 0
         arms: dict[str, dict] = {}
-        infer_s = [x[2] for lg in logs.values() for r in lg.rounds for x in r["runs"] if x[0] == "coda_infer"]
-        example = None
+        pages = [r["home_page"] for lg in logs.values() for r in lg.rounds if r.get("home_page")]
+        example = ([self.titles.get(int(i), str(i)) for i in pages[0]["ranking"][:5]] if pages else None)
         for lg in logs.values():
             for r in lg.rounds:
                 for name, value in r.get("values", []):
-                    if name == "coda_infer" and isinstance(value, dict) and example is None:
-                        example = [self.titles.get(int(i), str(i)) for i in value.get("ranking", [])[:5]]
                     if name == "coda_filter" and isinstance(value, dict):
                         received += value.get("scored", 0)
                         kept += value.get("kept", 0)
@@ -357,9 +346,18 @@ class Experiment:
                                 a["gain"].append((v.get("metric", "auc"), sign * (v["after"] - v["before"])))
                             if v.get("n_train") is not None:
                                 a["n_train"].append(v["n_train"])
-        out = {"filter_scored": received, "filter_kept": kept,
+        by_task: dict[str, list[float]] = {}
+        for lg in logs.values():
+            for r in lg.rounds:
+                for name, _status, seconds, _kb, _err in r["runs"]:
+                    by_task.setdefault(name, []).append(seconds or 0.0)
+        out = {"run_seconds_p50": {n: float(np.median(v)) for n, v in sorted(by_task.items())},
+               "runs_per_round": {n: len(v) / max(1, sum(len(lg.rounds) for lg in logs.values()))
+                                  for n, v in sorted(by_task.items())},
+               "filter_scored": received, "filter_kept": kept,
                "filter_keep_rate": kept / received if received else None,
-               "infer_runs": len(infer_s), "infer_ms_p50": float(np.median(infer_s)) * 1000 if infer_s else None,
+               "home_pages": len(pages), "served_from": {s: sum(p["served_from"] == s for p in pages)
+                                                          for s in sorted({p["served_from"] for p in pages})},
                "example_home_page_top5": example}
         for arm, a in arms.items():
             out[arm] = {"train_runs": a["runs"], "skipped": a["skipped"], "committed": a["committed"],
@@ -448,8 +446,8 @@ def print_results(results: dict, console: Console) -> None:
     console.print(c)
     diag = next(iter(results["seeds"].values())).get("diagnostics", {})
     if diag.get("example_home_page_top5"):
-        console.print(f"coda_infer ranked {diag['infer_runs']} home pages (p50 {diag['infer_ms_p50']:.0f} ms in the "
-                      f"sandbox); one user's top 5: {'; '.join(diag['example_home_page_top5'])}", highlight=False)
+        console.print(f"the devices ranked {diag['home_pages']} home pages (served from {diag['served_from']}); "
+                      f"one user's top 5: {'; '.join(diag['example_home_page_top5'])}", highlight=False)
 
 
 def _fmt(v, unit: str) -> str:

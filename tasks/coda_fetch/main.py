@@ -9,16 +9,14 @@ pulled yet (resumable), at most what fits below MAX_ROWS rows of `outside` and w
     finishes the day's training (paper 5.2).
 Returns the pull's summary.
 """
-from walle import events, log, storage, tunnel
-
-DEFAULT_MAX_ROWS = 200
-
+from walle import config, events, log, storage, tunnel
 
 def max_rows():
     cfg = storage.get("config", None) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"KV 'config' must be an object, got {cfg!r}")
-    value = cfg.get("MAX_ROWS", DEFAULT_MAX_ROWS)
+    # the app's KV setting, else the release's config (`release create --set max_rows=N`)
+    value = cfg.get("MAX_ROWS", config.get("max_rows"))
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise ValueError(f"config MAX_ROWS must be an integer >= 2, got {value!r}")
     return value

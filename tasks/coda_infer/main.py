@@ -5,13 +5,15 @@ Triggered by `page_view:<page>` events from the app, whose payload is
 Each candidate is a sample dict with `Sample` field names (item_id, item_cats, hist_items, hist_cats,
 profile); list fields may also be JSON text, as stored in the tables. "model" is optional (default
 "ctr"; the demo's Local arm passes "ctr_local"). The host serves M, or the backup M0 while M is
-being replaced (4.4.1). Returns {"ranking": [item_id, ...] best first, "scores", "served_from",
+being replaced (4.4.1). A device that has no such model yet (coda_train has not run) creates it from
+the cloud's global model (resource coda/global_model) and ranks with that. Returns {"ranking": [item_id, ...] best first, "scores", "served_from",
 "version", "model"}."""
 import json
 
 from coda import din, features, stored, training
 
 DEFAULT_MODEL = "ctr"
+GLOBAL_RESOURCE = "coda/global_model"  # a device without the model yet ranks with the cloud's
 MAX_CANDIDATES = 2000
 LIST_FIELDS = ("item_cats", "hist_items", "hist_cats", "profile")
 
@@ -47,7 +49,7 @@ def main(event):
     if not isinstance(name, str) or not name:
         raise ValueError(f"payload.model must be a model name, got {features.short(name)}")
     samples = [candidate(c, i) for i, c in enumerate(cands)]
-    net, served_from, version = stored.load_for_inference(name, din.DIN)
+    net, served_from, version = stored.load_for_inference(name, din.DIN, GLOBAL_RESOURCE)
     probs = training.predict(net, features.batch(samples, net.config["hist_len"], net.config["profile_dim"])).tolist()
     order = sorted(range(len(samples)), key=lambda i: (-probs[i], i))  # ties keep the app's order
     return {"ranking": [samples[i]["item_id"] for i in order], "scores": [probs[i] for i in order],

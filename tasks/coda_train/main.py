@@ -2,7 +2,7 @@
 4.4.1 for the `local` table beside it.
 
 Triggered when `outside` reaches 100 rows (`table_rows`) or when today's batches are exhausted
-(`batches_exhausted`). With KV "experiment.local_arm" true, the Local baseline "ctr_local" gets the
+(`batches_exhausted`). With config `local_arm` (or KV "experiment.local_arm") true, the Local baseline "ctr_local" gets the
 same update on local samples only. A missing model is created from the cloud's global model."""
 from walle import log, storage
 
@@ -57,6 +57,7 @@ def main(event):
     local_arm = storage.get("experiment.local_arm", False)
     if not isinstance(local_arm, bool):
         raise ValueError(f"KV 'experiment.local_arm' must be true or false, got {features.short(local_arm)}")
+    local_arm = local_arm or cfg.get("local_arm", False)  # the release's config (the demo's) or the app's KV
     arms = [CTR_MODEL, LOCAL_MODEL] if local_arm else [CTR_MODEL]
     for name in arms:  # 5.2 (4): M_u starts as the cloud's global model
         stored.ensure_from_resource(name, GLOBAL_RESOURCE)

@@ -427,6 +427,29 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
 
 
+def test_infer_on_a_fresh_device_ranks_with_the_global_model(tmp_path, sandbox, tasks, global_blob, data):
+    """Before coda_train ever ran, the first ask creates M from the global model and ranks with it."""
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "orphan").mkdir()
+    fresh = Device(tmp_path / "fresh", sandbox, tasks, global_blob)
+    try:
+        cands = as_dicts(data["local"][-25:])
+        res = fresh.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": cands}})
+        assert res.status == "ok", res.error
+        assert fresh.fetched == ["coda/global_model"] and res.value["served_from"] == "M"
+        glob = fresh.predict("ctr", data["local"][-25:])
+        assert res.value["ranking"] == [cands[i]["item_id"] for i in sorted(range(25), key=lambda i: (-glob[i], i))]
+        assert fresh.models.load("ctr", "M0")["meta"]["source"] == "global"  # the cloud's blob, as published
+    finally:
+        fresh.close()
+    orphan = Device(tmp_path / "orphan", sandbox, tasks, None)  # no global model published yet
+    try:
+        res = orphan.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": cands}})
+        assert res.status == "error" and "coda/global_model" in res.error and not orphan.models.exists("ctr")
+    finally:
+        orphan.close()
+
+
 # --- hostile input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("payload, words", [
@@ -439,7 +462,7 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     ({"candidates": [{"item_id": 5, "hist_items": "[1, 2"}]}, ["candidates[0].hist_items", "JSON"]),
     ({"candidates": [{"item_id": 5, "hist_items": [1, 2], "hist_cats": [3]}]}, ["hist_items", "hist_cats"]),
     ({"candidates": [{"item_id": 5}], "model": 3}, ["payload.model"]),
-    ({"candidates": [{"item_id": 5}], "model": "nope"}, ["nope", "does not exist"]),
+    ({"candidates": [{"item_id": 5}], "model": ""}, ["payload.model"]),
 ])
 def test_infer_hostile_payloads_end_in_clear_errors(device, data, payload, words):
     device.create_ctr(data["catalog"], seed=4)

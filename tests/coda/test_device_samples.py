@@ -206,24 +206,34 @@ def test_fetch_pulls_what_fits_and_the_daily_limit(world):
     assert st.get("probe", "seen") == seen  # exhausted is said once a day
 
 
+def publish_global_model(platform, n_items: int = 201, n_cats: int = 6) -> None:
+    from walle.platform.coda.global_model import train_global
+    rng = np.random.default_rng(2)
+    train = [{"item_id": int(i), "item_cats": [1 + int(i) % (n_cats - 1)], "hist_items": [1, 2, 3],
+              "hist_cats": [1, 1, 1], "profile": [], "label": float(rng.random() < 0.4)}
+             for i in rng.integers(1, n_items, size=64)]
+    data, _metrics = train_global(train, epochs=1, seed=0, catalog={"n_items": n_items, "n_cats": n_cats})
+    platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=data, actor="t"))
+
+
 def test_ask_ranks_a_home_page_from_m_or_m0_while_m_is_written(world):
-    """The app asks coda_infer for a home page; while training holds M's write lock, M0 serves."""
-    from walle.platform.coda.tasklib import coda_module
-    din, features, training = (coda_module(m) for m in ("din", "features", "training"))
-    _platform, _coda, dev = world
-    store = dev.host.models.scope("coda")
-    net = din.DIN({"n_items": 1683, "n_cats": 20}, 3)
-    store.create("ctr", net.params(), {"arch": "din", "config": net.config})
-    train = [{"item_id": i, "item_cats": [1], "hist_items": [1, 2, 3], "hist_cats": [1, 1, 1], "profile": [],
-              "label": float(i % 2)} for i in range(1, 65)]
-    training.train(net, features.batch(train, 50), 2, 0.005, 0)
-    store.commit("ctr", net.params(), {"arch": "din", "config": net.config}, store.begin_update("ctr")["version"])
+    """A brand-new device ranks the home page with the cloud's global model (coda_infer creates M from
+    it); once M moved on, an ask while training holds M's write lock is served from M0."""
+    platform, _coda, dev = world
+    publish_global_model(platform)
     page = {"candidates": [{"item_id": i, "item_cats": [1 + i % 4], "hist_items": [5, 6, 7], "hist_cats": [1, 2, 3],
                             "profile": []} for i in range(1, 21)]}
+    first = dev.ask("page_view:home", page)  # no coda_train run yet: no "model 'ctr' does not exist"
+    assert first["served_from"] == "M" and sorted(first["ranking"]) == list(range(1, 21))
+    assert first["scores"] == sorted(first["scores"], reverse=True)
+    store = dev.host.models.scope("coda")
+    assert store.info("ctr")["version"] == first["version"]
+    got = store.begin_update("ctr")  # what coda_train does: M moves on from M0
+    params = {k: v + 0.05 for k, v in got["params"].items()}
+    store.commit("ctr", params, got["meta"], got["version"])
     fresh = dev.ask("page_view:home", page)
-    assert fresh["served_from"] == "M" and sorted(fresh["ranking"]) == list(range(1, 21))
-    assert fresh["scores"] == sorted(fresh["scores"], reverse=True)
+    assert fresh["served_from"] == "M" and fresh["version"] != first["version"] and fresh["scores"] != first["scores"]
     with store.write_lock("ctr"):  # what coda_train holds while it replaces M
         during = dev.ask("page_view:home", page)
-    assert during["served_from"] == "M0" and during["version"] != fresh["version"]
+    assert during["served_from"] == "M0" and during["scores"] == first["scores"]
     assert dev.ask("page_view:home", page)["served_from"] == "M"

@@ -70,8 +70,12 @@ def create(name, net, arch, extra_meta=None):
     return model.create(name=name, params=net.params(), meta=meta)["version"]
 
 
-def load_for_inference(name, build):
-    """(net, served_from, version): M, or M0 while M is being replaced. `build(config)` makes the net."""
+def load_for_inference(name, build, resource=None):
+    """(net, served_from, version): M, or M0 while M is being replaced. `build(config)` makes the net.
+    A model this device does not have yet is first created from `resource` (the global model), so a
+    brand-new device ranks with the cloud's model until its own training commits."""
+    if resource is not None:
+        ensure_from_resource(name, resource)
     got = model.load(name=name)
     net = build(got["meta"]["config"])
     net.set_params(got["params"])
