@@ -35,6 +35,7 @@ from google.protobuf import json_format
 
 from walle.protos import bundle, device_pb2, device_pb2_grpc, tunnel_pb2
 
+from .blobfetch import HttpBlobs, HttpDownloadError
 from .tunnel import backoff_delay
 
 log = logging.getLogger("walle.device.sync")
@@ -250,7 +251,8 @@ class TaskSync:
                  report: Callable[[str, bytes], object] | None = None,
                  on_change: Callable[[SyncResult], None] | None = None,
                  accept: Callable[[device_pb2.ActiveTask], str | None] | None = None,
-                 bundle_cache: BundleCache | None = None, timeout: float = 30.0):
+                 bundle_cache: BundleCache | None = None, timeout: float = 30.0,
+                 blob_http: HttpBlobs | None = None):
         self.store = store
         self.stub = device_pb2_grpc.DeviceServiceStub(channel)
         self.metadata = tuple(metadata)
@@ -260,6 +262,8 @@ class TaskSync:
         self.accept = accept            # a reason to refuse a task on this device, or None
         self.bundle_cache = bundle_cache
         self.timeout = timeout
+        self.blob_http = blob_http      # HTTPS downloads when the platform announces a URL base
+        self.blob_url_base = ""
         self.revision = ""
         self.poll_after = 60.0
         self.unauthenticated = ""       # the platform's message once the credential is refused
@@ -288,7 +292,12 @@ class TaskSync:
                                             status=status, error=error[:2000])
             self.report("delivery", rep.SerializeToString())
 
-    def _fetch(self, digest: str) -> dict[str, bytes]:
+    def _fetch(self, digest: str, size: int = 0) -> dict[str, bytes]:
+        if self.blob_http is not None and self.blob_url_base:
+            try:
+                return bundle.unpack(self.blob_http.fetch(self.blob_url_base, digest, size), digest)
+            except (HttpDownloadError, bundle.BundleError) as e:
+                log.warning("HTTPS download of %s failed (%s); falling back to gRPC", digest[:20], e)
         chunks = self.stub.FetchBundle(device_pb2.FetchBundleRequest(digest=digest), metadata=self.metadata,
                                        timeout=self.timeout)
         data = b"".join(c.data for c in chunks)
@@ -299,6 +308,7 @@ class TaskSync:
         with self._sync_lock:
             reply = self.stub.GetActiveTasks(self.info(), metadata=self.metadata, timeout=self.timeout)
             result = SyncResult(revision=reply.revision, poll_after_seconds=reply.poll_after_seconds or 60)
+            self.blob_url_base = reply.blob_url_base
             installed = self.store.installed()
             wanted = {t.name for t in reply.tasks}
             for name in sorted(set(installed) - wanted):
@@ -321,8 +331,9 @@ class TaskSync:
                     pass  # back to the version kept on disk: verified when it was installed
                 elif reason is None:
                     try:
-                        files = (self.bundle_cache.get_or_fetch(task.bundle_digest, lambda: self._fetch(task.bundle_digest))
-                                 if self.bundle_cache else self._fetch(task.bundle_digest))
+                        fetch = lambda t=task: self._fetch(t.bundle_digest, t.bundle_size)  # noqa: E731
+                        files = (self.bundle_cache.get_or_fetch(task.bundle_digest, fetch)
+                                 if self.bundle_cache else fetch())
                         if task.manifest.entry not in files:
                             raise bundle.BundleError(f"entry script {task.manifest.entry!r} is not in the bundle")
                     except bundle.BundleError as e:
