@@ -58,12 +58,18 @@ def platform_init(obj: Ctx, hosts, operator, force):
 @click.option("--coda-day-seconds", type=float, default=0, metavar="N",
               help="Close the CoDA work-cycle day every N seconds (compressed days); 0: days are closed by `walle cloud pipeline`.")
 @click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
+@click.option("--blob-port", type=int, default=None,
+              help="Also serve bundles and resources over HTTPS by digest on this port (resumable, cacheable).")
+@click.option("--blob-url", default="", metavar="URL",
+              help="Tell devices to download blobs from URL<sha256/hex> (a CDN in front of `platform export-blobs`).")
+@click.option("--blob-public", is_flag=True,
+              help="Serve blobs on --blob-port without a device credential (signed content, readable by anyone).")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @pass_ctx
-def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, processes,
-                   reuseport):
+def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, blob_port,
+                   blob_url, blob_public, processes, reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -79,6 +85,7 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
     else:
         keys = pki.load(data_dir)
     platform = Platform(data_dir, keys=keys)
+    platform.blob_url_base = blob_url
     if not platform.operators.any() and not reuseport:
         err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
                           "`walle platform init` (or `walle operator create`)[/yellow]")
@@ -96,12 +103,22 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
                                         authorize_admin=operator_authorizer(platform),
                                         credentials=None if insecure else tls_credentials(platform),
                                         reuseport=processes > 1 or reuseport)
+    # the dashboard and blob servers use the platform certificate
+    pki_dir = pathlib.Path(data_dir) / "pki"
+    tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
+    stop_blobs = None
+    if blob_port is not None and not reuseport:
+        from ..blobs_http import start_blob_server
+        _bport, stop_blobs = start_blob_server(platform, host=host, port=blob_port, public=blob_public,
+                                               url_base=blob_url, **tls)
+        err_console.print(f"blobs on {platform.blob_url_base}sha256/<hex>"
+                          + (" (public)" if blob_public else " (device credential required)"))
     children = []
     if processes > 1:
         import subprocess
         args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
                 "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
-                "--coda" if coda else "--no-coda"] + (["--insecure"] if insecure else [])
+                "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else [])
         children = [subprocess.Popen(args) for _ in range(processes - 1)]
     if not reuseport:
         err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
@@ -109,8 +126,6 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
     stop_dashboard = None
     if dashboard_port is not None:
         from ..dashboard import start_dashboard
-        pki_dir = pathlib.Path(data_dir) / "pki"
-        tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
         dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
         err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
                           + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
@@ -124,11 +139,28 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
         child.terminate()
     if stop_dashboard:
         stop_dashboard()
+    if stop_blobs:
+        stop_blobs()
     if stop_clock:
         stop_clock()
     stop(2.0)
     for child in children:
         child.wait(10)
+
+
+@platform_group.command("export-blobs")
+@data_dir_option
+@click.argument("folder", type=click.Path(file_okay=False))
+@json_option
+@pass_ctx
+def platform_export_blobs(obj: Ctx, folder):
+    """Write released bundles and published resources to FOLDER/sha256/<hex> for a static server or CDN
+    (that content becomes public; announce it with `platform serve --blob-url`)."""
+    from ..blobs_http import export_blobs
+    from ..service import Platform
+    written = export_blobs(Platform(obj.data_dir), folder)
+    emit(obj, {"folder": str(folder), "written": written},
+         lambda d: console.print(f"{d['written']} new blob(s) written to {d['folder']}/sha256/", highlight=False))
 
 
 def register(main: click.Group) -> None:
