@@ -12,6 +12,7 @@ pushed it out, the last hit).
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Callable
 
@@ -266,8 +267,6 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
         with Client(scheduler, set_as_default=False) as own:
             return knn_ivf_distributed(vectors, k, client=own, n_shards=n_shards, nlist=nlist, nprobe=nprobe,
                                        query_block=query_block, on_block=on_block)
-    from distributed import as_completed
-
     x = _prepare(vectors)
     n = x.shape[0]
     k = min(k, n - 1)
@@ -287,6 +286,8 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
     qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
     window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
 
+    starts: dict = {}
+
     def submit(lo: int, hi: int):
         q = client.scatter(x[lo:hi], broadcast=True)
         parts = [client.submit(search_ivf_shard, f, q, k + 1, nprobe, workers=w, pure=False) for f, w in shard_futs]
@@ -294,12 +295,11 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
         starts[fut.key] = lo
         return fut
 
-    starts: dict = {}
     pending = iter(qblocks)
-    ac = as_completed([submit(*b) for _, b in zip(range(window), pending)])
-    for fut in ac:
-        sims, ids = fut.result()
-        lo = starts.pop(fut.key)
+    in_flight = collections.deque(submit(*b) for _, b in zip(range(window), pending))
+    while in_flight:  # oldest first: blocks come back in order, `window` of them being computed
+        fut = in_flight.popleft()
+        lo, (sims, ids) = starts.pop(fut.key), client.gather(fut)
         fut.release()
         if on_block is not None:
             on_block(lo, sims, ids)
@@ -307,7 +307,7 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
             out[0][lo:lo + len(sims)], out[1][lo:lo + len(ids)] = sims, ids
         nxt = next(pending, None)
         if nxt is not None:
-            ac.add(submit(*nxt))
+            in_flight.append(submit(*nxt))
     for f, _ in shard_futs:
         f.release()
     return out
