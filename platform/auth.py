@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
@@ -57,7 +58,8 @@ class DeviceCredentials:
             raise InvalidArgument(f"ttl_seconds must be >= 0 (got {ttl_seconds})")
         token = f"{TOKEN_PREFIX}.{secrets.token_urlsafe(32)}"
         now = int(time.time())
-        expires = now + ttl_seconds if ttl_seconds else 0
+        # rounded up, never down: int(now) + 1 could expire a 1 s credential milliseconds after enrollment
+        expires = math.ceil(time.time() + ttl_seconds) if ttl_seconds else 0
         with self.state.transaction() as db:
             before = db.execute("SELECT user_id FROM devices WHERE device_id = ?", [device_id]).fetchall()
             # Re-enrolling a device replaces its credential (the old token stops working) and its user.

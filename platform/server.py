@@ -80,33 +80,35 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     else:  # a synchronous handler would run in (and could block) a pool thread: not allowed here
         raise TypeError(f"{method}: handlers must be coroutines or async generators (got {behavior!r})")
 
+    def done(t0: float, context, outcome: str, detail: str = "") -> None:
+        # logged before the status goes out, so the line exists once the client has its answer
+        if admin:
+            tail = f" ({detail[:200]})" if detail else ""
+            access_log.info("admin %s by %s from %s: %s in %.1f ms%s", name, _actor.get(), context.peer(), outcome,
+                            (time.perf_counter() - t0) * 1000, tail)
+
     async def translated(request, context):
         t0 = time.perf_counter()
-        outcome, detail = "OK", ""
         try:
-            return await run(request, context)
+            result = await run(request, context)
         except WalleError as e:
-            outcome, detail = e.grpc_code, e.message
             if not isinstance(e, Unauthenticated):
                 log.debug("%s refused: %s: %s", method, e.grpc_code, e.message)
+            done(t0, context, e.grpc_code, e.message)
             await context.abort(getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL), e.message)
         except asyncio.CancelledError:
-            outcome = "CANCELLED"
+            done(t0, context, "CANCELLED")
             raise
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError:  # a handler aborted by itself
             code = context.code()
-            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            done(t0, context, code.name if isinstance(code, grpc.StatusCode) else "ABORTED")
             raise
         except Exception as e:
-            outcome, detail = "INTERNAL", f"{type(e).__name__}: {e}"
-            log.exception("%s failed (a bug): %s", method, detail)
+            log.exception("%s failed (a bug): %s: %s", method, type(e).__name__, e)
+            done(t0, context, "INTERNAL", f"{type(e).__name__}: {e}")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(e).__name__}")
-        finally:
-            if admin:
-                ms = (time.perf_counter() - t0) * 1000
-                tail = f" ({detail[:200]})" if detail else ""
-                access_log.info("admin %s by %s from %s: %s in %.1f ms%s", name, _actor.get(), context.peer(),
-                                outcome, ms, tail)
+        done(t0, context, "OK")
+        return result
 
     return make(translated, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
@@ -320,6 +322,7 @@ class LoopServer:
         except BaseException:
             self._close(0.0)
             raise
+        self.address = f"{host}:{self.port}"
         _running.add(self)
 
     def _run_loop(self) -> None:
@@ -360,8 +363,10 @@ class LoopServer:
     def _close(self, timeout: float) -> None:
         """Stop the loop, then the pool: queued work is dropped, running work gets `timeout` to end."""
         self.stopped = True
-        if self.loop.is_running() or not self.loop.is_closed():
+        try:
             self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop has already closed
+            pass
         self._thread.join(timeout=timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from .context import DEFAULT_DATA_DIR, Ctx
 @click.option("--platform", "platform_addr", envvar="WALLE_PLATFORM", metavar="HOST:PORT",
               help="Talk to a running platform server (default: work on --data-dir directly).")
 @click.option("--data-dir", envvar="WALLE_DATA_DIR", type=click.Path(file_okay=False),
-              help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR}).")
+              help=f"Platform data folder for local use (default: ./{DEFAULT_DATA_DIR} if it exists; `platform init` makes it).")
 @json_option
 @click.option("--actor", envvar="WALLE_ACTOR", help="Who is acting, for the audit trail (default: login name).")
 @click.option("--ca", envvar="WALLE_CA", type=click.Path(dir_okay=False),

@@ -3,7 +3,9 @@ shared options, and output helpers. Errors are handled once, by walle.protos.cli
 from __future__ import annotations
 
 import datetime
+import os
 import pathlib
+import re
 
 import click
 from rich.console import Console
@@ -17,6 +19,20 @@ from ..errors import InvalidArgument
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA_DIR = "walle-data"
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+
+
+def platform_address(text: str) -> str:
+    """A --platform value checked as HOST:PORT (port 1..65535): a typo must not dial somewhere else."""
+    m = _ADDRESS.match(text.strip())
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise InvalidArgument(f"--platform {text!r} is not HOST:PORT with a port in 1..65535 (e.g. localhost:50051)")
+    return text.strip()
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """Paths are resolved once, against the directory the command was started in."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class Ctx:
@@ -25,8 +41,9 @@ class Ctx:
     def __init__(self, platform: str | None = None, data_dir: str | None = None, actor: str | None = None,
                  ca: str | None = None, insecure: bool = False):
         self.cfg = config_mod.load()
-        self.platform_addr = platform or self.cfg.get("platform")
-        self.data_dir = data_dir or self.cfg.get("data_dir") or DEFAULT_DATA_DIR
+        addr = platform or self.cfg.get("platform")
+        self.platform_addr = platform_address(addr) if addr else None
+        self.data_dir = data_dir or self.cfg.get("data_dir")
         self.actor = actor or self.cfg.get("actor", "operator")
         self.ca = ca or self.cfg.get("ca")
         self.insecure = insecure or str(self.cfg.get("insecure", "")).lower() in ("1", "true", "yes")
@@ -36,13 +53,35 @@ class Ctx:
     def as_json(self) -> bool:
         return want_json()
 
+    @property
+    def data_dir(self) -> str:
+        """The platform data folder (absolute): --data-dir, WALLE_DATA_DIR or data_dir in the config
+        file; without any of them ./walle-data only if it exists (only `walle platform init` makes
+        the default one, see `init_data_dir`), so a forgotten option never shows an empty platform."""
+        if self.data_dir_given:
+            return self.data_dir_given
+        if not os.path.isdir(DEFAULT_DATA_DIR):
+            raise InvalidArgument(f"no platform data folder: pass --data-dir DIR (or set WALLE_DATA_DIR, or data_dir "
+                                  f"in {config_mod.config_path()}), or talk to a server with --platform HOST:PORT; "
+                                  f"`walle platform init` creates one (default ./{DEFAULT_DATA_DIR})")
+        return absolute(DEFAULT_DATA_DIR)
+
+    @data_dir.setter
+    def data_dir(self, value: str | os.PathLike | None) -> None:
+        self.data_dir_given = absolute(value) if value else None
+
+    @property
+    def init_data_dir(self) -> str:
+        """The folder `walle platform init` creates: the configured one, else ./walle-data."""
+        return absolute(self.data_dir_given or DEFAULT_DATA_DIR)
+
     def channel(self):
         """A channel to --platform: TLS checked against the platform CA unless --insecure."""
         import grpc
         if self.insecure:
             err_console.print("[bold red]WARNING: --insecure: plaintext gRPC, no server authentication[/bold red]")
             return grpc.insecure_channel(self.platform_addr)
-        ca = self.ca or (pathlib.Path(self.data_dir) / "pki" / "ca.pem")
+        ca = self.ca or (pathlib.Path(self.data_dir_given or DEFAULT_DATA_DIR) / "pki" / "ca.pem")
         try:
             root = pathlib.Path(ca).read_bytes()
         except OSError:

@@ -1,9 +1,11 @@
 """`walle platform ...`: create the platform's keys, serve its APIs."""
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import signal
+import subprocess
 import sys
 import threading
 
@@ -11,7 +13,7 @@ import click
 
 from walle.protos.clikit import WalleGroup, json_option
 
-from ..errors import InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument
 from .context import Ctx, console, data_dir_option, emit, err_console, pass_ctx
 
 
@@ -32,23 +34,25 @@ def platform_init(obj: Ctx, hosts, operator, force):
     """Create the platform's CA, server certificate, bundle-signing key and a first operator token."""
     from .. import pki
     from ..service import Platform
-    data_dir = obj.data_dir
+    data_dir = obj.init_data_dir
     keys = pki.init(data_dir, list(hosts) or None, force=force)
     token = Platform(data_dir, keys=keys).operators.create(operator, actor=obj.actor)
     out = {"data_dir": str(data_dir), "ca": str(pathlib.Path(data_dir) / "pki" / "ca.pem"), "operator": operator,
            "operator_token": token, "bundle_public_key": keys.bundle_public_key.hex()}
 
     def human(d):
-        console.print(f"keys written to {d['data_dir']}/pki (private keys mode 0600)", highlight=False)
-        console.print(f"operator {d['operator']} token (shown once): {d['operator_token']}", highlight=False)
-        console.print(f"  export WALLE_OPERATOR_TOKEN={d['operator_token']} WALLE_CA={d['ca']}", highlight=False)
+        line = functools.partial(console.print, highlight=False, soft_wrap=True)  # unwrapped: copy-pasteable
+        line(f"keys written to {d['data_dir']}/pki (private keys mode 0600)")
+        line(f"operator {d['operator']} token (shown once): {d['operator_token']}")
+        line(f"  export WALLE_OPERATOR_TOKEN={d['operator_token']} WALLE_CA={d['ca']}")
     emit(obj, out, human)
 
 
 @platform_group.command("serve")
 @data_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0 = any free port). A port in use exits with code 5.")
 @click.option("--workers", default=8, show_default=True, type=int,
               help="Threads for the synchronous handlers (polls and watch streams are async; more threads only contend for the GIL).")
 @click.option("--insecure", "serve_insecure", is_flag=True,
@@ -57,8 +61,8 @@ def platform_init(obj: Ctx, hosts, operator, force):
               help="Also serve the CoDA behaviour upload and sample-query service (catalog: `walle cloud catalog load`).")
 @click.option("--coda-day-seconds", type=float, default=0, metavar="N",
               help="Close the CoDA work-cycle day every N seconds (compressed days); 0: days are closed by `walle cloud pipeline`.")
-@click.option("--dashboard-port", type=int, default=None, help="Also serve the read-only web dashboard on this port.")
-@click.option("--blob-port", type=int, default=None,
+@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None, help="Also serve the read-only web dashboard on this port.")
+@click.option("--blob-port", type=click.IntRange(0, 65535), default=None,
               help="Also serve bundles and resources over HTTPS by digest on this port (resumable, cacheable).")
 @click.option("--blob-url", default="", metavar="URL",
               help="Tell devices to download blobs from URL<sha256/hex> (a CDN in front of `platform export-blobs`).")
@@ -99,53 +103,68 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             stop_clock = coda_cloud.start_clock(coda_day_seconds)
     if processes > 1 and port == 0:
         raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
-    _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
-                                        authorize_admin=operator_authorizer(platform),
-                                        credentials=None if insecure else tls_credentials(platform),
-                                        reuseport=processes > 1 or reuseport)
+    try:
+        _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
+                                            authorize_admin=operator_authorizer(platform),
+                                            credentials=None if insecure else tls_credentials(platform),
+                                            reuseport=processes > 1 or reuseport)
+    except OSError as e:
+        if stop_clock:
+            stop_clock()
+        raise FailedPrecondition(f"{e}; is another server running? choose another --port") from None
+    children: list = []
+    stop_dashboard = stop_blobs = None
     # the dashboard and blob servers use the platform certificate
     pki_dir = pathlib.Path(data_dir) / "pki"
     tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
-    stop_blobs = None
-    if blob_port is not None and not reuseport:
-        from ..blobs_http import start_blob_server
-        _bport, stop_blobs = start_blob_server(platform, host=host, port=blob_port, public=blob_public,
-                                               url_base=blob_url, **tls)
-        err_console.print(f"blobs on {platform.blob_url_base}sha256/<hex>"
-                          + (" (public)" if blob_public else " (device credential required)"))
-    children = []
-    if processes > 1:
-        import subprocess
-        args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
-                "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
-                "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else [])
-        children = [subprocess.Popen(args) for _ in range(processes - 1)]
-    if not reuseport:
-        err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
-                          f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
-    stop_dashboard = None
-    if dashboard_port is not None:
-        from ..dashboard import start_dashboard
-        dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
-        err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
-                          + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    if not reuseport:
-        err_console.print("shutting down")
-    for child in children:
-        child.terminate()
-    if stop_dashboard:
-        stop_dashboard()
-    if stop_blobs:
-        stop_blobs()
-    if stop_clock:
-        stop_clock()
-    stop(2.0)
-    for child in children:
-        child.wait(10)
+    try:
+        if blob_port is not None and not reuseport:
+            from ..blobs_http import start_blob_server
+            try:
+                _bport, stop_blobs = start_blob_server(platform, host=host, port=blob_port, public=blob_public,
+                                                       url_base=blob_url, **tls)
+            except OSError as e:
+                raise FailedPrecondition(f"{e}; choose another --blob-port") from None
+            err_console.print(f"blobs on {platform.blob_url_base}sha256/<hex>"
+                              + (" (public)" if blob_public else " (device credential required)"))
+        if processes > 1:
+            args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
+                    "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
+                    "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else [])
+            children = [subprocess.Popen(args) for _ in range(processes - 1)]
+        if not reuseport:
+            err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
+                              f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
+        if dashboard_port is not None:
+            from ..dashboard import start_dashboard
+            try:
+                dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
+            except OSError as e:
+                raise FailedPrecondition(f"{e}; choose another --dashboard-port") from None
+            err_console.print(f"dashboard on {'http' if insecure else 'https'}://{host}:{dport}/"
+                              + ("" if insecure else f" (trust {pki_dir / 'ca.pem'} in the browser)"))
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        if not reuseport:
+            err_console.print("shutting down")
+    finally:  # bounded: stop() cancels what is still running after its grace period
+        for child in children:
+            child.terminate()
+        if stop_dashboard:
+            stop_dashboard()
+        if stop_blobs:
+            stop_blobs()
+        if stop_clock:
+            stop_clock()
+        stop(2.0)
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 @platform_group.command("export-blobs")

@@ -181,6 +181,17 @@ def _wait_for(cond, timeout=5.0):
     return cond()
 
 
+def settled_marks(env, day: int, ids: list[str]) -> set[str]:
+    """The batches marked as pulled once the cancelled stream has ended on the server (then the
+    counted pulls equal the marked batches)."""
+    def settled():
+        before = env.mappings.pulls("dev-a", day)
+        time.sleep(0.1)
+        return before == env.mappings.pulls("dev-a", day) == len(env.mappings.pulled("dev-a", day, ids))
+    assert _wait_for(settled)
+    return env.mappings.pulled("dev-a", day, ids)
+
+
 def test_resume_after_client_cancels_mid_stream(env):
     samples = make_samples("r", 8 * 25, 5)
     env.mappings.put_day(5, {"alice": samples})
@@ -189,13 +200,7 @@ def test_resume_after_client_cancels_mid_stream(env):
     first = [next(call) for _ in range(3)]
     call.cancel()
     assert [b.batch_id for b in first] == all_ids[:3]
-    # Once the server has stopped, counted pulls equal the batches marked as pulled.
-    def settled():
-        before = env.mappings.pulls("dev-a", 5)
-        time.sleep(0.1)
-        return before == env.mappings.pulls("dev-a", 5) == len(env.mappings.pulled("dev-a", 5, all_ids))
-    assert _wait_for(settled)
-    marked = env.mappings.pulled("dev-a", 5, all_ids)
+    marked = settled_marks(env, 5, all_ids)
     assert set(all_ids[:2]) <= marked and len(marked) < 8
 
     resumed = env.pull(5)
@@ -265,13 +270,7 @@ def test_killed_client_mid_pull_keeps_its_unsent_batches(env):
     first = next(call)
     call.cancel()  # the device is killed after receiving one batch
     assert first.batch_id == "6.0"
-
-    def settled():
-        before = env.mappings.pulls("dev-a", 6)
-        time.sleep(0.1)
-        return before == env.mappings.pulls("dev-a", 6) == len(env.mappings.pulled("dev-a", 6, all_ids))
-    assert _wait_for(settled)
-    marked = env.mappings.pulled("dev-a", 6, all_ids)
+    marked = settled_marks(env, 6, all_ids)
     # Only what the transport took before the cancel counts; flow control holds back the rest.
     assert len(marked) < 12  # before the fix all 12 counted
     assert env.list(6).pulled_today == len(marked)
