@@ -17,7 +17,9 @@ Also prints recall on the real MovieLens-100k user vectors.
 Past one machine (--dask): knn_ivf_distributed, the IVF lists split over Dask workers. A fresh
 LocalCluster per size (--workers, 1 thread each), or an existing cluster (--scheduler ADDR, the
 same code). Prints wall time (training included), recall@K on --queries random users against
-exact search, and the peak RSS of each worker process (VmHWM) and of this process.
+exact search, the CPU seconds of this process and all workers together (robust when the box is
+shared: on N idle cores wall ~ cpu / N), and the peak RSS of each worker process (VmHWM) and of
+this process.
 
     python bench/bench_matching.py --dask --sizes 1000000,10000000 --workers 2 --nprobe 16
     python bench/bench_matching.py --dask --scheduler tcp://10.0.0.5:8786 --sizes 10000000
@@ -115,7 +117,7 @@ def dask_rows(args) -> None:
     from distributed import Client, LocalCluster
 
     print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'wall s':>8} {'recall@K':>9} "
-          f"{'exact q s':>9} {'worker peak MB':>22} {'client peak MB':>14} {'idle0':>6}", flush=True)
+          f"{'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} {'client peak MB':>14} {'idle0':>6}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         for kind in args.datasets.split(","):
             x = make_data(kind, n, args.dim)
@@ -136,10 +138,12 @@ def dask_rows(args) -> None:
                 client = Client(cluster)
             try:
                 idle = wait_idle(args.wait_idle)
+                cpu0 = time.process_time() + sum(client.run(time.process_time).values())
                 t = time.perf_counter()
                 mt.knn_ivf_distributed(x, args.k, client=client, nprobe=args.nprobe, nlist=args.nlist or None,
                                        on_block=keep)
                 elapsed = time.perf_counter() - t
+                cpu = time.process_time() + sum(client.run(time.process_time).values()) - cpu0
                 peaks = client.run(peak_rss_mb)
             finally:
                 client.close()
@@ -149,7 +153,7 @@ def dask_rows(args) -> None:
             nlist = args.nlist or mt.default_nlist(n)
             wpeak = "/".join(f"{v:.0f}" for v in peaks.values())
             print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {elapsed:>8.1f} {rec:>9.3f} "
-                  f"{t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} {idle:>6.2f}", flush=True)
+                  f"{cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} {idle:>6.2f}", flush=True)
             del x
 
 
