@@ -82,6 +82,12 @@ class HttpBlobs:
             raise HttpDownloadError(f"{url} served other bytes: expected {digest}, got {actual}")
         return data
 
+    def discard(self, digest: str) -> None:
+        """Drop a partial download (the blob arrived another way)."""
+        m = HEX.match(digest or "")
+        if m:
+            (self.partial_dir / (m.group(1) + ".part")).unlink(missing_ok=True)
+
     def _download(self, url: str, part: pathlib.Path, limit: int) -> None:
         """Bring `part` to the complete blob, resuming from its current length."""
         have = part.stat().st_size if part.exists() else 0

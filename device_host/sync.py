@@ -301,6 +301,8 @@ class TaskSync:
         chunks = self.stub.FetchBundle(device_pb2.FetchBundleRequest(digest=digest), metadata=self.metadata,
                                        timeout=self.timeout)
         data = b"".join(c.data for c in chunks)
+        if self.blob_http is not None:
+            self.blob_http.discard(digest)  # a partial HTTPS download is no longer needed
         return bundle.unpack(data, digest)  # verifies the sha256 before parsing anything
 
     def sync_once(self) -> SyncResult:

@@ -421,6 +421,8 @@ class DownTunnel:
         if data is None:
             parts = [c.data for c in self.stub.FetchResource(req, metadata=self.metadata, timeout=self.timeout)]
             data = b"".join(parts)
+            if self.blob_http is not None:
+                self.blob_http.discard(info.digest)  # a partial HTTPS download is no longer needed
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != info.digest:
             raise TunnelError(f"resource {name}@{info.version} digest mismatch: expected {info.digest}, got {actual}")

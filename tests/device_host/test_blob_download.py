@@ -174,6 +174,7 @@ def test_tampered_cache_is_refused_and_grpc_takes_over(live, tmp_path):
     info, data = host.down.fetch_resource("conf/big")
     assert info.blob_url_base == live.platform.blob_url_base and data == PAYLOAD[:50_000]
     assert ("/sha256/" + ref.digest[7:], "") in rec.seen  # HTTPS was tried first, then refused
+    assert not list((host.data_dir / "downloads").iterdir())  # nothing half-downloaded kept
 
     # once the cache is repaired, HTTPS serves the next device
     export_dir = folder / "sha256"
