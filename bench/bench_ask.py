@@ -6,12 +6,11 @@ Side by side in one run:
   emit+run   the previous way (the demo before issue 12): emit `page_view:home` and wait for the run;
              the result never reaches the app
   during training   socket asks while coda_train-like training holds M (served from M0 when locked)
-Prints p50/p99 in ms. coda_infer and the model code are today's (h11b is moving the model code into
-the task scripts; measure again after that lands)."""
+Prints p50/p99 in ms. coda_infer runs the DIN of the task library (tasks/_lib/coda) in the sandbox;
+the training thread trains the same library's DIN and commits through the model store."""
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import pathlib
 import statistics
@@ -23,9 +22,10 @@ import numpy as np
 
 from walle.device_host.app import AppClient, Device
 from walle.device_host.identity import Credentials
-from walle.device_host.models.api import make_model_ops
+from walle.device_host.models import blob
 from walle.device_host.sandbox import Sandbox
 from walle.platform.coda.global_model import train_global
+from walle.platform.coda.tasklib import coda_module
 from walle.platform.demo import tasks_dir
 from walle.platform.manifest import validate_task_dir
 from walle.platform.server import build_server
@@ -68,9 +68,9 @@ def main() -> None:
             dev.start(watch=False)
             pool = [sample(rng, int(rng.integers(1, N_ITEMS)), [int(h) for h in rng.integers(1, N_ITEMS, HIST)],
                            float(rng.random() < 0.4)) for _ in range(400)]
-            npz, _graph, _metrics = train_global(pool, epochs=1, seed=0)
-            ops = make_model_ops(dev.host.models)
-            ops["model.create"](name="ctr", arch="din", params_b64=base64.b64encode(npz).decode())
+            data, _metrics = train_global(pool, epochs=1, seed=0, catalog={"n_items": N_ITEMS, "n_cats": N_CATS + 1})
+            store = dev.host.models.scope("coda")
+            store.create("ctr", *blob.unpack(data))
             hist = [int(h) for h in rng.integers(1, N_ITEMS, HIST)]
 
             def page() -> dict:
@@ -97,10 +97,15 @@ def main() -> None:
 
                 stop_training = threading.Event()
 
-                def train() -> None:
+                din, features, training = (coda_module(m) for m in ("din", "features", "training"))
+
+                def train() -> None:  # what coda_train does: begin an update, train, commit under the lock
                     while not stop_training.is_set():
-                        ops["model.commit_if_better"](name="ctr", train_samples=pool[:300], val_samples=pool[300:],
-                                                      epochs=1)
+                        got = store.begin_update("ctr")
+                        net = din.DIN(got["meta"]["config"])
+                        net.set_params(got["params"])
+                        training.train(net, features.batch(pool[:300], HIST), 1, 0.005, 0)
+                        store.commit("ctr", net.params(), got["meta"], got["version"])
                 trainer = threading.Thread(target=train, daemon=True)
                 trainer.start()
                 t, served = [], {}

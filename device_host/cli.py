@@ -8,7 +8,7 @@ import json
 import logging
 import pathlib
 import signal
-import sys
+import sqlite3
 import tempfile
 import threading
 import time
@@ -17,7 +17,7 @@ import click
 import grpc
 
 from walle.protos.clikit import WalleCommand, json_option, print_json, want_json
-from walle.protos.errors import InvalidArgument
+from walle.protos.errors import InvalidArgument, Unauthenticated, WalleError
 
 from .identity import Credentials, IdentityError, credentials_path, parse_attrs
 
@@ -63,9 +63,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option("--once", is_flag=True, help="Sync once, run what is due, upload reports, and exit.")
 @click.option("--event", "events", multiple=True, metavar="NAME[=JSON]",
               help="Emit an app event after the first sync (repeatable), e.g. hello='{\"who\": \"ann\"}'.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Expose Prometheus metrics (runs, durations, installed tasks, queue) on 127.0.0.1:PORT.")
 @click.option("-v", "--verbose", count=True, help="-v info (default), -vv debug.")
 def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, allow_unconfined_tasks, profile, once,
-               events, verbose):
+               events, metrics_port, verbose):
     """Run a device host: keep tasks in sync with the platform and run them in the sandbox."""
     _setup_logging(verbose)
     from .host import DeviceHost
@@ -97,11 +99,22 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 raise InvalidArgument(f"--event {spec!r}: payload is not JSON: {e}") from None
     except IdentityError as e:
         raise InvalidArgument(str(e)) from None
+    except OSError as e:   # e.g. the credential cannot be copied into a full data folder
+        raise WalleError(f"cannot write the credential into {data}: {e.strerror or e}") from None
     from . import app
     sandbox = _sandbox(profile, allow_unconfined_tasks)
-    host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    try:
+        host = DeviceHost(data, address, attrs=attributes, sandbox=sandbox, credentials=cred)
+    except (OSError, sqlite3.Error) as e:  # a full or read-only disk: say so, no traceback
+        sandbox.close()
+        raise WalleError(f"cannot open the device's data folder {data}: {e} (is the disk full?)") from None
     log.info("device %s -> platform %s (attributes: %s)", cred.device_id, address,
              ", ".join(f"{k}={v}" for k, v in attributes.items()) or "none")
+    stop_metrics = None
+    if metrics_port is not None:
+        from .metrics import DeviceMetrics
+        mport, stop_metrics = DeviceMetrics(host).serve(metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", mport)
     try:
         # The first sync comes before any --event: an event fired before it would find no task installed.
         try:
@@ -114,6 +127,8 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                 log.error("the platform refused this device's credential (%s); enroll it again", e.details())
             else:
                 log.error("sync failed: %s: %s (running what is installed)", e.code().name, e.details())
+        except (OSError, sqlite3.Error) as e:   # e.g. a full disk
+            log.error("sync failed: %s (running what is installed)", e)
         for name, payload in parsed_events:
             tasks = app.emit(host, name, payload)[0]
             if tasks:
@@ -126,7 +141,6 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
             runs = host.triggers.drain()
             ok = host.up.flush(timeout=10)
             log.info("%d runs; reports %s", runs, "uploaded" if ok else f"queued ({host.up.pending()} pending)")
-            code = 1 if host.sync.unauthenticated else 0
         else:
             stop = threading.Event()
             _stop_on_signals(stop)
@@ -141,12 +155,15 @@ def device_run(platform_addr, data_dir, attrs, token_file, token, device_id, all
                         break
             finally:
                 server.stop()
-            code = 1 if host.sync.unauthenticated else 0
     finally:
+        if stop_metrics is not None:
+            stop_metrics()
         host.stop(flush_timeout=3)
         host.close()
         sandbox.close()
-    sys.exit(code)
+    if host.sync.unauthenticated:
+        raise Unauthenticated(f"the platform refused this device's credential ({host.sync.unauthenticated}); "
+                              "enroll it again")
 
 
 def _payload(text: str) -> object:
@@ -194,7 +211,8 @@ def device_ask(event, payload, data_dir, task, timeout):
         click.echo(json.dumps(result))
     else:
         click.echo(f"error: {reply.task} {reply.status}: {reply.error.strip()}", err=True)
-    sys.exit(0 if reply.status == "ok" else 5)
+    if reply.status != "ok":
+        raise click.exceptions.Exit(5)
 
 
 @click.command("run", cls=WalleCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,9 +233,11 @@ def device_ask(event, payload, data_dir, task, timeout):
 @click.option("--event", "event", default="", metavar="NAME[=JSON]", help="Emit this app event on every device each round.")
 @click.option("--allow-unconfined-tasks", is_flag=True, help="See `walle device run`.")
 @click.option("--workers", default=32, show_default=True, type=click.IntRange(1, 256), help="Thread pool size.")
+@click.option("--cleanup", is_flag=True,
+              help="At the end, revoke the devices this run enrolled (temporary devices leave no live credentials).")
 @click.option("-v", "--verbose", count=True)
 def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credentials_file, admin_token, ca, event,
-              allow_unconfined_tasks, workers, verbose):
+              allow_unconfined_tasks, workers, cleanup, verbose):
     """Emulate N devices in one process: sync them after every release, run their tasks, print a summary."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
@@ -234,9 +254,12 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
 
+    enrolled: list[str] = []
+
     def enroll(device_id: str, user_id: str) -> Credentials:
         reply = admin.EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, actor="fleet", user_id=user_id),
                                    metadata=md, timeout=30)
+        enrolled.append(reply.device_id)
         return Credentials(device_id, reply.token, platform_addr, reply.platform_ca_pem, reply.bundle_public_key.hex(),
                            user_id=reply.user_id)
 
@@ -246,25 +269,31 @@ def fleet_run(n, platform_addr, profile_file, seed, duration, base_dir, credenti
     except ValueError as e:
         raise InvalidArgument(f"--event: payload is not JSON: {e}") from None
     sandbox = _sandbox("native", allow_unconfined_tasks, workers=2) if event_name else None
+    fleet = None
     try:
         t0 = time.perf_counter()
-        fleet = Fleet(n, platform_addr, base, profile_file=profile_file, seed=seed, sandbox=sandbox,
-                      enroll=None if credentials_file else enroll, credentials_file=credentials_file,
-                      workers=workers, channel=channel, progress=True)
-    except IdentityError as e:
-        raise InvalidArgument(f"cannot set up the fleet: {e}") from None
-    console.print(f"{n} devices ready in {time.perf_counter() - t0:.1f}s (folders under {base})")
+        try:
+            fleet = Fleet(n, platform_addr, base, profile_file=profile_file, seed=seed, sandbox=sandbox,
+                          enroll=None if credentials_file else enroll, credentials_file=credentials_file,
+                          workers=workers, channel=channel, progress=True)
+        except IdentityError as e:
+            raise InvalidArgument(f"cannot set up the fleet: {e}") from None
+        console.print(f"{n} devices ready in {time.perf_counter() - t0:.1f}s (folders under {base})")
 
-    def on_round(st):
-        runs = fleet.emit_all(event_name, payload) if event_name else 0
-        console.print(f"round: {st.synced}/{st.devices} synced, {st.installed} installs, {st.rejected} refused, "
-                      f"{st.failed} failed, {st.elapsed_s:.2f}s" + (f", {runs} runs" if event_name else ""))
-    try:
+        def on_round(st):
+            runs = fleet.emit_all(event_name, payload) if event_name else 0
+            console.print(f"round: {st.synced}/{st.devices} synced, {st.installed} installs, {st.rejected} refused, "
+                          f"{st.failed} failed, {st.elapsed_s:.2f}s" + (f", {runs} runs" if event_name else ""))
         fleet.run(duration, on_round=on_round)
         fleet.flush_all()
         fleet.print_summary(console)
     finally:
-        fleet.close()
+        if fleet is not None:
+            fleet.close()
+        if cleanup:  # also after a failed setup: the devices enrolled so far
+            for device_id in enrolled:
+                admin.RevokeDevice(admin_pb2.DeviceRef(device_id=device_id, actor="fleet"), metadata=md, timeout=30)
+            console.print(f"revoked the {len(enrolled)} devices this run enrolled")
         channel.close()
         if sandbox is not None:
             sandbox.close()

@@ -125,7 +125,7 @@ class Fleet:
                  profile: dict | None = None, profile_file: str | os.PathLike | None = None, seed: int = 0,
                  sandbox: Any = None, enroll: Enroller | None = None, credentials_file: str | os.PathLike | None = None,
                  workers: int = 32, durable: bool = False, channel: grpc.Channel | None = None,
-                 id_prefix: str = "fleet", progress: bool = False, model_pool: Any = None):
+                 id_prefix: str = "fleet", progress: bool = False):
         if n_devices < 1:
             raise IdentityError(f"a fleet needs at least 1 device (got {n_devices})")
         self.base_dir = pathlib.Path(base_dir)
@@ -150,7 +150,7 @@ class Fleet:
         self.devices: list[DeviceHost] = list(self.pool.map(
             lambda i: DeviceHost(self.base_dir / ids[i], platform_address, attrs=attrs[i], sandbox=sandbox,
                                  credentials=creds[i], channel=self.channel, bundle_cache=self.bundle_cache,
-                                 durable=durable, model_pool=model_pool),
+                                 durable=durable),
             range(n_devices)))
         self.rounds: list[RoundStats] = []
         self._changed = threading.Event()

@@ -7,7 +7,7 @@ Data folder layout:
   tunnel.sqlite3     the up-tunnel queue (tunnel.UpTunnel)
   resources/         down-tunnel resources cached by digest (tunnel.DownTunnel)
   storage.sqlite3    task storage (walle.device_host.storage.TaskStorage)
-  models/            on-device models (walle.device_host.models.store.ModelStore)
+  models/<scope>/    on-device models, one scope per storage namespace (walle.device_host.models.store)
   app_events.sqlite3 the app's event log (walle.device_host.app.AppEventLog)
   app/app.sock       the app interface socket while `walle device run` serves it (app.AppServer)
 
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -33,10 +32,14 @@ from typing import Any, Callable, Mapping
 import grpc
 
 from walle.protos import bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
+from walle.protos.namespaces import storage_scope
 
 from .blobfetch import HttpBlobs
 from .identity import Credentials, IdentityError, credentials_path, device_info
-from .sync import BundleCache, InstalledTask, SyncResult, TaskStore, TaskSync
+from .recovery import set_aside
+from .storage import StorageCorrupt
+from .sync import BundleCache, CorruptInstall, InstalledTask, SyncResult, TaskStore, TaskSync
 from .triggers import TriggerEngine
 from .tunnel import DownTunnel, UpTunnel, tunnel_ops
 
@@ -59,10 +62,10 @@ def mnn_available() -> bool:
 class DeviceHost:
     def __init__(self, data_dir: str | os.PathLike, platform_address: str = "", *, attrs: Mapping[str, Any] | None = None,
                  sandbox: Any = None, credentials: Credentials | None = None, channel: grpc.Channel | None = None,
-                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1,
-                 model_pool: Any = None):
+                 bundle_cache: BundleCache | None = None, durable: bool = True, trigger_workers: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.credentials = credentials or Credentials.load(credentials_path(self.data_dir))
         self.platform_address = platform_address or self.credentials.platform
         if channel is None and not self.platform_address:
@@ -71,10 +74,11 @@ class DeviceHost:
         self.channel = channel or self.credentials.channel(self.platform_address)
         self.attrs = dict(attrs or {})
         self.sandbox = sandbox
-        self.model_pool = model_pool  # shared model worker processes (fleets); None: ops run here
         md = self.credentials.metadata
         self.store = TaskStore(self.data_dir / "tasks", fsync=durable)
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
+        if self.up.recovered:
+            self._host_event("recovered", {"file": "tunnel.sqlite3", "problem": self.up.recovered})
         blob_http = HttpBlobs(self.data_dir / "downloads", md, self.credentials.ca_pem)  # used when announced
         self.down = DownTunnel(self.data_dir / "resources", self.channel, md, blob_http=blob_http)
         self._storage = None
@@ -104,18 +108,33 @@ class DeviceHost:
     # -- storage and models, opened on first use --------------------------------------------------
     @property
     def storage(self):
+        """Opened on first use. A corrupt file is set aside and reported, and StorageCorrupt raised (the run
+        that hit it fails with that message); the next use starts an empty storage."""
         with self._storage_lock:
             if self._storage is None:
-                from .storage import TaskStorage
-                self._storage = TaskStorage(self.data_dir / "storage.sqlite3")
+                from .storage import StorageCorrupt, TaskStorage
+                path = self.data_dir / "storage.sqlite3"
+                try:
+                    self._storage = TaskStorage(path)
+                except StorageCorrupt as e:
+                    account = set_aside(path, str(e))
+                    self._host_event("recovered", {"file": path.name, "problem": account})
+                    raise StorageCorrupt(f"{account}; task storage restarts empty") from None
             return self._storage
+
+    def _host_event(self, kind: str, detail: dict) -> None:
+        """Tell the platform what the host had to repair ("event.host.<kind>"); never raises."""
+        try:
+            self.up.send(f"event.host.{kind}", dict(detail, device_id=self.device_id))
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk; the problem is logged already
+            log.error("cannot queue a host %s event: %s", kind, e)
 
     @property
     def models(self):
         with self._storage_lock:
             if self._models is None:
-                from .models.store import ModelStore
-                self._models = ModelStore(self.data_dir / "models")
+                from .models.store import ModelStores
+                self._models = ModelStores(self.data_dir / "models")
             return self._models
 
     @property
@@ -128,7 +147,8 @@ class DeviceHost:
 
     def _accept(self, task: device_pb2.ActiveTask) -> str | None:
         key = self.credentials.bundle_public_key
-        if key and not bundle.verify_signature(bytes.fromhex(key), task.bundle_digest, task.signature):
+        statement = bundle.release_statement(task.bundle_digest, task.release_id, task.config_json)
+        if key and not bundle.verify_signature(bytes.fromhex(key), statement, task.signature):
             # "bundle ..." reasons are retried on later pulls (the platform may re-sign and re-release)
             return ("bundle signature invalid: not signed by the platform key this device pinned at enrollment"
                     if task.signature else "bundle signature missing: this device only installs signed bundles")
@@ -139,8 +159,9 @@ class DeviceHost:
 
     @staticmethod
     def namespace(manifest: device_pb2.TaskManifest) -> str:
-        """Storage namespace: the manifest's (shared by cooperating tasks), else one from the name."""
-        return manifest.namespace or re.sub(r"[-_]+", "_", manifest.name).strip("_")
+        """The task's storage (and model) scope: its namespace, shared only with the tasks each side grants
+        in namespace_members (walle.protos.namespaces; checked at submit and at install), else its own."""
+        return storage_scope(manifest)
 
     def _count_rows(self, task: str, table: str) -> int:
         installed = self.store.get(task)
@@ -173,12 +194,13 @@ class DeviceHost:
             extra["tunnel.pull"] = pull_op(self.storage, self.namespace(task.manifest), self.channel,
                                            self.credentials.metadata, self.emit)
         if "model" in apis:
-            from .models.api import make_model_ops
-            extra.update(make_model_ops(self.models, self.model_pool))
+            from .models.ops import make_model_ops
+            fetch = (lambda name: self.down.fetch_resource(name)[1]) if "tunnel" in apis else None
+            extra.update(make_model_ops(self.models.scope(self.namespace(task.manifest)), fetch))
         if "events" in apis:
             from .app import event_ops
             extra.update(event_ops(self.app_log))
-        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra)
+        return HostAPI(self.storage, self.namespace(task.manifest), extra_ops=extra, config=task.config())
 
     def run_task(self, name: str, event: dict | None = None, *, trigger: str = "manual"):
         """Run the installed version of `name` in the sandbox and report it; returns the RunResult."""
@@ -192,29 +214,51 @@ class DeviceHost:
         if task is None:
             raise TaskNotInstalled(f"task {name!r} is not installed on device {self.device_id!r} "
                                    f"(installed: {', '.join(sorted(self.store.installed())) or 'none'})")
-        api = None
         try:
+            files = task.files()
             api = self._host_api(task)
+        except (CorruptInstall, StorageCorrupt) as e:
+            return self._cannot_run(task, trigger, e), []
+        try:
             # Only the op groups the manifest asks for: a task without "tunnel" cannot call tunnel.up.
-            groups = set(task.manifest.apis)
+            groups = set(task.manifest.apis) | {"config"}  # every task may read its own release's config
             allowed = {op for op in api.allowed_apis() if op.split(".", 1)[0] in groups}
             limits = self._limits(task.manifest)
             if wall_seconds is not None and wall_seconds < limits.wall_seconds:  # an app's ask deadline
                 limits = dataclasses.replace(limits, wall_seconds=wall_seconds)
-            result = self.sandbox.run(task.files(), task.manifest.entry, event or {}, limits=limits,
+            result = self.sandbox.run(files, task.manifest.entry, event or {}, limits=limits,
                                       api_handler=api, allowed_apis=allowed)
         except Exception as exc:  # still this run's failure, reported like any other
             from .sandbox import RunResult
             log.exception("running %s failed in the host", name)
             status = "refused" if getattr(exc, "exit_code", 1) in (2, 5) else "crashed"
             result = RunResult(status, error=f"the host could not run the task: {type(exc).__name__}: {exc}")
-        self._report_run(task, result, trigger, api.logs if api else [])
+        self._report_run(task, result, trigger, api.logs)
         with self._stats_lock:
             self.stats["runs"] += 1
             self.stats["ok" if result.status == "ok" else "failed"] += 1
         if self.on_run is not None:
             self.on_run(name, result)
-        return result, [(e["name"], e["payload"]) for e in api.events] if api else []
+        return result, [(e["name"], e["payload"]) for e in api.events]
+
+    def _cannot_run(self, task: InstalledTask, trigger: str, error: Exception):
+        """A run stopped before it started by a corrupt file: quarantine what can be fetched again, report
+        the run as failed with the reason, and carry on (the next sync re-installs the task)."""
+        from .sandbox import RunResult
+        message = str(error)
+        if isinstance(error, CorruptInstall):
+            self.store.quarantine(task, message)
+            self.sync.report_problems()
+            self.sync.poke()
+            message += "; the installed copy was quarantined and will be fetched again"
+        result = RunResult(status="error", error=message)
+        self._report_run(task, result, trigger, [])
+        with self._stats_lock:
+            self.stats["runs"] += 1
+            self.stats["failed"] += 1
+        if self.on_run is not None:
+            self.on_run(task.name, result)
+        return result
 
     def _report_run(self, task: InstalledTask, result, trigger: str, api_logs: list) -> None:
         """Queue the run's one RunReport, then its logs; never raises (a task cannot hide its own run)."""
@@ -233,8 +277,9 @@ class DeviceHost:
         if result.status == "ok":
             log.info("ran %s@%s (%s): ok in %.3fs", task.name, task.version[:12], trigger, result.duration_s)
         else:
+            # the error's first line is "Type: message"; the task's own traceback follows it
             log.warning("ran %s@%s (%s): %s: %s", task.name, task.version[:12], trigger, result.status,
-                        error.strip().splitlines()[-1:] or "")
+                        (error.strip().splitlines() or [""])[0])
 
     def _send_report(self, task: InstalledTask, status: str, trigger: str, error: str, duration_s: float = 0.0,
                      peak_memory_kb: int = 0) -> None:

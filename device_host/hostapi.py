@@ -12,6 +12,7 @@ Built-in ops (the task name is bound here, never passed by the task):
   storage.query(table, where=None, order_by=None, limit=100, offset=0)
   storage.count(table, where=None)      storage.delete_rows(table, where)
   log.info(message)  log.warning(message)  events.emit(name, payload=None)
+  config.get(key)    config.all()         (the release's task config: its value, else the schema default)
 
 Other components register ops through `extra_ops`: a dict of "group.name" -> callable taking exactly the
 task-visible arguments (bind the task or device yourself, e.g. with functools.partial or a closure). The
@@ -50,8 +51,11 @@ MAX_LOG_CHARS = 4096
 class HostAPI:
     """Callable as `api_handler(op, args, kwargs)` for Sandbox.run."""
 
-    def __init__(self, storage: TaskStorage, task_name: str, extra_ops: Mapping[str, Callable] | None = None):
+    def __init__(self, storage: TaskStorage, task_name: str, extra_ops: Mapping[str, Callable] | None = None,
+                 config: Mapping[str, object] | None = None):
+        """`config`: the task's resolved config (every declared parameter with its release value or default)."""
         self.storage, self.task = storage, task_name
+        self.config = dict(config or {})
         self.events: list[dict] = []
         self.event_bytes = 0
         self.logs: list[dict] = []
@@ -92,6 +96,7 @@ class HostAPI:
             "log.info": lambda message: self._log("info", message),
             "log.warning": lambda message: self._log("warning", message),
             "events.emit": self._emit,
+            "config.get": self._config_get, "config.all": lambda: dict(self.config),
         }
         for op, fn in (extra_ops or {}).items():
             if not isinstance(op, str) or not OP_RE.match(op):
@@ -121,6 +126,12 @@ class HostAPI:
             if estimate is not None:
                 run.admit(op, estimate(*args, **kwargs))
         return fn(*args, **kwargs)
+
+    def _config_get(self, key: str) -> object:
+        if key not in self.config:  # no silent fallback: a typo must not run with a made-up value
+            declared = ", ".join(sorted(self.config)) or "none: task.toml has no [config]"
+            raise InvalidArgument(f"config key {key!r} is not declared in task.toml (declared: {declared})")
+        return self.config[key]
 
     def _log(self, level: str, message: object) -> None:
         if len(self.logs) >= MAX_LOG_LINES:

@@ -51,16 +51,23 @@ class Credentials:
         return bearer_metadata(self.token)
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write atomically with mode 0600 (the token is a secret)."""
+        """Write atomically with mode 0600 (the token is a secret). An identical file is left as it is, so
+        starting again with the same credential writes nothing (and works on a full disk)."""
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"device_id": self.device_id, "token": self.token, "platform": self.platform,
+                           "ca_pem": self.ca_pem, "bundle_public_key": self.bundle_public_key,
+                           "user_id": self.user_id})
+        try:
+            if path.read_text() == text and (path.stat().st_mode & 0o777) == 0o600:
+                return path
+        except (OSError, UnicodeDecodeError):
+            pass
         fd, tmp = tempfile.mkstemp(prefix=".cred-", dir=path.parent)
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"device_id": self.device_id, "token": self.token, "platform": self.platform,
-                           "ca_pem": self.ca_pem, "bundle_public_key": self.bundle_public_key,
-                           "user_id": self.user_id}, f)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import grpc
 
 from walle.protos import coda_pb2, coda_pb2_grpc
-from walle.protos.errors import InvalidArgument, Unavailable
+from walle.protos.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 from .coda_rows import sample_to_row
 
@@ -96,6 +96,8 @@ def pull_op(storage, namespace: str, channel: grpc.Channel, metadata: tuple,
             raise InvalidArgument(f"day must be an int >= 0 (0: the newest prepared day), got {day!r}")
         if not isinstance(event, str):
             raise InvalidArgument(f"event must be an event name ('' for none), got {event!r}")
+        if channel is None:
+            raise FailedPrecondition("tunnel.pull needs a connection to a platform; a local run (walle task run) has none")
         client = SampleClient(channel, metadata)
         out = {"service": service, "day": day, "today": 0, "pulled": 0, "rows": 0, "batch_ids": [], "bytes": 0,
                "pulled_today": 0, "daily_limit": 0, "exhausted": False, "reason": ""}

@@ -23,6 +23,7 @@ import sqlite_utils
 from walle.protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from . import budget
+from .recovery import CorruptDatabase, is_corruption
 
 TASK_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
@@ -31,6 +32,10 @@ KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
 _RESERVED_COLUMNS = {"rowid", "oid"}
 _OPS = {"eq": "=", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class StorageCorrupt(Exception):
+    """The storage file cannot be opened as a sound SQLite database (the host sets it aside)."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,21 @@ class TaskStorage:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.set_progress_handler(budget.sqlite_progress, 10_000)  # a run that is over stops its SQL
         self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        try:
+            self._init_schema()
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise CorruptDatabase(f"quick_check: {problem}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if not is_corruption(exc):
+                raise   # e.g. a full disk: the file is sound
+            raise StorageCorrupt(f"device storage {Path(self.path).name} is corrupt: {exc}") from None
+
+    def _init_schema(self) -> None:
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self._lock = threading.RLock()
         with self._tx():
             self.db.execute("CREATE TABLE IF NOT EXISTS walle_kv (task TEXT NOT NULL, key TEXT NOT NULL, "
                             "value TEXT NOT NULL, PRIMARY KEY (task, key)) WITHOUT ROWID")

@@ -45,6 +45,7 @@ from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
 from walle.protos.errors import ResourceExhausted
 
 from .blobfetch import HttpBlobs, HttpDownloadError
+from .recovery import CorruptDatabase, is_corruption, set_aside
 
 log = logging.getLogger("walle.device.tunnel")
 
@@ -97,24 +98,14 @@ class UpTunnel:
         self.max_records = max_records
         self.max_bytes, self.task_max_bytes = max_bytes, task_max_bytes
         self.timeout = timeout
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-            # INCREMENTAL: freed pages can be given back to the file system (VACUUM applies it to an old file)
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            self._db.execute("VACUUM")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA journal_size_limit={4 << 20}")
-        # FULL: a committed send() survives power loss, not only a process crash.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
-        self._db.execute("""CREATE TABLE IF NOT EXISTS up_queue (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
-            prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
-        self._db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
-        # The stream epoch: picked once per queue, so a wiped or new queue (whose seqs restart)
-        # is a new stream to the cloud, never mistaken for records it already holds.
-        self._db.execute("CREATE TABLE IF NOT EXISTS up_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        self._db.execute("INSERT OR IGNORE INTO up_meta VALUES ('epoch', ?)", [random.getrandbits(63) or 1])
+        self.durable = durable
+        self.recovered = ""   # why the queue file was found corrupt and set aside at open, if it was
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            if not is_corruption(e):
+                raise   # e.g. a full disk: the file is sound, never set it aside
+            self._db = self._recover(e)
         self.epoch = self._db.execute("SELECT value FROM up_meta WHERE key='epoch'").fetchone()[0]
         if "owner" not in {r[1] for r in self._db.execute("PRAGMA table_info(up_queue)")}:
             self._db.execute("ALTER TABLE up_queue ADD COLUMN owner TEXT")  # the task that queued it
@@ -130,9 +121,48 @@ class UpTunnel:
         self.unauthenticated = False
         self.last_error = ""
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                # INCREMENTAL: freed pages can be given back to the file system (VACUUM applies it to an old file)
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                db.execute("VACUUM")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_size_limit={4 << 20}")
+            # FULL: a committed send() survives power loss, not only a process crash.
+            db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            # AUTOINCREMENT never reuses a seq, even after the highest records were deleted.
+            db.execute("""CREATE TABLE IF NOT EXISTS up_queue (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+                prio INTEGER NOT NULL, payload BLOB NOT NULL)""")
+            db.execute("CREATE INDEX IF NOT EXISTS up_queue_prio ON up_queue(prio, seq)")
+            # The stream epoch: picked once per queue, so a wiped or new queue (whose seqs restart)
+            # is a new stream to the cloud, never mistaken for records it already holds.
+            db.execute("CREATE TABLE IF NOT EXISTS up_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO up_meta VALUES ('epoch', ?)", [random.getrandbits(63) or 1])
+            # Keys of records that must be queued at most once (e.g. one report per completed install).
+            db.execute("CREATE TABLE IF NOT EXISTS up_once (key TEXT PRIMARY KEY)")
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise CorruptDatabase(f"quick_check: {problem}")
+            return db
+        except BaseException:
+            db.close()
+            raise
+
+    def _recover(self, error: Exception) -> sqlite3.Connection:
+        """The queue file is corrupt: set it aside (it may be salvaged by hand) and start an empty queue,
+        a new stream (epoch) to the cloud, so its restarted seqs are not taken for duplicates."""
+        self.recovered = set_aside(self.path, str(error)) + "; the up-tunnel queue restarted empty"
+        return self._open()
+
     # -- queue ----------------------------------------------------------------------------------
-    def send(self, topic: str, payload: bytes | dict | list | str, owner: str | None = None) -> int:
-        """Queue one record durably; returns its seq. `owner`: the task it is charged to (None: the host)."""
+    def send(self, topic: str, payload: bytes | dict | list | str, owner: str | None = None, *,
+             once_key: str = "") -> int:
+        """Queue one record durably; returns its seq. `owner`: the task it is charged to (None: the host).
+        With `once_key`, a record with the same key that was queued before (even by a previous process) is
+        not queued again: 0 is returned."""
         if not isinstance(topic, str) or not TOPIC_RE.match(topic) or len(topic) > 128:
             raise TunnelError(f"up-tunnel topic {topic!r} is invalid: lower-case words separated by '.'")
         if isinstance(payload, (dict, list, str)):
@@ -149,6 +179,10 @@ class UpTunnel:
             saved = self._bytes, dict(self._owner_bytes), self._stats["dropped"]
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if once_key and not self._db.execute("INSERT OR IGNORE INTO up_once (key) VALUES (?)",
+                                                     [once_key]).rowcount:
+                    self._db.execute("ROLLBACK")
+                    return 0
                 cur = self._db.execute("INSERT INTO up_queue (topic, ts_ms, prio, payload, owner) VALUES (?, ?, ?, ?, ?)",
                                        [topic, int(time.time() * 1000), priority(topic), bytes(payload), owner])
                 seq = cur.lastrowid

@@ -9,6 +9,7 @@ last-seen times the gRPC server already holds in memory so the fleet view is cur
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
@@ -22,9 +23,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from walle.protos import admin_pb2
+from walle.protos.clikit import to_jsonable
 
 from .auth import OperatorCredentials
-from .errors import InvalidArgument, Unauthenticated, WalleError
+from .errors import InvalidArgument, NotFound, Unauthenticated, WalleError
+from .guards import guard_states
 from .httpserve import serve_in_thread
 from .releases import release_to_proto
 from .service import Platform, to_dict
@@ -33,6 +36,8 @@ from .service import Platform, to_dict
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "dashboard_static"
 FLEET_WINDOW_S = 24 * 3600  # "the fleet" = devices seen within the last day
 MAX_RELEASES = 200          # newest first; each release costs a few aggregate queries per poll
+MAX_DEVICES = 500           # device list rows (filter to find others)
+RUNS_SHOWN = 8              # runs per list in the release drill-down
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
                "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429,
@@ -100,14 +105,45 @@ def fleet(platform: Platform, now: int | None = None) -> dict[str, Any]:
 
 
 def overview(platform: Platform) -> dict[str, Any]:
-    """Everything the page shows at once: tasks, releases with health figures, fleet counts."""
+    """Everything the page shows at once: tasks, releases with health figures and guards, fleet counts."""
     platform.flush_seen()  # last-seen times live in memory until flushed; the fleet view needs them
     tasks = [_task(t) for t in platform.ListTasks(admin_pb2.Empty()).tasks]
     rows = platform.state.releases()
     stats = platform.state.release_stats_many([r["id"] for r in rows[:MAX_RELEASES]])
-    releases = [_release(release_to_proto(r, stats[r["id"]])) for r in rows[:MAX_RELEASES]]
+    guards = guard_states(platform.state)
+    releases = [dict(_release(release_to_proto(r, stats[r["id"]])), guard=guards.get(r["id"], ""))
+                for r in rows[:MAX_RELEASES]]
     return {"server_time": time.time(), "tasks": tasks, "releases": releases, "releases_total": len(rows),
             "fleet": fleet(platform)}
+
+
+def release_detail(platform: Platform, release_id: str) -> dict[str, Any]:
+    """One release: convergence, top errors, guard, its latest failed runs and latest runs with logs."""
+    ref = admin_pb2.ReleaseRef(id=release_id)
+    health = to_jsonable(platform.GetReleaseHealth(ref))
+    try:
+        guard = to_jsonable(platform.GetReleaseGuard(ref))
+    except NotFound:
+        guard = None
+    failed = platform.GetLogs(admin_pb2.LogRequest(release_id=release_id, status="failed", limit=RUNS_SHOWN))
+    runs = platform.GetLogs(admin_pb2.LogRequest(release_id=release_id, limit=RUNS_SHOWN))
+    return {"health": health, "guard": guard, "failed_runs": to_jsonable(failed)["entries"],
+            "runs": to_jsonable(runs)["entries"]}
+
+
+def devices(platform: Platform, query: str = "") -> dict[str, Any]:
+    """Enrolled devices (newest seen first), with their failed-run counts; `query` filters by id or user."""
+    platform.flush_seen()
+    failed = dict(platform.state.db.execute(
+        "SELECT device_id, COUNT(*) FROM run_reports WHERE status != 'ok' GROUP BY device_id").fetchall())
+    out = []
+    for d in sorted(platform.ListDevices(admin_pb2.Empty()).devices, key=lambda d: -d.last_seen):
+        user = json.loads(d.attrs_json or "{}").get("user_id", "")
+        if query and query not in d.device_id and query not in user:
+            continue
+        out.append({"device_id": d.device_id, "user_id": user, "app_version": d.app_version,
+                    "last_seen": d.last_seen, "revoked": d.revoked, "failed_runs": failed.get(d.device_id, 0)})
+    return {"devices": out[:MAX_DEVICES], "total": len(out)}
 
 
 def _task(tv: admin_pb2.TaskVersion) -> dict[str, Any]:
@@ -172,6 +208,15 @@ def build_app(platform: Platform, operators: TokenVerifier | None = None) -> Sta
         reply = platform.DiffTask(admin_pb2.DiffRequest(name=name, v1=v1, v2=v2))
         return {"task": name, "v1": v1, "v2": v2, "unified_diff": reply.unified_diff}
 
+    def get_release(request: Request) -> dict:
+        return release_detail(platform, request.path_params["id"])
+
+    def get_devices(request: Request) -> dict:
+        return devices(platform, request.query_params.get("q", "").strip())
+
+    def get_device(request: Request) -> dict:
+        return to_jsonable(platform.GetDevice(admin_pb2.DeviceRef(device_id=request.path_params["id"])))
+
     def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
@@ -183,6 +228,9 @@ def build_app(platform: Platform, operators: TokenVerifier | None = None) -> Sta
         Route("/api/overview", api(get_overview)),
         Route("/api/tasks/{name}/history", api(get_history)),
         Route("/api/tasks/{name}/diff", api(get_diff)),
+        Route("/api/releases/{id}", api(get_release)),
+        Route("/api/devices", api(get_devices)),
+        Route("/api/devices/{id}", api(get_device)),
         Mount("/static", StaticFiles(directory=STATIC_DIR)),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found})

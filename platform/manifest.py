@@ -8,6 +8,7 @@ Scripts are only compiled, never executed: their `from walle import ...` exists 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from walle.platform import taskconfig
 from walle.platform.errors import InvalidArgument
 from walle.protos import bundle as _bundle
+from walle.protos import namespaces as _namespaces
 from walle.protos import device_pb2
 
 MANIFEST_FILE = "task.toml"
@@ -39,10 +42,20 @@ IGNORED_FILES = {".DS_Store"}
 # A task folder is stored inside a git repository: these names would change how git stores it.
 RESERVED_NAMES = {".git", ".gitattributes"}
 
-_TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "namespace", "limits", "triggers")
+_TOP_KEYS = ("name", "entry", "description", "apis", "min_host_version", "namespace", "limits", "triggers",
+             "namespace_members", "libraries", "config")
+MAX_NAMESPACE_MEMBERS = 32
 # Storage namespaces: what the device storage accepts as a task name (no "-", no "__").
 NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds")
+# Task libraries: shared code in tasks/_lib/<name>/, copied into each bundle that declares it (at _lib/<name>/).
+LIB_DIR = "_lib"
+LIBRARY_FILE = "library.toml"
+LIBRARY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+MAX_LIBRARIES = 16
+_LIBRARY_KEYS = ("description", "libraries")
+# Modules the sandbox provides itself (device_host/sandbox/policy.py): a library cannot take their names.
+SANDBOX_MODULES = ("numpy", "math", "json", "random", "walle", "mnn")
 
 
 class ManifestError(InvalidArgument):
@@ -83,12 +96,15 @@ class Manifest:
     limits: Limits = field(default_factory=Limits)
     triggers: tuple[Trigger, ...] = ()
     namespace: str = ""
+    namespace_members: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
+    config: tuple[taskconfig.ConfigParam, ...] = ()
 
     @property
     def storage_namespace(self) -> str:
-        """Where the task's storage lives: its declared namespace, shared by cooperating tasks
-        (the CoDA tasks and their app share "coda"), else one derived from its name."""
-        return self.namespace or re.sub(r"[-_]+", "_", self.name).strip("_")
+        """Where the task's storage lives: its declared namespace, shared with the tasks it grants in
+        namespace_members (the CoDA tasks share "coda"), else one derived from its name."""
+        return _namespaces.storage_scope(self)
 
     def to_proto(self) -> device_pb2.TaskManifest:
         return device_pb2.TaskManifest(
@@ -96,7 +112,9 @@ class Manifest:
             triggers=[t.to_proto() for t in self.triggers],
             limits=device_pb2.Limits(memory_mb=self.limits.memory_mb, cpu_seconds=self.limits.cpu_seconds,
                                      wall_seconds=self.limits.wall_seconds),
-            apis=list(self.apis), min_host_version=self.min_host_version, namespace=self.namespace)
+            apis=list(self.apis), min_host_version=self.min_host_version, namespace=self.namespace,
+            namespace_members=list(self.namespace_members),
+            libraries=list(self.libraries), config=[_param_proto(p) for p in self.config])
 
     @classmethod
     def from_proto(cls, pb: device_pb2.TaskManifest) -> "Manifest":
@@ -108,6 +126,12 @@ class Manifest:
             data["min_host_version"] = pb.min_host_version
         if pb.namespace:
             data["namespace"] = pb.namespace
+        if pb.namespace_members:
+            data["namespace_members"] = list(pb.namespace_members)
+        if pb.libraries:
+            data["libraries"] = list(pb.libraries)
+        if pb.config:
+            data["config"] = {p.name: _param_dict(p) for p in pb.config}
         if pb.HasField("limits"):
             data["limits"] = {"memory_mb": pb.limits.memory_mb, "cpu_seconds": pb.limits.cpu_seconds,
                               "wall_seconds": pb.limits.wall_seconds}
@@ -130,8 +154,15 @@ class Manifest:
             lines.append(f"min_host_version = {_toml_str(self.min_host_version)}")
         if self.namespace:
             lines.append(f"namespace = {_toml_str(self.namespace)}")
+        if self.namespace_members:
+            lines.append("namespace_members = [" + ", ".join(_toml_str(m) for m in self.namespace_members) + "]")
+        if self.libraries:
+            lines.append("libraries = [" + ", ".join(_toml_str(lib) for lib in self.libraries) + "]")
         lines += ["", "[limits]", f"memory_mb = {self.limits.memory_mb}",
                   f"cpu_seconds = {self.limits.cpu_seconds!r}", f"wall_seconds = {self.limits.wall_seconds!r}"]
+        for p in self.config:
+            lines += ["", f"[config.{p.name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in p.describe().items()]
         for t in self.triggers:
             lines += ["", "[[triggers]]", f"kind = {_toml_str(t.kind)}"]
             if t.kind == "event":
@@ -141,6 +172,37 @@ class Manifest:
             else:
                 lines.append(f"every_seconds = {t.every_seconds!r}")
         return "\n".join(lines) + "\n"
+
+
+def _param_proto(p: taskconfig.ConfigParam) -> device_pb2.ConfigParam:
+    return device_pb2.ConfigParam(
+        name=p.name, type=p.type, default_json=json.dumps(p.default), help=p.help,
+        min_json="" if p.min is None else json.dumps(p.min), max_json="" if p.max is None else json.dumps(p.max),
+        choices_json=[json.dumps(c) for c in p.choices])
+
+
+def _param_dict(pb: device_pb2.ConfigParam) -> dict:
+    try:
+        d: dict[str, Any] = {"type": pb.type, "default": json.loads(pb.default_json), "help": pb.help}
+        if pb.min_json:
+            d["min"] = json.loads(pb.min_json)
+        if pb.max_json:
+            d["max"] = json.loads(pb.max_json)
+        if pb.choices_json:
+            d["choices"] = [json.loads(c) for c in pb.choices_json]
+    except ValueError as e:
+        raise ManifestError(f"task manifest: config.{pb.name} holds invalid JSON: {e}") from None
+    return d
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
 
 
 def _toml_str(s: str) -> str:
@@ -237,10 +299,67 @@ def _from_dict(data: dict, src: str) -> Manifest:
         raise ManifestError(f"{src}: namespace must be lowercase letters and digits in words joined by single "
                             f"'_', at most 48 characters (got {namespace!r})")
 
+    members = _namespace_members(data, name, namespace, src)
     limits = _limits(data.get("limits", {}), src)
     triggers = _triggers(data.get("triggers", []), src)
+    libraries = _library_names(data.get("libraries", []), src, "libraries")
+    config = taskconfig.parse_schema(data.get("config", {}), src)
     return Manifest(name=name, entry=entry, description=description, apis=tuple(apis),
-                    min_host_version=min_host_version, limits=limits, triggers=triggers, namespace=namespace)
+                    min_host_version=min_host_version, limits=limits, triggers=triggers, namespace=namespace,
+                    namespace_members=members, libraries=libraries, config=config)
+
+
+def _namespace_members(data: dict, name: str, namespace: str, src: str) -> tuple[str, ...]:
+    """The tasks this one grants to share its namespace (see walle.protos.namespaces); itself included."""
+    raw = data.get("namespace_members", [])
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise ManifestError(f"{src}: namespace_members must be a list of task names (got {raw!r})")
+    if raw and not namespace:
+        raise ManifestError(f"{src}: namespace_members needs a namespace to share")
+    if len(raw) > MAX_NAMESPACE_MEMBERS:
+        raise ManifestError(f"{src}: namespace_members lists {len(raw)} tasks; at most {MAX_NAMESPACE_MEMBERS}")
+    for i, m in enumerate(raw):
+        if not NAME_RE.match(m):
+            raise ManifestError(f"{src}: namespace_members[{i}] is not a task name (got {m!r})")
+    if len(set(raw)) != len(raw):
+        raise ManifestError(f"{src}: namespace_members lists a task twice")
+    if raw and name not in raw:
+        raise ManifestError(f"{src}: namespace_members must include this task ({name!r}) itself")
+    return tuple(sorted(raw))
+
+
+def _library_names(raw: Any, src: str, label: str) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise ManifestError(f"{src}: {label} must be a list of library names (got {raw!r})")
+    if len(raw) > MAX_LIBRARIES:
+        raise ManifestError(f"{src}: {label} lists {len(raw)} libraries; at most {MAX_LIBRARIES} are allowed")
+    out: list[str] = []
+    for i, lib in enumerate(raw):
+        if not isinstance(lib, str):
+            raise ManifestError(f"{src}: {label}[{i}] must be a string (got {lib!r})")
+        if "/" in lib or "\\" in lib or lib.startswith("."):
+            raise ManifestError(f"{src}: {label}[{i}] {lib!r} escapes the tasks folder: a library is named by its "
+                                f"folder in tasks/{LIB_DIR}/, not by a path")
+        if not LIBRARY_NAME_RE.match(lib):
+            raise ManifestError(f"{src}: {label}[{i}] must be a library name: a lowercase letter, then up to 47 of "
+                                f"a-z 0-9 _ (it is imported as a Python package) (got {lib!r})")
+        if lib in SANDBOX_MODULES:
+            raise ManifestError(f"{src}: {label}[{i}] {lib!r} is the name of a module the sandbox provides")
+        if lib in out:
+            raise ManifestError(f"{src}: {label} lists {lib!r} twice")
+        out.append(lib)
+    return tuple(out)
+
+
+def parse_library_manifest(text: str, src: str) -> tuple[str, ...]:
+    """The libraries a library needs, from its optional library.toml (keys: description, libraries)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ManifestError(f"{src}: invalid TOML: {e}") from None
+    _unknown_keys(data, _LIBRARY_KEYS, "", src)
+    _string(data, "description", src)
+    return _library_names(data.get("libraries", []), src, "libraries")
 
 
 def _limits(raw: Any, src: str) -> Limits:
@@ -328,7 +447,8 @@ def strip_ignored(files: dict[str, bytes]) -> dict[str, bytes]:
 def validate_task_files(files: dict[str, bytes]) -> Manifest:
     """Check a task's files (relative path -> content); return its manifest or raise TaskFolderError/ManifestError."""
     if len(files) > MAX_TASK_FILES:
-        raise TaskFolderError(f"task folder has {len(files)} files; at most {MAX_TASK_FILES} are allowed")
+        raise TaskFolderError(f"task folder has {len(files)} files; at most {MAX_TASK_FILES} are allowed "
+                              f"(libraries included)")
     total = 0
     for path in sorted(files, key=str):
         problem = _bundle.path_problem(path)
@@ -344,7 +464,8 @@ def validate_task_files(files: dict[str, bytes]) -> Manifest:
                                   f"are allowed per file")
         total += len(data)
     if total > MAX_TASK_TOTAL_SIZE:
-        raise TaskFolderError(f"task files total {total} bytes; at most {MAX_TASK_TOTAL_SIZE} are allowed")
+        raise TaskFolderError(f"task files total {total} bytes; at most {MAX_TASK_TOTAL_SIZE} are allowed "
+                              f"(libraries included)")
     for path in files:
         parts = path.split("/")
         for i in range(1, len(parts)):
@@ -360,11 +481,78 @@ def validate_task_files(files: dict[str, bytes]) -> Manifest:
     manifest = parse_manifest(text)
     if manifest.entry not in files:
         raise TaskFolderError(f"task entry {manifest.entry!r} (from {MANIFEST_FILE}) is not in the task folder")
+    if manifest.entry.split("/")[0] == LIB_DIR:
+        raise TaskFolderError(f"task entry {manifest.entry!r} is inside {LIB_DIR}/, which holds libraries")
+    _check_bundled_libraries(files, manifest)
 
     for path in sorted(files):
         if path.endswith(".py"):
             _compile_check(path, files[path])
     return manifest
+
+
+def _library_deps(files: dict[str, bytes], name: str) -> tuple[str, ...]:
+    path = f"{LIB_DIR}/{name}/{LIBRARY_FILE}"
+    if path not in files:
+        return ()
+    try:
+        text = files[path].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    return parse_library_manifest(text, path)
+
+
+def library_closure(roots: tuple[str, ...], deps_of, where: str = MANIFEST_FILE) -> list[str]:
+    """Every library `roots` need, directly or through other libraries (depth first, each once).
+
+    `deps_of(name)` returns a library's own dependencies, or raises TaskFolderError for an unknown one.
+    A cycle is refused: libraries are layered, so each one's imports stay understandable."""
+    order: list[str] = []
+
+    def visit(name: str, chain: list[str]) -> None:
+        if name in chain:
+            raise TaskFolderError(f"library cycle: {' -> '.join(chain[chain.index(name):] + [name])}")
+        if name in order:
+            return
+        deps = deps_of(name, f"library {chain[-1]!r}" if chain else where)
+        for dep in deps:
+            visit(dep, chain + [name])
+        order.append(name)
+
+    for root in roots:
+        visit(root, [])
+    return order
+
+
+def _check_bundled_libraries(files: dict[str, bytes], manifest: Manifest) -> None:
+    """The bundle's _lib/ holds exactly the libraries task.toml needs (transitively), each a package."""
+    present: set[str] = set()
+    for path in files:
+        parts = path.split("/")
+        if parts[0] != LIB_DIR:
+            continue
+        if len(parts) < 3:
+            raise TaskFolderError(f"task file {path!r}: {LIB_DIR}/ holds only library folders ({LIB_DIR}/<name>/...)")
+        present.add(parts[1])
+
+    def deps_of(name: str, wanted_by: str) -> tuple[str, ...]:
+        if name not in present:
+            raise TaskFolderError(f"unknown library {name!r} (needed by {wanted_by}): the bundle has no "
+                                  f"{LIB_DIR}/{name}/; `walle task submit` copies it from tasks/{LIB_DIR}/{name}/")
+        return _library_deps(files, name)
+
+    needed = library_closure(manifest.libraries, deps_of)
+    extra = sorted(present - set(needed))
+    if extra:
+        raise TaskFolderError(f"the bundle holds library {extra[0]!r} in {LIB_DIR}/ but {MANIFEST_FILE} does not "
+                              f"declare it (add it to libraries)")
+    top = {p.split("/")[0].removesuffix(".py") for p in files if p.split("/")[0] != LIB_DIR}
+    for name in needed:
+        if f"{LIB_DIR}/{name}/__init__.py" not in files:
+            raise TaskFolderError(f"library {name!r} has no __init__.py: a library is a Python package")
+        if name in top:
+            raise TaskFolderError(f"task file or folder {name!r} has the name of library {name!r}; "
+                                  f"`import {name}` would be ambiguous")
 
 
 def _compile_check(path: str, source: bytes) -> None:
@@ -420,7 +608,52 @@ def read_task_dir(path: str | os.PathLike) -> dict[str, bytes]:
     return files
 
 
-def validate_task_dir(path: str | os.PathLike) -> tuple[Manifest, dict[str, bytes]]:
-    """Read and validate a task folder; return its manifest and files (relative path -> content)."""
+def load_task_dir(path: str | os.PathLike, lib_root: str | os.PathLike | None = None) -> dict[str, bytes]:
+    """A task folder's files with the libraries its task.toml declares copied in at _lib/<name>/.
+
+    Libraries are read from `lib_root` (default: the `_lib` folder next to the task folder, i.e.
+    tasks/_lib/ for tasks/<name>/), so the bundle built from the result is self-contained."""
     files = read_task_dir(path)
+    if any(p.split("/")[0] == LIB_DIR for p in files):
+        raise TaskFolderError(f"task folder {str(path)!r} has its own {LIB_DIR}/: libraries live in "
+                              f"tasks/{LIB_DIR}/<name>/ and are declared with libraries = [...] in {MANIFEST_FILE}")
+    try:
+        text = files[MANIFEST_FILE].decode("utf-8") if MANIFEST_FILE in files else ""
+    except UnicodeDecodeError:
+        return files   # validation reports it
+    try:
+        manifest = parse_manifest(text)
+    except ManifestError:
+        return files   # validation reports it, with the same message
+    if not manifest.libraries:
+        return files
+    root = Path(lib_root) if lib_root is not None else Path(path).resolve().parent / LIB_DIR
+    libs: dict[str, dict[str, bytes]] = {}
+
+    def deps_of(name: str, wanted_by: str) -> tuple[str, ...]:
+        folder = root / name
+        if folder.is_symlink():
+            raise TaskFolderError(f"library {name!r}: {folder} is a symlink, which could lead outside the tasks "
+                                  f"folder; only plain folders are allowed")
+        if not folder.is_dir():
+            known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise TaskFolderError(f"unknown library {name!r} (needed by {wanted_by}): no folder {folder} "
+                                  f"(libraries there: {', '.join(known) or 'none'})")
+        try:
+            libs[name] = read_task_dir(folder)
+        except TaskFolderError as e:
+            raise TaskFolderError(f"library {name!r}: {e.message}") from None
+        return _library_deps({f"{LIB_DIR}/{name}/{p}": d for p, d in libs[name].items()}, name)
+
+    for name in library_closure(manifest.libraries, deps_of):
+        for rel, data in libs[name].items():
+            files[f"{LIB_DIR}/{name}/{rel}"] = data
+    return files
+
+
+def validate_task_dir(path: str | os.PathLike,
+                      lib_root: str | os.PathLike | None = None) -> tuple[Manifest, dict[str, bytes]]:
+    """Read a task folder with its libraries (load_task_dir) and validate it; return its manifest and
+    files (relative path -> content): what `walle task submit` sends."""
+    files = load_task_dir(path, lib_root)
     return validate_task_files(files), files

@@ -22,8 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from walle.protos import admin_pb2, device_pb2
+from walle.protos import admin_pb2, bundle, device_pb2
 
+from . import taskconfig
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .rules import Rule, compile_rule, in_rollout, parse_version
 from .state import PlatformState
@@ -126,16 +127,19 @@ class ReleaseManager:
     # -- operator actions -----------------------------------------------------------------------
     def create(self, task: str, version: str = "", *, rule: str = "", rollout: float | None = None,
                stage: str = "", channel: str = "", allow=(), deny=(), actor: str = "operator",
-               note: str = "") -> dict:
+               note: str = "", config: dict | None = None) -> dict:
+        """`config`: overrides of the task's [config] defaults (text as typed after --set, or typed values)."""
         with self.state.transaction() as db:
             rid = self._create_in(db, task, version, rule=rule, rollout=rollout, stage=stage, channel=channel,
-                                  allow=allow, deny=deny, actor=actor, note=note)
+                                  allow=allow, deny=deny, actor=actor, note=note, config=config)
         return self.get(rid)
 
     def _create_in(self, db, task: str, version: str, *, rule: str, rollout: float | None, stage: str,
-                   channel: str, allow, deny, actor: str, note: str, action: str = "release.create") -> str:
+                   channel: str, allow, deny, actor: str, note: str, action: str = "release.create",
+                   config: dict | None = None) -> str:
         """Insert a release inside the caller's write transaction; returns its id."""
         tv = self.repo.get(task, version)  # NotFound for an unknown task or version
+        resolved = taskconfig.resolve(tv.manifest.config, config, f"config of {task}@{tv.version[:12]}")
         compile_rule(rule)  # RuleError (InvalidArgument) with the position of a syntax error
         channel = channel or DEFAULT_CHANNEL
         if not CHANNEL_RE.match(channel):
@@ -164,12 +168,16 @@ class ReleaseManager:
         row = dict(id=rid, seq=seq, task=task, version=tv.version, rule=rule, rollout=rollout, stage=stage,
                    channel=channel, state="active", created_at=int(time.time()), created_by=actor or "operator",
                    note=note, bundle_digest=tv.bundle_digest, allow=_json(allow), deny=_json(deny),
-                   salt=secrets.token_hex(8))
+                   salt=secrets.token_hex(8), config=taskconfig.to_json(resolved))
         db["releases"].insert(row)
-        self.state.log_release_change(db, rid, actor, {"created": {k: row[k] for k in (
-            "task", "version", "rule", "rollout", "stage", "channel")}})
+        created = {k: row[k] for k in ("task", "version", "rule", "rollout", "stage", "channel")}
+        if resolved:
+            created["config"] = resolved
+        self.state.log_release_change(db, rid, actor, {"created": created})
         detail = {"task": task, "version": tv.version, "rule": rule, "rollout": rollout, "stage": stage,
                   "channel": channel}
+        if resolved:
+            detail["config"] = resolved
         if note:
             detail["note"] = note
         self.state.audit(db, actor, action, rid, detail)
@@ -261,12 +269,16 @@ class ReleaseManager:
                 target = older[0]["version"]
             if target == current["version"]:
                 raise FailedPrecondition(f"{task} is already at {target[:12]} on channel {channel!r}")
+            # The target version goes out with the config it last ran with (its defaults if never released).
+            before = next((r for r in chain if r["version"] == target and r.get("config")), None)
+            config = json.loads(before["config"]) if before else None
             for r in chain:
                 if r["version"] == current["version"]:
                     self._revoke_in(db, r, actor, "release.revoke", f"rolled back to {target[:12]}")
             # Same audience at 100%: every device that could get the bad version now gets the target.
             rid = self._create_in(db, task, target, rule=current["rule"], rollout=100.0, stage="full",
                                   channel=channel, allow=current["allow"], deny=current["deny"], actor=actor,
+                                  action="release.rollback", config=config,
                                   note=f"rollback of {current['id']} ({current['version'][:12]}) to {target[:12]}")
         return self.get(rid)
 
@@ -356,10 +368,13 @@ class ReleaseManager:
     def _compile(self, row: dict) -> _Compiled:
         tv = self.repo.get(row["task"], row["version"])
         manifest = tv.manifest.to_proto()
-        signature = self.signer(row["bundle_digest"]) if self.signer else b""
+        # Releases made before task config existed stored none: they run with the schema's defaults.
+        config_json = row.get("config") or taskconfig.to_json(taskconfig.resolve(tv.manifest.config, None, row["id"]))
+        statement = bundle.release_statement(row["bundle_digest"], row["id"], config_json)
+        signature = self.signer(statement) if self.signer else b""
         pb = device_pb2.ActiveTask(name=row["task"], version=row["version"], bundle_digest=row["bundle_digest"],
                                    bundle_size=tv.bundle_size, manifest=manifest, release_id=row["id"],
-                                   signature=signature)
+                                   signature=signature, config_json=config_json)
         min_host = parse_version(manifest.min_host_version) if manifest.min_host_version else None
         return _Compiled(row, compile_rule(row["rule"]), frozenset(row["allow"]), frozenset(row["deny"]), min_host, pb)
 
@@ -412,7 +427,8 @@ def release_to_proto(row: dict, stats: dict | None = None) -> admin_pb2.Release:
     pb = admin_pb2.Release(id=row["id"], task=row["task"], version=row["version"], rule=row["rule"],
                            rollout=row["rollout"], stage=row["stage"], channel=row["channel"], state=row["state"],
                            created_at=row["created_at"], created_by=row["created_by"], note=row["note"],
-                           bundle_digest=row["bundle_digest"], allow=row["allow"], deny=row["deny"], salt=row["salt"])
+                           bundle_digest=row["bundle_digest"], allow=row["allow"], deny=row["deny"], salt=row["salt"],
+                           config_json=row.get("config") or "")
     if stats:
         pb.stats.CopyFrom(admin_pb2.ReleaseStats(**stats))
     return pb

@@ -45,8 +45,10 @@ def check_runnable(files: dict[str, bytes], entry: str) -> None:
                 sources[path] = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidArgument(f"{path} is not UTF-8 text") from None
-    bundle = {p[:-3].replace("/", ".") for p in sources}
-    bundle |= {p[:-len("/__init__.py")].replace("/", ".") for p in sources if p.endswith("/__init__.py")}
+    # Task libraries travel at _lib/<name>/ and are imported by their own name (docs/libraries-and-config.md).
+    modules = [p[len("_lib/"):] if p.startswith("_lib/") else p for p in sources]
+    bundle = {p[:-3].replace("/", ".") for p in modules}
+    bundle |= {p[:-len("/__init__.py")].replace("/", ".") for p in modules if p.endswith("/__init__.py")}
     trees = {}
     for path, src in sources.items():
         try:
@@ -60,6 +62,8 @@ def check_runnable(files: dict[str, bytes], entry: str) -> None:
                 for alias in node.names:
                     _check_import(policy, walle_names, bundle, path, node.lineno, alias.name, ())
             elif isinstance(node, ast.ImportFrom):
+                if node.level and path.startswith("_lib/"):
+                    continue  # inside a library package, the sandbox resolves relative imports
                 if node.level:
                     raise InvalidArgument(f"{path}:{node.lineno}: relative imports are not supported in tasks; "
                                           "use `import helpers`")

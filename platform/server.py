@@ -285,7 +285,8 @@ class LoopServer:
     def __init__(self, register: Callable[[grpc.aio.Server], None], *, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 8, credentials: grpc.ServerCredentials | None = None, reuseport: bool = False,
                  on_start: Callable[[], Awaitable[None]] | None = None,
-                 on_stop: Callable[[], Awaitable[None]] | None = None, name: str = "walle"):
+                 on_stop: Callable[[], Awaitable[None]] | None = None, name: str = "walle",
+                 interceptors: tuple = ()):
         self.address = f"{host}:{port}"
         self.stopped = False
         self._on_stop = on_stop
@@ -298,7 +299,8 @@ class LoopServer:
 
         async def start() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(
-                interceptors=[ErrorTranslation()],
+                # outer ones (e.g. walle.platform.metrics) see the status ErrorTranslation settles on
+                interceptors=[*interceptors, ErrorTranslation()],
                 # SO_REUSEPORT only when several processes serve one port on purpose: otherwise a
                 # stale server on the same port would silently take part of the traffic.
                 options=[("grpc.so_reuseport", 1 if reuseport else 0),
@@ -379,7 +381,8 @@ class LoopServer:
 
 def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
                  extra: Callable[[grpc.aio.Server], None] | None = None, authorize_admin: Callable | None = None,
-                 credentials: grpc.ServerCredentials | None = None, reuseport: bool = False):
+                 credentials: grpc.ServerCredentials | None = None, reuseport: bool = False,
+                 interceptors: tuple = ()):
     """Create and start a server; returns (server, bound port, stop function). Pass
     `credentials=tls_credentials(platform)` for TLS and `authorize_admin=operator_authorizer(platform)`
     to require operator credentials on the admin API (`walle platform serve` does both). `extra`
@@ -404,7 +407,7 @@ def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, 
 
     try:
         server = LoopServer(register, host=host, port=port, max_workers=max_workers, credentials=credentials,
-                            reuseport=reuseport, on_start=on_start, on_stop=on_stop)
+                            reuseport=reuseport, on_start=on_start, on_stop=on_stop, interceptors=interceptors)
     except BaseException:
         watcher.stop()
         raise

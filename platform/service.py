@@ -27,10 +27,13 @@ from typing import Callable
 from google.protobuf import json_format
 
 from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
+from walle.protos.datadir import keep_out_of_git
 
 from .auth import DeviceCredentials, OperatorCredentials
 from .errors import InvalidArgument, NotFound, PermissionDenied
+from .guards import GuardRPCs
 from .manifest import strip_ignored, validate_task_files
+from .observe import Observe
 from .releases import MAX_DEVICE_INFO_BYTES, ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
 from .runnable import check_runnable
 from .state import PlatformState
@@ -68,12 +71,13 @@ def task_version_to_proto(tv: TaskVersion) -> admin_pb2.TaskVersion:
                                  bundle_size=tv.bundle_size, manifest=tv.manifest.to_proto(), created=tv.created)
 
 
-class Platform:
+class Platform(Observe, GuardRPCs):
     def __init__(self, data_dir: str | os.PathLike, *, keys=None):
         """`keys`: the platform's PlatformKeys (walle.platform.pki); they sign every released bundle
         and are handed to devices at enrollment. Without them bundles go out unsigned (--insecure)."""
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        keep_out_of_git(self.data_dir)  # keys, tokens and databases live here
         self.keys = keys
         signer = keys.sign if keys is not None else None
         self.state = PlatformState(self.data_dir / "state.sqlite3")
@@ -116,13 +120,14 @@ class Platform:
 
     def ShowTask(self, req: admin_pb2.TaskRef) -> admin_pb2.TaskFiles:
         tv = self.repo.get(req.name, req.version)
-        files = {}
+        files, digests = {}, {}
         for path, data in self.repo.files(req.name, tv.version).items():
+            digests[path] = bundle.digest(data)
             try:
                 files[path] = data.decode("utf-8")
             except UnicodeDecodeError:
                 files[path] = f"<binary {len(data)} bytes>"
-        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files)
+        return admin_pb2.TaskFiles(version=task_version_to_proto(tv), files=files, digests=digests)
 
     # -- releases -------------------------------------------------------------------------------
     def _release(self, row: dict) -> admin_pb2.Release:
@@ -132,7 +137,7 @@ class Platform:
         rollout = req.rollout if (req.has_rollout or req.rollout) else None
         row = self.releases.create(req.task, req.version, rule=req.rule, rollout=rollout, stage=req.stage,
                                    channel=req.channel, allow=list(req.allow), deny=list(req.deny),
-                                   actor=req.actor or "operator")
+                                   actor=req.actor or "operator", config=dict(req.config))
         return self._release(row)
 
     def ListReleases(self, req: admin_pb2.ReleaseFilter) -> admin_pb2.ReleaseList:
@@ -179,10 +184,6 @@ class Platform:
     def Preview(self, info: device_pb2.DeviceInfo) -> admin_pb2.PreviewReply:
         tasks, why = self.releases.resolve(info, explain=True)
         return admin_pb2.PreviewReply(tasks=tasks, explanation=why)
-
-    def GetAudit(self, req: admin_pb2.AuditRequest) -> admin_pb2.AuditLog:
-        limit = req.limit if req.limit > 0 else 100
-        return admin_pb2.AuditLog(entries=[admin_pb2.AuditEntry(**e) for e in self.state.audit_entries(limit)])
 
     # -- resources (down tunnel) ----------------------------------------------------------------
     def PublishResource(self, req: admin_pb2.PublishResourceRequest) -> admin_pb2.ResourceInfoRef:
@@ -259,7 +260,7 @@ class Platform:
             tasks, _ = self.releases.resolve(info)
             h = hashlib.sha256()
             for t in tasks:
-                h.update(f"{t.name}@{t.version}@{t.bundle_digest};".encode())
+                h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
             reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60,
                                            blob_url_base=self.blob_url_base)
             hit = memo[1][key] = (reply, self._grant(tasks))
@@ -438,6 +439,8 @@ class Platform:
                     cur = db.execute("INSERT INTO events VALUES (?,?,?,?,?) ON CONFLICT(device_id, seq) DO NOTHING",
                                      [device_id, seq, ts, topic, payload.decode("utf-8", "replace")[:65536]])
                 accepted += cur.rowcount
+        if topic == "run_report" and accepted:
+            self.after_run_reports({m.release_id for _seq, _ts, _payload, m in parsed})
         return accepted, len(parsed) - accepted
 
 

@@ -66,7 +66,10 @@ class PlatformState:
                 id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, task TEXT NOT NULL, version TEXT NOT NULL,
                 rule TEXT NOT NULL, rollout REAL NOT NULL, stage TEXT NOT NULL, channel TEXT NOT NULL,
                 state TEXT NOT NULL, created_at INTEGER NOT NULL, created_by TEXT NOT NULL, note TEXT NOT NULL,
-                bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL)""")
+                bundle_digest TEXT NOT NULL, allow TEXT NOT NULL, deny TEXT NOT NULL, salt TEXT NOT NULL,
+                config TEXT NOT NULL DEFAULT '')""")
+            if "config" not in {r[1] for r in db.execute("PRAGMA table_info(releases)").fetchall()}:
+                db.execute("ALTER TABLE releases ADD COLUMN config TEXT NOT NULL DEFAULT ''")  # task config
             db.execute("CREATE INDEX IF NOT EXISTS releases_task ON releases(task, channel, seq)")
             # Append-only: every change to a release (its creation, rollout, pause, ...).
             db.execute("""CREATE TABLE IF NOT EXISTS release_log (

@@ -26,10 +26,11 @@ from typing import Iterator, Protocol
 
 import git
 
-from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound, WalleError
-from walle.platform.manifest import (NAME_RE, Manifest, read_task_dir, strip_ignored,
+from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, WalleError
+from walle.platform.manifest import (NAME_RE, Manifest, load_task_dir, strip_ignored,
                                      validate_task_files)
 from walle.protos import bundle as _bundle
+from walle.protos.namespaces import sharing_problem
 
 _HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
 _AUTHOR_RE = re.compile(r"^[A-Za-z0-9_@+-]([A-Za-z0-9 _@.:+-]{0,98}[A-Za-z0-9_@+-])?$")
@@ -171,8 +172,8 @@ class TaskRepository:
     # --- writing --------------------------------------------------------------------------------
 
     def submit_dir(self, path: str | os.PathLike, message: str | None = None, author: str = "walle") -> TaskVersion:
-        """Submit the task folder at `path` (see submit_files)."""
-        return self.submit_files(read_task_dir(path), message=message, author=author)
+        """Submit the task folder at `path` with its libraries (see load_task_dir and submit_files)."""
+        return self.submit_files(load_task_dir(path), message=message, author=author)
 
     def submit_files(self, files: dict[str, bytes], message: str | None = None,
                      author: str = "walle") -> TaskVersion:
@@ -196,6 +197,11 @@ class TaskRepository:
         with self._lock, self._file_lock():
             self._refresh_index()
             self._recover_submits()
+            # Storage is shared only where granted: refused if it would share a namespace uninvited.
+            problem = sharing_problem(manifest, (self._version(n, s[0]).manifest
+                                                 for n, s in self._index.items() if n != name and s))
+            if problem:
+                raise PermissionDenied(f"cannot submit {name}: {problem}")
             shas = self._index.get(name)
             if shas and self._commit_files(name, shas[0]) == files:
                 return dataclasses.replace(self._version(name, shas[0]), created=False)

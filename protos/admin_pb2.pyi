@@ -76,8 +76,15 @@ class DiffReply(_message.Message):
     def __init__(self, unified_diff: _Optional[str] = ...) -> None: ...
 
 class TaskFiles(_message.Message):
-    __slots__ = ("version", "files")
+    __slots__ = ("version", "files", "digests")
     class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -86,9 +93,11 @@ class TaskFiles(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     version: TaskVersion
     files: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    digests: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[_Union[TaskVersion, _Mapping]] = ..., files: _Optional[_Mapping[str, str]] = ..., digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReleaseStats(_message.Message):
     __slots__ = ("delivered", "ran", "runs", "failed", "p50_duration_s", "rejected", "rolled_back")
@@ -109,7 +118,7 @@ class ReleaseStats(_message.Message):
     def __init__(self, delivered: _Optional[int] = ..., ran: _Optional[int] = ..., runs: _Optional[int] = ..., failed: _Optional[int] = ..., p50_duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., rolled_back: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("id", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at", "created_by", "note", "bundle_digest", "allow", "deny", "stats", "salt")
+    __slots__ = ("id", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at", "created_by", "note", "bundle_digest", "allow", "deny", "stats", "salt", "config_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +135,7 @@ class Release(_message.Message):
     DENY_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     SALT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     version: str
@@ -142,10 +152,18 @@ class Release(_message.Message):
     deny: _containers.RepeatedScalarFieldContainer[str]
     stats: ReleaseStats
     salt: str
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., note: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[ReleaseStats, _Mapping]] = ..., salt: _Optional[str] = ...) -> None: ...
+    config_json: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[int] = ..., created_by: _Optional[str] = ..., note: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[ReleaseStats, _Mapping]] = ..., salt: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class CreateReleaseRequest(_message.Message):
-    __slots__ = ("task", "version", "rule", "rollout", "stage", "channel", "allow", "deny", "actor", "has_rollout")
+    __slots__ = ("task", "version", "rule", "rollout", "stage", "channel", "allow", "deny", "actor", "has_rollout", "config")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +174,7 @@ class CreateReleaseRequest(_message.Message):
     DENY_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     HAS_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     task: str
     version: str
     rule: str
@@ -166,7 +185,8 @@ class CreateReleaseRequest(_message.Message):
     deny: _containers.RepeatedScalarFieldContainer[str]
     actor: str
     has_rollout: bool
-    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., actor: _Optional[str] = ..., has_rollout: _Optional[bool] = ...) -> None: ...
+    config: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., rule: _Optional[str] = ..., rollout: _Optional[float] = ..., stage: _Optional[str] = ..., channel: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., actor: _Optional[str] = ..., has_rollout: _Optional[bool] = ..., config: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReleaseRef(_message.Message):
     __slots__ = ("id", "actor")
@@ -297,10 +317,20 @@ class AuditEntry(_message.Message):
     def __init__(self, ts: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("limit",)
+    __slots__ = ("limit", "action", "actor", "since", "target", "exclude_action")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ACTION_FIELD_NUMBER: _ClassVar[int]
     limit: int
-    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+    action: str
+    actor: str
+    since: int
+    target: str
+    exclude_action: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, limit: _Optional[int] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., since: _Optional[int] = ..., target: _Optional[str] = ..., exclude_action: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuditLog(_message.Message):
     __slots__ = ("entries",)
@@ -323,6 +353,162 @@ class PublishResourceRequest(_message.Message):
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LogRequest(_message.Message):
+    __slots__ = ("release_id", "task", "device_id", "status", "since", "limit", "after", "kind")
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    release_id: str
+    task: str
+    device_id: str
+    status: str
+    since: int
+    limit: int
+    after: str
+    kind: str
+    def __init__(self, release_id: _Optional[str] = ..., task: _Optional[str] = ..., device_id: _Optional[str] = ..., status: _Optional[str] = ..., since: _Optional[int] = ..., limit: _Optional[int] = ..., after: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class LogEntry(_message.Message):
+    __slots__ = ("ts", "device_id", "kind", "task", "version", "release_id", "status", "duration_s", "error", "lines", "trigger", "peak_memory_kb")
+    TS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_KB_FIELD_NUMBER: _ClassVar[int]
+    ts: int
+    device_id: str
+    kind: str
+    task: str
+    version: str
+    release_id: str
+    status: str
+    duration_s: float
+    error: str
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    trigger: str
+    peak_memory_kb: int
+    def __init__(self, ts: _Optional[int] = ..., device_id: _Optional[str] = ..., kind: _Optional[str] = ..., task: _Optional[str] = ..., version: _Optional[str] = ..., release_id: _Optional[str] = ..., status: _Optional[str] = ..., duration_s: _Optional[float] = ..., error: _Optional[str] = ..., lines: _Optional[_Iterable[str]] = ..., trigger: _Optional[str] = ..., peak_memory_kb: _Optional[int] = ...) -> None: ...
+
+class LogReply(_message.Message):
+    __slots__ = ("entries", "cursor")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    cursor: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., cursor: _Optional[str] = ...) -> None: ...
+
+class ErrorCount(_message.Message):
+    __slots__ = ("error", "runs", "devices", "example", "example_device")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    runs: int
+    devices: int
+    example: str
+    example_device: str
+    def __init__(self, error: _Optional[str] = ..., runs: _Optional[int] = ..., devices: _Optional[int] = ..., example: _Optional[str] = ..., example_device: _Optional[str] = ...) -> None: ...
+
+class ReleaseHealth(_message.Message):
+    __slots__ = ("release", "targeted", "failed_devices", "top_errors", "changes", "p99_duration_s")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TARGETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    TOP_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    P99_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    release: Release
+    targeted: int
+    failed_devices: int
+    top_errors: _containers.RepeatedCompositeFieldContainer[ErrorCount]
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    p99_duration_s: float
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., targeted: _Optional[int] = ..., failed_devices: _Optional[int] = ..., top_errors: _Optional[_Iterable[_Union[ErrorCount, _Mapping]]] = ..., changes: _Optional[_Iterable[str]] = ..., p99_duration_s: _Optional[float] = ...) -> None: ...
+
+class InstalledVersion(_message.Message):
+    __slots__ = ("task", "version", "release_id", "status", "ts", "error")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: str
+    release_id: str
+    status: str
+    ts: int
+    error: str
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., release_id: _Optional[str] = ..., status: _Optional[str] = ..., ts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class DeviceDetail(_message.Message):
+    __slots__ = ("device", "user_id", "installed", "last_runs", "errors")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    LAST_RUNS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    user_id: str
+    installed: _containers.RepeatedCompositeFieldContainer[InstalledVersion]
+    last_runs: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    errors: _containers.RepeatedCompositeFieldContainer[LogEntry]
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., user_id: _Optional[str] = ..., installed: _Optional[_Iterable[_Union[InstalledVersion, _Mapping]]] = ..., last_runs: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[LogEntry, _Mapping]]] = ...) -> None: ...
+
+class OperatorInfo(_message.Message):
+    __slots__ = ("name", "created_at", "revoked")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    created_at: int
+    revoked: bool
+    def __init__(self, name: _Optional[str] = ..., created_at: _Optional[int] = ..., revoked: _Optional[bool] = ...) -> None: ...
+
+class OperatorList(_message.Message):
+    __slots__ = ("operators",)
+    OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    operators: _containers.RepeatedCompositeFieldContainer[OperatorInfo]
+    def __init__(self, operators: _Optional[_Iterable[_Union[OperatorInfo, _Mapping]]] = ...) -> None: ...
+
+class ReleaseGuard(_message.Message):
+    __slots__ = ("release_id", "max_failure_rate", "min_runs", "max_p99_seconds", "on_trip", "actor", "status", "trip_detail", "tripped_at", "action_release_id")
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ON_TRIP_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRIP_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    TRIPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    release_id: str
+    max_failure_rate: float
+    min_runs: int
+    max_p99_seconds: float
+    on_trip: str
+    actor: str
+    status: str
+    trip_detail: str
+    tripped_at: int
+    action_release_id: str
+    def __init__(self, release_id: _Optional[str] = ..., max_failure_rate: _Optional[float] = ..., min_runs: _Optional[int] = ..., max_p99_seconds: _Optional[float] = ..., on_trip: _Optional[str] = ..., actor: _Optional[str] = ..., status: _Optional[str] = ..., trip_detail: _Optional[str] = ..., tripped_at: _Optional[int] = ..., action_release_id: _Optional[str] = ...) -> None: ...
 
 class ResourceInfoRef(_message.Message):
     __slots__ = ("name", "version", "digest", "size")

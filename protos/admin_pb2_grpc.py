@@ -125,6 +125,36 @@ class AdminServiceStub:
                 request_serializer=walle_dot_protos_dot_admin__pb2.AuditRequest.SerializeToString,
                 response_deserializer=walle_dot_protos_dot_admin__pb2.AuditLog.FromString,
                 _registered_method=True)
+        self.GetLogs = channel.unary_unary(
+                '/walle.v1.AdminService/GetLogs',
+                request_serializer=walle_dot_protos_dot_admin__pb2.LogRequest.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.LogReply.FromString,
+                _registered_method=True)
+        self.GetReleaseHealth = channel.unary_unary(
+                '/walle.v1.AdminService/GetReleaseHealth',
+                request_serializer=walle_dot_protos_dot_admin__pb2.ReleaseRef.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseHealth.FromString,
+                _registered_method=True)
+        self.GetDevice = channel.unary_unary(
+                '/walle.v1.AdminService/GetDevice',
+                request_serializer=walle_dot_protos_dot_admin__pb2.DeviceRef.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.DeviceDetail.FromString,
+                _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/walle.v1.AdminService/ListOperators',
+                request_serializer=walle_dot_protos_dot_admin__pb2.Empty.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.OperatorList.FromString,
+                _registered_method=True)
+        self.SetReleaseGuard = channel.unary_unary(
+                '/walle.v1.AdminService/SetReleaseGuard',
+                request_serializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.FromString,
+                _registered_method=True)
+        self.GetReleaseGuard = channel.unary_unary(
+                '/walle.v1.AdminService/GetReleaseGuard',
+                request_serializer=walle_dot_protos_dot_admin__pb2.ReleaseRef.SerializeToString,
+                response_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.FromString,
+                _registered_method=True)
         self.PublishResource = channel.unary_unary(
                 '/walle.v1.AdminService/PublishResource',
                 request_serializer=walle_dot_protos_dot_admin__pb2.PublishResourceRequest.SerializeToString,
@@ -243,6 +273,42 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReleaseHealth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetReleaseGuard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReleaseGuard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PublishResource(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -341,6 +407,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetAudit,
                     request_deserializer=walle_dot_protos_dot_admin__pb2.AuditRequest.FromString,
                     response_serializer=walle_dot_protos_dot_admin__pb2.AuditLog.SerializeToString,
+            ),
+            'GetLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLogs,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.LogRequest.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.LogReply.SerializeToString,
+            ),
+            'GetReleaseHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReleaseHealth,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseRef.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.ReleaseHealth.SerializeToString,
+            ),
+            'GetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDevice,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.DeviceRef.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.DeviceDetail.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.Empty.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.OperatorList.SerializeToString,
+            ),
+            'SetReleaseGuard': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReleaseGuard,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.SerializeToString,
+            ),
+            'GetReleaseGuard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReleaseGuard,
+                    request_deserializer=walle_dot_protos_dot_admin__pb2.ReleaseRef.FromString,
+                    response_serializer=walle_dot_protos_dot_admin__pb2.ReleaseGuard.SerializeToString,
             ),
             'PublishResource': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishResource,
@@ -834,6 +930,168 @@ class AdminService:
             '/walle.v1.AdminService/GetAudit',
             walle_dot_protos_dot_admin__pb2.AuditRequest.SerializeToString,
             walle_dot_protos_dot_admin__pb2.AuditLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/GetLogs',
+            walle_dot_protos_dot_admin__pb2.LogRequest.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.LogReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReleaseHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/GetReleaseHealth',
+            walle_dot_protos_dot_admin__pb2.ReleaseRef.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.ReleaseHealth.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/GetDevice',
+            walle_dot_protos_dot_admin__pb2.DeviceRef.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.DeviceDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/ListOperators',
+            walle_dot_protos_dot_admin__pb2.Empty.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.OperatorList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReleaseGuard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/SetReleaseGuard',
+            walle_dot_protos_dot_admin__pb2.ReleaseGuard.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.ReleaseGuard.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReleaseGuard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/walle.v1.AdminService/GetReleaseGuard',
+            walle_dot_protos_dot_admin__pb2.ReleaseRef.SerializeToString,
+            walle_dot_protos_dot_admin__pb2.ReleaseGuard.FromString,
             options,
             channel_credentials,
             insecure,

@@ -197,9 +197,20 @@ def extract_to(files: dict[str, bytes], dest_dir: str | os.PathLike) -> Path:
     return dest
 
 
+def release_statement(digest: str, release_id: str, config_json: str) -> str:
+    """What the platform signs for an active task: the bundle digest, plus the release id and its
+    task config when the task has config. Whether a task has config is fixed by its task.toml, i.e. by
+    the digest, so a digest-only signature can never stand in for a task that has config; the release
+    id binds the config to the release a device reports its runs under."""
+    if not config_json:
+        return digest
+    return f"{digest}\nrelease {release_id}\nconfig {config_json}"
+
+
 def verify_signature(public_key: bytes, digest: str, signature: bytes) -> bool:
-    """True when `signature` is a valid Ed25519 signature by `public_key` (32 raw bytes) over the
-    bundle digest string ("sha256:<hex>"): how a device knows its platform released this bundle."""
+    """True when `signature` is a valid Ed25519 signature by `public_key` (32 raw bytes) over `digest`,
+    a bundle digest string ("sha256:<hex>") or a release_statement: how a device knows its platform
+    released this bundle (with this config)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric import ed25519
     try:

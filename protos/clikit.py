@@ -55,9 +55,11 @@ def _int64_as_numbers(desc, d: dict) -> dict:
 
 
 def to_jsonable(data):
-    """A protobuf message as a dict (field names as in the .proto, int64 as numbers); anything else as is."""
+    """A protobuf message as a dict (field names as in the .proto, every field present even when zero,
+    int64 as numbers); anything else as is."""
     if hasattr(data, "DESCRIPTOR"):
-        return _int64_as_numbers(data.DESCRIPTOR, json_format.MessageToDict(data, preserving_proto_field_name=True))
+        return _int64_as_numbers(data.DESCRIPTOR, json_format.MessageToDict(
+            data, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
     return data
 
 

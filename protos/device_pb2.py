@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19walle/protos/device.proto\x12\x08walle.v1\"\xe4\x01\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61pp_version\x18\x03 \x01(\t\x12\n\n\x02os\x18\x04 \x01(\t\x12\x12\n\nos_version\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x65vice_model\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x0f\n\x07network\x18\x08 \x01(\t\x12\x0c\n\x04tags\x18\t \x03(\t\x12\x14\n\x0chost_version\x18\n \x01(\t\x12\x0f\n\x07\x63hannel\x18\x0b \x01(\t\x12\x11\n\tinstalled\x18\x0c \x03(\t\"^\n\x07Trigger\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x10\n\x08min_rows\x18\x04 \x01(\x03\x12\x15\n\revery_seconds\x18\x05 \x01(\x01\"F\n\x06Limits\x12\x11\n\tmemory_mb\x18\x01 \x01(\x05\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x03 \x01(\x01\"\xc2\x01\n\x0cTaskManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x08triggers\x18\x04 \x03(\x0b\x32\x11.walle.v1.Trigger\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.walle.v1.Limits\x12\x0c\n\x04\x61pis\x18\x06 \x03(\t\x12\x18\n\x10min_host_version\x18\x07 \x01(\t\x12\x11\n\tnamespace\x18\x08 \x01(\t\"\xa8\x01\n\nActiveTask\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rbundle_digest\x18\x03 \x01(\t\x12\x13\n\x0b\x62undle_size\x18\x04 \x01(\x03\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.walle.v1.TaskManifest\x12\x12\n\nrelease_id\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"w\n\x0b\x41\x63tiveTasks\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.walle.v1.ActiveTask\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1a\n\x12poll_after_seconds\x18\x03 \x01(\x05\x12\x15\n\rblob_url_base\x18\x04 \x01(\t\"$\n\x12\x46\x65tchBundleRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"L\n\x0cWatchRequest\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.walle.v1.DeviceInfo\x12\x16\n\x0eknown_revision\x18\x02 \x01(\t\"\x1f\n\x0bListChanged\x12\x10\n\x08revision\x18\x01 \x01(\t2\xcd\x01\n\rDeviceService\x12=\n\x0eGetActiveTasks\x12\x14.walle.v1.DeviceInfo\x1a\x15.walle.v1.ActiveTasks\x12>\n\x0b\x46\x65tchBundle\x12\x1c.walle.v1.FetchBundleRequest\x1a\x0f.walle.v1.Chunk0\x01\x12=\n\nWatchTasks\x12\x16.walle.v1.WatchRequest\x1a\x15.walle.v1.ListChanged0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19walle/protos/device.proto\x12\x08walle.v1\"\xe4\x01\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61pp_version\x18\x03 \x01(\t\x12\n\n\x02os\x18\x04 \x01(\t\x12\x12\n\nos_version\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x65vice_model\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x0f\n\x07network\x18\x08 \x01(\t\x12\x0c\n\x04tags\x18\t \x03(\t\x12\x14\n\x0chost_version\x18\n \x01(\t\x12\x0f\n\x07\x63hannel\x18\x0b \x01(\t\x12\x11\n\tinstalled\x18\x0c \x03(\t\"^\n\x07Trigger\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x10\n\x08min_rows\x18\x04 \x01(\x03\x12\x15\n\revery_seconds\x18\x05 \x01(\x01\"F\n\x06Limits\x12\x11\n\tmemory_mb\x18\x01 \x01(\x05\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x03 \x01(\x01\"\x87\x01\n\x0b\x43onfigParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\x10\n\x08min_json\x18\x04 \x01(\t\x12\x10\n\x08max_json\x18\x05 \x01(\t\x12\x14\n\x0c\x63hoices_json\x18\x06 \x03(\t\x12\x0c\n\x04help\x18\x07 \x01(\t\"\x97\x02\n\x0cTaskManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x08triggers\x18\x04 \x03(\x0b\x32\x11.walle.v1.Trigger\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.walle.v1.Limits\x12\x0c\n\x04\x61pis\x18\x06 \x03(\t\x12\x18\n\x10min_host_version\x18\x07 \x01(\t\x12\x11\n\tnamespace\x18\x08 \x01(\t\x12\x11\n\tlibraries\x18\t \x03(\t\x12%\n\x06\x63onfig\x18\n \x03(\x0b\x32\x15.walle.v1.ConfigParam\x12\x19\n\x11namespace_members\x18\x14 \x03(\t\"\xbd\x01\n\nActiveTask\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rbundle_digest\x18\x03 \x01(\t\x12\x13\n\x0b\x62undle_size\x18\x04 \x01(\x03\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.walle.v1.TaskManifest\x12\x12\n\nrelease_id\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12\x13\n\x0b\x63onfig_json\x18\x08 \x01(\t\"w\n\x0b\x41\x63tiveTasks\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.walle.v1.ActiveTask\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x1a\n\x12poll_after_seconds\x18\x03 \x01(\x05\x12\x15\n\rblob_url_base\x18\x04 \x01(\t\"$\n\x12\x46\x65tchBundleRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"L\n\x0cWatchRequest\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.walle.v1.DeviceInfo\x12\x16\n\x0eknown_revision\x18\x02 \x01(\t\"\x1f\n\x0bListChanged\x12\x10\n\x08revision\x18\x01 \x01(\t2\xcd\x01\n\rDeviceService\x12=\n\x0eGetActiveTasks\x12\x14.walle.v1.DeviceInfo\x1a\x15.walle.v1.ActiveTasks\x12>\n\x0b\x46\x65tchBundle\x12\x1c.walle.v1.FetchBundleRequest\x1a\x0f.walle.v1.Chunk0\x01\x12=\n\nWatchTasks\x12\x16.walle.v1.WatchRequest\x1a\x15.walle.v1.ListChanged0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGER']._serialized_end=364
   _globals['_LIMITS']._serialized_start=366
   _globals['_LIMITS']._serialized_end=436
-  _globals['_TASKMANIFEST']._serialized_start=439
-  _globals['_TASKMANIFEST']._serialized_end=633
-  _globals['_ACTIVETASK']._serialized_start=636
-  _globals['_ACTIVETASK']._serialized_end=804
-  _globals['_ACTIVETASKS']._serialized_start=806
-  _globals['_ACTIVETASKS']._serialized_end=925
-  _globals['_FETCHBUNDLEREQUEST']._serialized_start=927
-  _globals['_FETCHBUNDLEREQUEST']._serialized_end=963
-  _globals['_CHUNK']._serialized_start=965
-  _globals['_CHUNK']._serialized_end=1022
-  _globals['_WATCHREQUEST']._serialized_start=1024
-  _globals['_WATCHREQUEST']._serialized_end=1100
-  _globals['_LISTCHANGED']._serialized_start=1102
-  _globals['_LISTCHANGED']._serialized_end=1133
-  _globals['_DEVICESERVICE']._serialized_start=1136
-  _globals['_DEVICESERVICE']._serialized_end=1341
+  _globals['_CONFIGPARAM']._serialized_start=439
+  _globals['_CONFIGPARAM']._serialized_end=574
+  _globals['_TASKMANIFEST']._serialized_start=577
+  _globals['_TASKMANIFEST']._serialized_end=856
+  _globals['_ACTIVETASK']._serialized_start=859
+  _globals['_ACTIVETASK']._serialized_end=1048
+  _globals['_ACTIVETASKS']._serialized_start=1050
+  _globals['_ACTIVETASKS']._serialized_end=1169
+  _globals['_FETCHBUNDLEREQUEST']._serialized_start=1171
+  _globals['_FETCHBUNDLEREQUEST']._serialized_end=1207
+  _globals['_CHUNK']._serialized_start=1209
+  _globals['_CHUNK']._serialized_end=1266
+  _globals['_WATCHREQUEST']._serialized_start=1268
+  _globals['_WATCHREQUEST']._serialized_end=1344
+  _globals['_LISTCHANGED']._serialized_start=1346
+  _globals['_LISTCHANGED']._serialized_end=1377
+  _globals['_DEVICESERVICE']._serialized_start=1380
+  _globals['_DEVICESERVICE']._serialized_end=1585
 # @@protoc_insertion_point(module_scope)

@@ -58,8 +58,26 @@ class Limits(_message.Message):
     wall_seconds: float
     def __init__(self, memory_mb: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
+class ConfigParam(_message.Message):
+    __slots__ = ("name", "type", "default_json", "min_json", "max_json", "choices_json", "help")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    MIN_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_JSON_FIELD_NUMBER: _ClassVar[int]
+    HELP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default_json: str
+    min_json: str
+    max_json: str
+    choices_json: _containers.RepeatedScalarFieldContainer[str]
+    help: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., min_json: _Optional[str] = ..., max_json: _Optional[str] = ..., choices_json: _Optional[_Iterable[str]] = ..., help: _Optional[str] = ...) -> None: ...
+
 class TaskManifest(_message.Message):
-    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace")
+    __slots__ = ("name", "entry", "description", "triggers", "limits", "apis", "min_host_version", "namespace", "libraries", "config", "namespace_members")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +86,9 @@ class TaskManifest(_message.Message):
     APIS_FIELD_NUMBER: _ClassVar[int]
     MIN_HOST_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LIBRARIES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     entry: str
     description: str
@@ -76,10 +97,13 @@ class TaskManifest(_message.Message):
     apis: _containers.RepeatedScalarFieldContainer[str]
     min_host_version: str
     namespace: str
-    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+    libraries: _containers.RepeatedScalarFieldContainer[str]
+    config: _containers.RepeatedCompositeFieldContainer[ConfigParam]
+    namespace_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., description: _Optional[str] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., apis: _Optional[_Iterable[str]] = ..., min_host_version: _Optional[str] = ..., namespace: _Optional[str] = ..., libraries: _Optional[_Iterable[str]] = ..., config: _Optional[_Iterable[_Union[ConfigParam, _Mapping]]] = ..., namespace_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActiveTask(_message.Message):
-    __slots__ = ("name", "version", "bundle_digest", "bundle_size", "manifest", "release_id", "signature")
+    __slots__ = ("name", "version", "bundle_digest", "bundle_size", "manifest", "release_id", "signature", "config_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +111,7 @@ class ActiveTask(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     bundle_digest: str
@@ -94,7 +119,8 @@ class ActiveTask(_message.Message):
     manifest: TaskManifest
     release_id: str
     signature: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., bundle_size: _Optional[int] = ..., manifest: _Optional[_Union[TaskManifest, _Mapping]] = ..., release_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    config_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., bundle_size: _Optional[int] = ..., manifest: _Optional[_Union[TaskManifest, _Mapping]] = ..., release_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ActiveTasks(_message.Message):
     __slots__ = ("tasks", "revision", "poll_after_seconds", "blob_url_base")

@@ -1,2 +1,3 @@
-"""On-device MNN models for CoDA: the DIN CTR model, the sample classifier, their features,
-the versioned model store (M / M0 / Mbuf) and the host-API model ops."""
+"""The device's generic model store (paper 4.4.1, resource management): named models as parameter
+blobs plus metadata with M / M0 / Mbuf version control. Nothing model-specific: architectures,
+training and the validation gate live in task scripts (tasks/_lib/coda)."""

@@ -1,18 +1,18 @@
-"""On-device model store with CoDA's model version control (paper 4.4.1, Figure 6).
+"""On-device model store with CoDA's model version control (paper 4.4.1, Figure 6), for any model:
+a model is a blob of named parameter arrays plus the task's metadata (see blob.py).
 
-Per model name, in `<root>/<name>/`:
-* `M.npz`    the current model, read by inference;
-* `M0.npz`   the backup, written once at creation and never modified (always-available fallback);
-* `Mbuf.npz` the training buffer: a copy of M while an update runs, renamed over M on commit;
-* `M.lock`   the write lock (flock): while a writer holds it, inference is served from M0;
-* `update.lock` serialises updaters (commit / rollback / begin_update / discard) of one name.
+Per scope (a task's storage namespace) and model name, in `<root>/<scope>/<name>/`:
+* `M.blob`    the current model, read by inference;
+* `M0.blob`   the backup, written at creation and never modified (always-available fallback);
+* `Mbuf.blob` the training buffer: a copy of M while an update runs, renamed over M on commit;
+* `M.lock`    the write lock (flock): while a writer holds it, inference is served from M0;
+* `update.lock` serialises updaters (create / begin_update / commit / discard / rollback).
 
-Each file carries its parameters AND a JSON metadata header (version, base_version, metrics,
-created_at, source), so one atomic rename changes both. Every write goes to a temp file in the same
-directory, is fsynced, `os.replace`d over the target, and the directory is fsynced: a kill -9 at any
-moment leaves the old or the new file, never a torn one. flock locks die with their process, so a
-crash never leaves a stale lock."""
-
+Each blob carries the store's version record and the task's metadata, so one atomic rename changes
+both. Every write goes to a temp file in the same directory, is fsynced, `os.replace`d over the
+target, and the directory is fsynced: a kill -9 at any moment leaves the old or the new file, never
+a torn one. flock locks die with their process, so a crash never leaves a stale lock. A scope has a
+byte quota over all its files; a write that would pass it is refused before anything changes."""
 from __future__ import annotations
 
 import contextlib
@@ -23,18 +23,20 @@ import re
 import time
 from typing import Any, Iterator
 
-from walle.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+import numpy as np
 
-from . import core
-from .core import Model
+from walle.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+from . import blob
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SLOTS = ("M", "M0", "Mbuf")
+DEFAULT_QUOTA = 32 * 1024 * 1024  # bytes per scope: M, M0 and a buffer of a few models
 
 
-def check_name(name: Any) -> str:
+def check_name(name: Any, what: str = "model name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidArgument(f"model name {name!r} must match {NAME_RE.pattern} "
+        raise InvalidArgument(f"{what} {name!r} must match {NAME_RE.pattern} "
                               "(letters, digits, '_' or '-', at most 64 characters)")
     return name
 
@@ -75,23 +77,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ModelStore:
-    """Versioned model files for one device. Safe across threads and processes of that device."""
+    """The models of one scope on one device. Safe across threads and processes of that device."""
 
-    def __init__(self, root_dir: str | os.PathLike):
+    def __init__(self, root_dir: str | os.PathLike, quota_bytes: int = DEFAULT_QUOTA):
         self.root = os.path.abspath(os.fspath(root_dir))
+        self.quota = int(quota_bytes)
         os.makedirs(self.root, exist_ok=True)
 
-    # ---- paths and locks -------------------------------------------------------------------
+    # ---- paths, locks, quota ---------------------------------------------------------------
     def _dir(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
     def _path(self, name: str, slot: str) -> str:
-        return os.path.join(self._dir(name), f"{slot}.npz")
+        return os.path.join(self._dir(name), f"{slot}.blob")
 
     def _require(self, name: str) -> str:
         d = self._dir(name)
-        if not os.path.exists(os.path.join(d, "M0.npz")):
-            raise NotFound(f"model {name!r} does not exist in this store")
+        if not os.path.exists(os.path.join(d, "M0.blob")):
+            raise NotFound(f"model {name!r} does not exist")
         return d
 
     @contextlib.contextmanager
@@ -104,7 +107,7 @@ class ModelStore:
             os.close(fd)  # closing releases the flock
 
     def write_lock(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """The lock that makes inference fall back to M0 (held only around the rename into M)."""
+        """The lock that makes inference fall back to M0 (held around the rename into M)."""
         return self._flock(name, "M.lock")
 
     def is_locked(self, name: str) -> bool:
@@ -116,6 +119,19 @@ class ModelStore:
         finally:
             os.close(fd)
         return False
+
+    def used_bytes(self) -> int:
+        total = 0
+        for d, _dirs, files in os.walk(self.root):
+            total += sum(os.path.getsize(os.path.join(d, f)) for f in files if f.endswith(".blob"))
+        return total
+
+    def _check_quota(self, name: str, adding: int, replacing: tuple[str, ...]) -> None:
+        freed = sum(os.path.getsize(p) for s in replacing if os.path.exists(p := self._path(name, s)))
+        after = self.used_bytes() - freed + adding
+        if after > self.quota:
+            raise ResourceExhausted(f"model {name!r}: {adding} more bytes would bring this task's models to "
+                                    f"{after} bytes, over the {self.quota}-byte quota")
 
     def _cleanup_temps(self, d: str) -> None:
         # Temp files of writers killed mid-write; a live writer's pid is skipped.
@@ -131,113 +147,112 @@ class ModelStore:
         with open(self._path(name, slot), "rb") as f:
             return f.read()
 
-    def _load_slot(self, name: str, slot: str) -> Model:
-        model = core.from_npz_bytes(self._read(name, slot))
-        model.meta["slot"] = slot
-        return model
+    def _record(self, name: str, slot: str) -> dict[str, Any]:
+        return blob.read_header(self._read(name, slot))["meta"]
 
-    def _meta(self, name: str, slot: str) -> dict[str, Any]:
-        return core.read_header(self._read(name, slot))
+    def _current(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(slot, record) of M, or of M0 if M is unreadable (a crash right after creation)."""
+        try:
+            return "M", self._record(name, "M")
+        except (OSError, InvalidArgument):
+            return "M0", self._record(name, "M0")
 
-    def load(self, name: str, which: str = "M", *, fallback: bool = True) -> Model:
-        """Load a slot. For "M": serve M0 while M is write-locked or if M is missing/unreadable
-        (unless fallback=False). `model.meta["slot"]` tells which file was served."""
+    def load(self, name: str, which: str = "M") -> dict[str, Any]:
+        """{"params", "meta", "version", "served_from"}. For "M": M0 is served while M is
+        write-locked, or if M is missing or unreadable."""
         if which not in SLOTS:
             raise InvalidArgument(f"which must be one of {SLOTS}, got {which!r}")
         self._require(name)
-        if which == "M" and fallback:
-            if not self.is_locked(name):
-                try:
-                    return self._load_slot(name, "M")
-                except (OSError, InvalidArgument):
-                    pass
-            return self._load_slot(name, "M0")
-        try:
-            return self._load_slot(name, which)
-        except FileNotFoundError:
-            raise NotFound(f"model {name!r} has no {which} file") from None
-
-    def _current(self, name: str) -> dict[str, Any]:
-        """Header of M, or of M0 if M is unreadable (a crash right after creation)."""
-        try:
-            return self._meta(name, "M")
-        except (OSError, InvalidArgument):
-            return self._meta(name, "M0")
+        slots = [which]
+        if which == "M":
+            slots = ["M0"] if self.is_locked(name) else ["M", "M0"]
+        for slot in slots:
+            try:
+                params, rec = blob.unpack(self._read(name, slot))
+            except FileNotFoundError:
+                if slot == slots[-1]:
+                    raise NotFound(f"model {name!r} has no {which} file") from None
+                continue
+            except InvalidArgument:
+                if slot == slots[-1]:
+                    raise
+                continue
+            return {"params": params, "meta": rec.get("meta", {}), "version": rec["version"], "served_from": slot}
+        raise NotFound(f"model {name!r} has no readable {which}")  # unreachable: the loop returns or raises
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name, "M0"))
 
     def names(self) -> list[str]:
         return sorted(n for n in os.listdir(self.root)
-                      if NAME_RE.match(n) and os.path.exists(os.path.join(self.root, n, "M0.npz")))
+                      if NAME_RE.match(n) and os.path.exists(os.path.join(self.root, n, "M0.blob")))
 
     def info(self, name: str) -> dict[str, Any]:
-        d = self._require(name)
-        cur, m0 = self._current(name), self._meta(name, "M0")
+        self._require(name)
+        _slot, cur = self._current(name)
+        m0 = self._record(name, "M0")
         sizes = {s: os.path.getsize(p) for s in SLOTS if os.path.exists(p := self._path(name, s))}
-        return {"name": name, "arch": cur["arch"], "config": cur["config"], "M": cur["meta"],
-                "M0": m0["meta"], "has_buffer": "Mbuf" in sizes, "locked": self.is_locked(name),
-                "sizes": sizes, "dir": d}
+        shapes = {k: list(v) for k, v in cur.get("shapes", {}).items()}
+        return {"name": name, "version": cur["version"], "meta": cur.get("meta", {}), "record": _public(cur),
+                "M0": _public(m0), "m0_meta": m0.get("meta", {}), "shapes": shapes, "has_buffer": "Mbuf" in sizes,
+                "locked": self.is_locked(name), "sizes": sizes}
 
     # ---- writing ---------------------------------------------------------------------------
-    def create(self, name: str, arch: str, config: dict | None = None,
-               params_npz_bytes: bytes | None = None, *, seed: int = 0,
-               metrics: dict | None = None) -> dict[str, Any]:
-        """Create M0 and M (version 1), randomly initialised from `seed` or from a parameter file
-        (e.g. the cloud's global model, whose arch and config must agree)."""
+    def _blob(self, params: dict, meta: dict, record: dict) -> bytes:
+        params = blob.check_params(params)
+        rec = dict(record, meta=blob.check_meta(meta), created_at=time.time(),
+                   shapes={k: list(np.shape(v)) for k, v in params.items()})
+        return blob.pack(params, rec)
+
+    def create(self, name: str, params: dict, meta: dict | None = None, *, source: str = "init",
+               replace: bool = False) -> dict[str, Any]:
+        """M0 and M (version 1, or the next version with replace=True, which also renews M0: a new
+        architecture is a new model)."""
         d = self._dir(name)
-        if params_npz_bytes is not None:
-            model = core.from_npz_bytes(params_npz_bytes)
-            if model.arch != arch:
-                raise InvalidArgument(f"parameter file is a {model.arch!r} model, not {arch!r}")
-            if config is not None and core.build(arch, config).config != model.config:
-                raise InvalidArgument(f"config {config} does not match the parameter file's {model.config}")
-            source = "file"
-        else:
-            model = core.build(arch, config, seed)
-            source = "init"
         os.makedirs(d, exist_ok=True)
         _fsync_dir(self.root)
         with self._flock(name, "update.lock"):
+            version = 1
             if self.exists(name):
-                raise AlreadyExists(f"model {name!r} already exists")
-            meta = {"version": 1, "base_version": None, "created_at": time.time(),
-                    "metrics": dict(metrics or model.meta.get("metrics") or {}), "source": source}
-            data = model.to_npz_bytes(meta)
+                if not replace:
+                    raise AlreadyExists(f"model {name!r} already exists")
+                version = self._current(name)[1]["version"] + 1
+            data = self._blob(params, meta or {}, {"version": version, "base_version": None, "source": source})
+            self._check_quota(name, 2 * len(data), ("M", "M0"))
             # M before M0: M0's existence is what marks the model as created.
             atomic_write(self._path(name, "M"), data)
             atomic_write(self._path(name, "M0"), data)
         return self.info(name)
 
-    def begin_update(self, name: str) -> Model:
-        """Copy M to Mbuf and return it for training; commit() needs its base version to be current."""
+    def begin_update(self, name: str) -> dict[str, Any]:
+        """Copy M to Mbuf (the training buffer) and return M's params, meta and version."""
         self._require(name)
         with self._flock(name, "update.lock"):
-            model = self.load(name, "M")
-            base = model.meta["version"]
-            meta = {**model.meta, "buffer_of": base}
-            meta.pop("slot", None)
-            atomic_write(self._path(name, "Mbuf"), model.to_npz_bytes(meta))
-        model.meta = {"base_version": base, "slot": "Mbuf", "version": base}
-        return model
+            got = self.load(name, "M")
+            data = self._read(name, got["served_from"])
+            self._check_quota(name, len(data), ("Mbuf",))
+            atomic_write(self._path(name, "Mbuf"), data)
+        return got
 
-    def commit(self, name: str, model: Model, metrics: dict | None = None) -> dict[str, Any]:
-        """Write the trained model into Mbuf, then rename Mbuf over M under the write lock."""
+    def commit(self, name: str, params: dict, meta: dict | None, base_version: int) -> dict[str, Any]:
+        """Write the trained parameters into Mbuf, then rename Mbuf over M under the write lock.
+        Refused if M changed since the update began (another writer committed or rolled back)."""
         d = self._require(name)
-        base = model.meta.get("base_version")
+        if isinstance(base_version, bool) or not isinstance(base_version, int):
+            raise InvalidArgument(f"base_version must be the integer version begin_update returned, got {base_version!r}")
         with self._flock(name, "update.lock"):
-            cur = self._current(name)
-            if model.arch != cur["arch"] or model.config != cur["config"]:
-                raise InvalidArgument(f"model is {model.arch} {model.config}, store holds "
-                                      f"{cur['arch']} {cur['config']}")
-            if base != cur["meta"]["version"]:
-                raise FailedPrecondition(f"model {name!r} changed to version {cur['meta']['version']} "
-                                         f"since this update began from version {base}")
-            meta = {"version": cur["meta"]["version"] + 1, "base_version": base,
-                    "created_at": time.time(), "metrics": dict(metrics or {}), "source": "commit"}
-            self._publish(name, model.to_npz_bytes(meta))
+            cur = self._current(name)[1]
+            if base_version != cur["version"]:
+                raise FailedPrecondition(f"model {name!r} changed to version {cur['version']} since this update "
+                                         f"began from version {base_version}")
+            if not os.path.exists(self._path(name, "Mbuf")):
+                raise FailedPrecondition(f"model {name!r} has no update in progress (call begin_update first)")
+            data = self._blob(params, meta or {}, {"version": cur["version"] + 1, "base_version": base_version,
+                                                    "source": "commit"})
+            self._check_quota(name, len(data), ("Mbuf", "M"))
+            self._publish(name, data)
             self._cleanup_temps(d)
-        return meta
+        return _public(blob.read_header(data)["meta"])
 
     def _publish(self, name: str, data: bytes) -> None:
         buf = self._path(name, "Mbuf")
@@ -246,22 +261,40 @@ class ModelStore:
             os.replace(buf, self._path(name, "M"))
             _fsync_dir(self._dir(name))
 
-    def discard(self, name: str) -> None:
-        """Drop the training buffer (the update is not kept)."""
+    def discard(self, name: str) -> int:
+        """Drop the training buffer (the update is not kept); returns M's version."""
         self._require(name)
         with self._flock(name, "update.lock"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(name, "Mbuf"))
+            return self._current(name)[1]["version"]
 
     def rollback(self, name: str) -> dict[str, Any]:
         """Restore M0's parameters into M, as a new version (versions only grow)."""
         d = self._require(name)
         with self._flock(name, "update.lock"):
-            cur = self._current(name)
-            m0 = self._load_slot(name, "M0")
-            meta = {"version": cur["meta"]["version"] + 1, "base_version": cur["meta"]["version"],
-                    "created_at": time.time(), "metrics": m0.meta.get("metrics", {}),
-                    "source": "rollback", "restored_from": m0.meta["version"]}
-            self._publish(name, m0.to_npz_bytes(meta))
+            cur = self._current(name)[1]
+            params, m0 = blob.unpack(self._read(name, "M0"))
+            data = self._blob(params, m0.get("meta", {}), {"version": cur["version"] + 1,
+                                                           "base_version": cur["version"], "source": "rollback",
+                                                           "restored_from": m0["version"]})
+            self._check_quota(name, len(data), ("Mbuf", "M"))
+            self._publish(name, data)
             self._cleanup_temps(d)
-        return meta
+        return _public(blob.read_header(data)["meta"])
+
+
+def _public(record: dict) -> dict:
+    """The store's version record without the task's metadata and shapes (reported separately)."""
+    return {k: v for k, v in record.items() if k not in ("meta", "shapes")}
+
+
+class ModelStores:
+    """One ModelStore per scope under `root`: a task sees only its scope's models."""
+
+    def __init__(self, root_dir: str | os.PathLike, quota_bytes: int = DEFAULT_QUOTA):
+        self.root = os.path.abspath(os.fspath(root_dir))
+        self.quota = quota_bytes
+
+    def scope(self, scope: str) -> ModelStore:
+        return ModelStore(os.path.join(self.root, check_name(scope, "model scope")), self.quota)

@@ -19,7 +19,8 @@ import traceback
 from . import landlock, policy, protocol, seccomp
 from .policy import Namespace
 
-API_GROUPS = ("storage", "model", "tunnel", "events", "log")
+API_GROUPS = ("storage", "model", "tunnel", "events", "log", "config")
+LIB_DIR = "_lib"  # where a bundle holds its task libraries (walle.platform.manifest.LIB_DIR)
 NOBODY = 65534
 _PR_SET_PDEATHSIG = 1
 
@@ -144,6 +145,7 @@ class TaskRuntime:
         walle["HostAPIError"] = HostAPIError
         self.modules: dict[str, object] = dict(policy.MODULES, walle=Namespace("walle", walle))
         self.bundle: dict[str, Namespace] = {}
+        self.libraries = {p.split("/")[1] for p in files if p.startswith(LIB_DIR + "/") and p.count("/") >= 2}
         self.builtins = dict(policy.BASE_BUILTINS, __import__=self.import_, HostAPIError=HostAPIError)
         self.print_factory = lambda _getattr=None: _Printer(sink)
         for path, source in files.items():  # tracebacks can show guest lines without opening files
@@ -151,7 +153,9 @@ class TaskRuntime:
 
     def globals_for(self, modname: str, path: str) -> dict:
         g = dict(policy.BASE_GLOBALS)
-        g.update(__builtins__=self.builtins, __name__=modname, __file__=path, _print_=self.print_factory)
+        package = modname if path.endswith("/__init__.py") else modname.rpartition(".")[0]
+        g.update(__builtins__=self.builtins, __name__=modname, __file__=path, __package__=package,
+                 _print_=self.print_factory)
         return g
 
     def load_file(self, modname: str, path: str) -> dict:
@@ -164,7 +168,12 @@ class TaskRuntime:
     def _bundle_module(self, dotted: str) -> Namespace | None:
         if dotted in self.bundle:
             return self.bundle[dotted]
+        head = dotted.split(".")[0]
+        if head == LIB_DIR:
+            return None  # libraries are imported by their own name, never through _lib
         base = dotted.replace(".", "/")
+        if head in self.libraries:  # a task library: bundled at _lib/<name>/ (the manifest check forbids clashes)
+            base = f"{LIB_DIR}/{base}"
         for path in (f"{base}.py", f"{base}/__init__.py"):
             if path in self.files:
                 self.load_file(dotted, path)
@@ -192,7 +201,7 @@ class TaskRuntime:
                                       "cannot run here")
                 raise ImportError(
                     f"module {dotted!r} is not available in the sandbox (allowed: numpy, math, json, random, "
-                    f"MNN, walle, and the task bundle's own .py files)")
+                    f"MNN, walle, the task bundle's own .py files and its libraries)")
         return obj
 
     def import_(self, name, globals=None, locals=None, fromlist=None, level=0):  # noqa: A002
@@ -200,8 +209,14 @@ class TaskRuntime:
             # numpy's C code imports its own submodules through the calling frame's __import__ with a list
             # fromlist; guest IMPORT_NAME always passes None or a tuple. Those modules are preloaded.
             return __import__(name, globals, locals, fromlist, level)
-        if level:
-            raise ImportError("relative imports are not supported in tasks; use `import helpers`")
+        if level:  # `from . import x` / `from .x import y` inside a package (a library, a task sub-folder)
+            package = (globals or {}).get("__package__") or ""
+            parts = package.split(".") if package else []
+            if level > len(parts):
+                raise ImportError("relative imports work only inside a package (a library, a task sub-folder); "
+                                  "use `import helpers`")
+            base = ".".join(parts[:len(parts) - level + 1])
+            name = f"{base}.{name}" if name else base
         target = self._resolve(name)
         if not fromlist:
             return self._resolve(name.split(".")[0])

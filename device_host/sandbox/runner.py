@@ -433,8 +433,8 @@ class _Conversation:
                 elif kind == "error" and isinstance(body, dict):
                     out.kind, out.error_type = "error", str(body.get("type", "Error"))
                     out.detail = f"{out.error_type}: {body.get('message', '')}"
-                    if body.get("traceback"):
-                        out.detail += "\n" + str(body["traceback"])
+                    if body.get("traceback"):  # the task's own frames, under the error line
+                        out.detail += "\nTraceback (most recent call last):\n" + str(body["traceback"])
                     return out
                 elif kind == "fatal":
                     out.kind, out.detail = "fatal", str(body)

@@ -11,8 +11,8 @@ import click
 
 from walle.protos.clikit import WalleGroup, json_option
 
-from . import audit, demo, device, operator, platform_cmd, release, task
-from .context import DEFAULT_DATA_DIR, Ctx
+from . import audit, demo, device, logs, operator, platform_cmd, release, task
+from .context import DEFAULT_DATA_DIR, WIDE_KEY, Ctx
 
 
 @click.group(cls=WalleGroup, lazy={"cloud": "walle.platform.coda.cli:cloud"},
@@ -26,20 +26,22 @@ from .context import DEFAULT_DATA_DIR, Ctx
 @click.option("--ca", envvar="WALLE_CA", type=click.Path(dir_okay=False),
               help="The platform's CA certificate for TLS (default: <data-dir>/pki/ca.pem).")
 @click.option("--insecure", is_flag=True, help="Plaintext gRPC without server authentication (debugging only).")
+@click.option("--wide", is_flag=True, envvar="WALLE_WIDE", help="Show long table cells whole (folded) instead of cut.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="walle")
 @click.pass_context
-def main(ctx, platform_addr, data_dir, actor, ca, insecure, verbose):
+def main(ctx, platform_addr, data_dir, actor, ca, insecure, wide, verbose):
     """walle: device-cloud collaborative machine learning.
 
     Remote commands authenticate with an operator token: WALLE_OPERATOR_TOKEN or operator_token
     in the config file."""
     logging.basicConfig(level=logging.WARNING - 10 * verbose,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.meta[WIDE_KEY] = wide
     ctx.obj = Ctx(platform_addr, data_dir, actor, ca, insecure)
 
 
-for module in (platform_cmd, operator, task, release, device, audit, demo):
+for module in (platform_cmd, operator, task, release, device, logs, audit, demo):
     module.register(main)
 
 

@@ -8,7 +8,9 @@ import pathlib
 import re
 
 import click
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from walle.protos import device_pb2
 from walle.protos.clikit import print_json, want_json
@@ -19,6 +21,7 @@ from ..errors import InvalidArgument
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA_DIR = "walle-data"
+WIDE_KEY = "walle.wide"
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
 
 
@@ -129,6 +132,49 @@ def emit(ctx: Ctx, message, human) -> None:
         human(message)
 
 
+def _wide() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(WIDE_KEY))
+
+
+class CutTable(Table):
+    """A table that fits the terminal (80 columns when not a terminal): short columns keep their
+    natural width and never wrap; the `long` ones share what is left and are cut with an ellipsis
+    (shown whole, folded over lines, with the global --wide)."""
+
+    def __init__(self, *columns: str, long: tuple[str, ...] = (), title: str | None = None):
+        super().__init__(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left")
+        self.wide, self.cut = _wide(), False
+        self._long = [c in long for c in columns]
+        self._natural = [len(c) for c in columns]
+        self._rows: list[list[str]] = []
+        for c, is_long in zip(columns, self._long):
+            self.add_column(c, no_wrap=not (is_long and self.wide),
+                            overflow="fold" if is_long and self.wide else "ellipsis")
+
+    def add_row(self, *cells, **kwargs) -> None:
+        cells = tuple("" if c is None else str(c) for c in cells)
+        self._natural = [max(n, len(c)) for n, c in zip(self._natural, cells)]
+        self._rows.append(list(cells))
+        super().add_row(*cells, **kwargs)
+
+    def show(self) -> None:
+        n_long = sum(self._long)
+        short = sum(n for n, is_long in zip(self._natural, self._long) if not is_long)
+        room = console.width - short - 3 * (len(self.columns) - 1)  # padding and the column divider
+        share = max(10, room // n_long) if n_long else 0
+        for col, natural, is_long in zip(self.columns, self._natural, self._long):
+            if is_long:
+                col.max_width = None if self.wide else min(natural, share)
+                col.min_width = min(natural, share)
+                self.cut = self.cut or natural > share
+            else:
+                col.min_width = natural
+        console.print(self)
+        if self.cut and not self.wide:
+            err_console.print("[dim](long cells cut with …: add --wide, or --json, to see them whole)[/dim]")
+
+
 def parse_attrs(text: str) -> device_pb2.DeviceInfo:
     """`user_id=u1,app_version=2.3.0,tags=a|b` -> DeviceInfo."""
     info = device_pb2.DeviceInfo()
@@ -153,5 +199,23 @@ def split_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def parse_since(text: str | None) -> int:
+    """`--since`: an age (90s, 10m, 2h, 7d), a date (2026-05-01 or 2026-05-01T10:00), or unix seconds."""
+    import re
+    import time
+    if not text:
+        return 0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return int(time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        return int(datetime.datetime.fromisoformat(text.strip()).timestamp())
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r}: give an age (90s, 10m, 2h, 7d), a date (2026-05-01[T10:00]) "
+                              "or unix seconds") from None
+
+
 def ts(t: int) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"

@@ -3,15 +3,15 @@ host's own commands (`device run`, `fleet run`) live in walle.device_host.cli an
 from __future__ import annotations
 
 import json
-import os
+import pathlib
 
 import click
-from rich.table import Table
 
 from walle.protos import admin_pb2
 from walle.protos.clikit import WalleGroup, json_option
+from walle.protos.errors import AlreadyExists
 
-from .context import Ctx, console, data_dir_option, emit, parse_attrs, pass_ctx, ts
+from .context import Ctx, CutTable, console, data_dir_option, emit, parse_attrs, pass_ctx, ts
 
 
 @click.group("device", cls=WalleGroup, lazy={"run": "walle.device_host.cli:device_run",
@@ -24,23 +24,31 @@ def device_group():
 @device_group.command("enroll")
 @click.option("--device-id", default="", help="Device id (default: generated).")
 @click.option("--ttl", "ttl", default=0, type=int, help="Credential lifetime in seconds (0 = no expiry).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the credential to this file (mode 0600).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Credential file to write, mode 0600 (default: ./DEVICE_ID.credentials.json).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--user-id", default="", help="Bind the device to this user: rules, allow-lists, uploads and samples "
                                             "use it, never the user_id the device reports.")
 @data_dir_option
 @json_option
 @pass_ctx
-def device_enroll(obj: Ctx, device_id, ttl, out, user_id):
-    """Register a device and print its credential (shown once; the platform keeps only a hash)."""
+def device_enroll(obj: Ctx, device_id, ttl, out, force, user_id):
+    """Register a device and write its credential to a file (mode 0600) for `walle device run --token-file`.
+
+    The token is never printed: the platform keeps only its hash, the file is the only copy."""
+    from walle.device_host.identity import Credentials
+    if out and pathlib.Path(out).exists() and not force:
+        raise AlreadyExists(f"{out} exists; pass --force to overwrite it or choose another --out")
     reply = obj.api().EnrollDevice(admin_pb2.EnrollRequest(device_id=device_id, ttl_seconds=ttl, actor=obj.actor,
                                                            user_id=user_id))
-    if out:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"device_id": reply.device_id, "token": reply.token, "platform": obj.platform_addr or "",
-                       "user_id": reply.user_id,
-                       "ca_pem": reply.platform_ca_pem, "bundle_public_key": reply.bundle_public_key.hex()}, f)
-    emit(obj, reply, lambda r: console.print(f"device {r.device_id}\ntoken {r.token}", highlight=False))
+    path = pathlib.Path(out or f"{reply.device_id}.credentials.json")
+    Credentials(reply.device_id, reply.token, obj.platform_addr or "", reply.platform_ca_pem,
+                reply.bundle_public_key.hex(), user_id=reply.user_id).save(path)
+    emit(obj, {"device_id": reply.device_id, "user_id": reply.user_id, "credentials_file": str(path),
+               "ttl_seconds": ttl},
+         lambda d: console.print(f"device {d['device_id']} enrolled{' for user ' + d['user_id'] if d['user_id'] else ''}; "
+                                 f"credential written to {d['credentials_file']} (mode 0600; the only copy of its "
+                                 "token)", highlight=False))
 
 
 @device_group.command("revoke")
@@ -61,11 +69,38 @@ def device_revoke(obj: Ctx, device_id):
 def device_list(obj: Ctx):
     """Enrolled devices and when they were last seen."""
     def human(reply):
-        t = Table("device", "enrolled", "last seen", "app version", "revoked")
+        t = CutTable("device", "enrolled", "last seen", "app", "revoked", long=("device",))
         for d in reply.devices:
             t.add_row(d.device_id, ts(d.enrolled_at), ts(d.last_seen), d.app_version or "-", "yes" if d.revoked else "")
-        console.print(t)
+        t.show()
     emit(obj, obj.api().ListDevices(admin_pb2.Empty()), human)
+
+
+@device_group.command("show")
+@click.argument("device_id")
+@data_dir_option
+@json_option
+@pass_ctx
+def device_show(obj: Ctx, device_id):
+    """One device: bound user, attributes as last reported, installed versions, last runs and errors."""
+    from .logs import format_entry
+
+    def human(r):
+        d = r.device
+        console.print(f"[bold]{d.device_id}[/bold]  user {r.user_id or '-'}  enrolled {ts(d.enrolled_at)}  "
+                      f"last seen {ts(d.last_seen)}" + ("  [red]REVOKED[/red]" if d.revoked else ""), highlight=False)
+        attrs = json.loads(d.attrs_json or "{}")
+        console.print("attributes: " + (", ".join(f"{k}={v}" for k, v in sorted(attrs.items()) if v not in ("", []))
+                                        or "none reported yet"), highlight=False)
+        t = CutTable("task", "version", "release", "status", "when", "error", long=("error",), title="installed")
+        for i in r.installed:
+            t.add_row(i.task, i.version[:12], i.release_id, i.status, ts(i.ts), (i.error.splitlines() or [""])[0])
+        t.show()
+        for title, entries in (("last runs", r.last_runs), ("last errors", r.errors)):
+            console.print(f"[bold]{title}[/bold]" + ("" if entries else ": none"))
+            for e in reversed(entries):
+                click.echo(format_entry(e))
+    emit(obj, obj.api().GetDevice(admin_pb2.DeviceRef(device_id=device_id)), human)
 
 
 @device_group.command("preview")
@@ -81,6 +116,8 @@ def device_preview(obj: Ctx, attrs):
         for t in reply.tasks:
             console.print(f"[bold]{t.name}@{t.version[:12]}[/bold] from {t.release_id} ({t.bundle_digest[:19]}…)",
                           highlight=False)
+            if t.config_json:  # the release's task config this device would run with
+                click.echo(f"  config {t.config_json}")
         for line in reply.explanation:
             console.print(f"  {line}", highlight=False)
     emit(obj, obj.api().Preview(parse_attrs(attrs)), human)

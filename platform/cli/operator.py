@@ -5,7 +5,9 @@ import click
 
 from walle.protos.clikit import WalleGroup, json_option
 
-from .context import Ctx, console, data_dir_option, emit, pass_ctx
+from walle.protos import admin_pb2
+
+from .context import Ctx, CutTable, console, data_dir_option, emit, pass_ctx, ts
 
 
 @click.group("operator", cls=WalleGroup)
@@ -35,6 +37,20 @@ def operator_revoke(obj: Ctx, name):
     obj.platform().operators.revoke(name, actor=obj.actor)
     emit(obj, {"operator": name, "revoked": True},
          lambda d: console.print(f"operator {name} revoked", highlight=False))
+
+
+@operator_group.command("list")
+@data_dir_option
+@json_option
+@pass_ctx
+def operator_list(obj: Ctx):
+    """Operators and whether their token is revoked (tokens themselves are stored only hashed)."""
+    def human(reply):
+        t = CutTable("operator", "created", "revoked")
+        for o in reply.operators:
+            t.add_row(o.name, ts(o.created_at), "yes" if o.revoked else "")
+        t.show()
+    emit(obj, obj.api().ListOperators(admin_pb2.Empty()), human)
 
 
 def register(main: click.Group) -> None:

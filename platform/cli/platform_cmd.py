@@ -70,10 +70,13 @@ def platform_init(obj: Ctx, hosts, operator, force):
               help="Serve blobs on --blob-port without a device credential (signed content, readable by anyone).")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Expose Prometheus metrics (RPCs, latencies, watch streams, devices, release health) over HTTP "
+                   "on this port (same --host).")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @pass_ctx
 def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, blob_port,
-                   blob_url, blob_public, processes, reuseport):
+                   blob_url, blob_public, metrics_port, processes, reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -103,21 +106,34 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             stop_clock = coda_cloud.start_clock(coda_day_seconds)
     if processes > 1 and port == 0:
         raise InvalidArgument("--processes needs a fixed --port: the worker processes must share it")
+    if processes > 1 and metrics_port is not None:
+        raise InvalidArgument("--metrics-port counts one process's calls; use it with --processes 1")
+    metrics = None
+    if metrics_port is not None:
+        from ..metrics import PlatformMetrics
+        metrics = PlatformMetrics(platform)
     try:
         _server, bound, stop = build_server(platform, host=host, port=port, max_workers=workers, extra=extra,
                                             authorize_admin=operator_authorizer(platform),
                                             credentials=None if insecure else tls_credentials(platform),
-                                            reuseport=processes > 1 or reuseport)
+                                            reuseport=processes > 1 or reuseport,
+                                            interceptors=(metrics.interceptor(),) if metrics else ())
     except OSError as e:
         if stop_clock:
             stop_clock()
         raise FailedPrecondition(f"{e}; is another server running? choose another --port") from None
     children: list = []
-    stop_dashboard = stop_blobs = None
+    stop_dashboard = stop_metrics = stop_blobs = None
     # the dashboard and blob servers use the platform certificate
     pki_dir = pathlib.Path(data_dir) / "pki"
     tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
     try:
+        if metrics is not None:
+            try:
+                mport, stop_metrics = metrics.serve(metrics_port, host)
+            except OSError as e:
+                raise FailedPrecondition(f"metrics port {metrics_port}: {e}; choose another --metrics-port") from None
+            err_console.print(f"metrics on http://{host}:{mport}/metrics")
         if blob_port is not None and not reuseport:
             from ..blobs_http import start_blob_server
             try:
@@ -156,6 +172,8 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             stop_dashboard()
         if stop_blobs:
             stop_blobs()
+        if stop_metrics:
+            stop_metrics()
         if stop_clock:
             stop_clock()
         stop(2.0)

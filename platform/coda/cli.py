@@ -137,7 +137,7 @@ def global_model(root: Ctx, day, days_back, epochs, seed, name):
     from walle.platform.service import Platform
 
     from . import movielens, samples as samplegen
-    from .global_model import train_global
+    from .global_model import catalog_config, train_global
     data_dir = root.data_dir
     ml = movielens.load()
     platform = Platform(data_dir)
@@ -152,16 +152,14 @@ def global_model(root: Ctx, day, days_back, epochs, seed, name):
     if not pool:
         raise FailedPrecondition(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
     with console.status(f"training on {len(pool)} samples"):
-        npz, graph, metrics = train_global(pool, epochs=epochs, seed=seed)
+        data, metrics = train_global(pool, epochs=epochs, seed=seed, catalog=catalog_config(ml.items))
     params = platform.PublishResource(admin_pb2.PublishResourceRequest(
-        name=name, data=npz, metadata_json=json.dumps({"metrics": metrics, "day": day}), actor=root.actor))
-    graph_ref = platform.PublishResource(admin_pb2.PublishResourceRequest(name=name + ".mnn", data=graph,
-                                                                          actor=root.actor))
+        name=name, data=data, metadata_json=json.dumps({"metrics": metrics, "day": day}), actor=root.actor))
     out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,
-           "graph": f"{graph_ref.name}@{graph_ref.version}", "metrics": metrics}
+           "metrics": metrics}
     if root.as_json:
         print_json(out)
     else:
         Console().print(f"published {params.name}@{params.version} ({params.size / 1024:.0f} KB, "
-                        f"{metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}) and {out['graph']}",
+                        f"{metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f})",
                         highlight=False)

@@ -164,23 +164,22 @@ class CodaCloud:
 
     def publish_global_model(self, day: int, seed: int = 0) -> object:
         """Paper 4.2.2: train the global DIN on the day's samples and publish it as a new version of
-        `coda/global_model` (and its graph), recording the catalog version it was trained with."""
+        `coda/global_model` (a model blob: the task library's DIN, sized by the item catalog), recording
+        the catalog version it was trained with."""
         from walle.protos import admin_pb2
 
-        from .global_model import train_global
+        from .global_model import catalog_config, train_global
         pool = [s for ss in self.day_samples.get(day, {}).values() for s in ss]
         if not pool:
             raise FailedPrecondition(f"no samples for day {day}: nothing to train the global model on")
-        npz, graph, metrics = train_global(pool, epochs=self.global_epochs, seed=seed)
+        data, metrics = train_global(pool, epochs=self.global_epochs, seed=seed, catalog=catalog_config(self.items))
         try:
             catalog_version = self.platform.resource(catalog_mod.RESOURCE).version
         except Exception:
             catalog_version = ""
         meta = json.dumps({"metrics": metrics, "day": day, "catalog": catalog_version})
         ref = self.platform.PublishResource(admin_pb2.PublishResourceRequest(
-            name="coda/global_model", data=npz, metadata_json=meta, actor="coda-pipeline"))
-        self.platform.PublishResource(admin_pb2.PublishResourceRequest(
-            name="coda/global_model.mnn", data=graph, metadata_json=meta, actor="coda-pipeline"))
+            name="coda/global_model", data=data, metadata_json=meta, actor="coda-pipeline"))
         log.info("day %d: global model %s@%s on %d samples", day, ref.name, ref.version, len(pool))
         return ref
 

@@ -12,7 +12,6 @@ Cloud (the global model only), Local (fine-tuned on the user's own samples, same
 and CoDA (local + filtered outside samples)."""
 from __future__ import annotations
 
-import base64
 import json
 import math
 import pathlib
@@ -36,6 +35,7 @@ from ..service import Platform
 from . import movielens
 from . import samples as samplegen
 from .cloud import CodaCloud
+from .plot import plot
 
 TASKS = ("coda_filter", "coda_train", "coda_infer")
 MAX_OUTSIDE = 200          # the outside table's size limit (paper 5.2)
@@ -52,8 +52,7 @@ class Config:
     t_prime: int = 2          # local samples older than this are dropped (the paper's t' = 7)
     global_epochs: int = 2
     workers: int = 4          # device threads in the emulated fleet
-    model_workers: int = 2    # model worker processes shared by the fleet; 0 = in the host, as on a phone
-    task_config: dict = field(default_factory=dict)  # overrides for the tasks' config (SIGMA, epochs, lr, ...)
+    task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
     out_dir: str = "demo-output"
 
 
@@ -84,8 +83,6 @@ class Experiment:
     # -- one seed -------------------------------------------------------------------------------
     def run_seed(self, seed: int, work: pathlib.Path) -> dict:
         from walle.device_host.fleet import Fleet
-        from walle.device_host.models import core
-        from walle.device_host.models.api import make_model_ops
         from walle.device_host.sandbox import Sandbox
 
         from walle.device_host.identity import Credentials
@@ -96,18 +93,10 @@ class Experiment:
         _server, port, stop = build_server(platform, port=0, extra=coda.add_services,
                                            credentials=tls_credentials(platform))
         address = f"localhost:{port}"
-        from walle.device_host.models.api import model_pool
-        sandbox = Sandbox(workers=2)
-        # devices train in parallel: MNN holds the GIL in any one process
-        models = model_pool(cfg.model_workers) if cfg.model_workers else None
+        sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
-            for name in TASKS:  # the operator: submit and release
-                _m, files = manifest_mod.validate_task_dir(tasks_dir() / name)
-                tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
-                                                                     message=f"{name} for the demo"))
-                platform.CreateRelease(admin_pb2.CreateReleaseRequest(task=name, version=tv.version,
-                                                                      rule='app_version >= "1.0"', actor="demo"))
+            self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
@@ -119,14 +108,14 @@ class Experiment:
 
             channel = Credentials("demo", "-", address, keys.ca_pem.decode()).channel()
             fleet = Fleet(len(self.user_ids), address, work / "devices", profile_file=profile, sandbox=sandbox,
-                          enroll=enroll, workers=cfg.workers, seed=seed, model_pool=models, channel=channel)
+                          enroll=enroll, workers=cfg.workers, seed=seed, channel=channel)
             devices = {movielens.device_id(u): d for u, d in zip(self.user_ids, fleet.devices)}
             stats = fleet.sync_all()
             logs = {did: DeviceLog() for did in devices}
             installed = fleet.installed_counts()
             counts = ", ".join(f"{ref.split('@')[0]} x{n}" for ref, n in sorted(installed.items()))
             con.print(f"seed {seed}: {len(devices)} devices synced; installed {counts}", highlight=False)
-            global_npz = b""
+            global_blob = b""
             for day in range(1, cfg.days + 1):
                 coda.today = day
                 self._each(fleet, f"day {day}: upload logs", lambda did, d: self._upload(d, did, day))
@@ -135,12 +124,11 @@ class Experiment:
                           f"{res.batches} batches ({sum(res.seconds.values()):.1f}s)", highlight=False)
                 todays = coda.day_samples[day]
                 if day == 1:
-                    global_npz = self._global_model(platform, todays, seed)
-                    self._each(fleet, "install global model", lambda did, d: self._init_models(d, make_model_ops))
+                    global_blob = self._global_model(platform, todays, seed)
                 self._each(fleet, f"day {day}: devices", lambda did, d: self._device_day(
                     d, logs[did], day, todays.get(coda.pseudonym_of_device(did), []), seed))
             fleet.flush_all()
-            metrics = self._evaluate(coda, devices, global_npz, core)
+            metrics = self._evaluate(coda, devices, global_blob)
             metrics["cost"] = self._cost(logs)
             metrics["diagnostics"] = self._diagnostics(logs)
             metrics["release_stats"] = {r.task: {"delivered": r.stats.delivered, "ran": r.stats.ran,
@@ -152,11 +140,25 @@ class Experiment:
             if fleet is not None:
                 fleet.close()
             sandbox.close()
-            if models is not None:
-                models.shutdown()
             if channel is not None:
                 channel.close()
             stop(0)
+
+    def _release_tasks(self, platform: Platform, seed: int) -> None:
+        """The operator: submit the CoDA tasks and release them with the run's config (the demo's
+        compressed t / t', the seed, and any overrides), like `walle release create ... --set`."""
+        overrides = {"t": self.cfg.t, "t_prime": self.cfg.t_prime, "seed": seed, **self.cfg.task_config}
+        tasks = {name: manifest_mod.validate_task_dir(tasks_dir() / name) for name in TASKS}
+        unknown = sorted(set(overrides) - {p.name for m, _f in tasks.values() for p in m.config})
+        if unknown:
+            raise ValueError(f"task config overrides {unknown} are declared by none of {', '.join(TASKS)}")
+        for name, (m, files) in tasks.items():
+            keys = {p.name for p in m.config}
+            tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
+                                                                 message=f"{name} for the demo"))
+            platform.CreateRelease(admin_pb2.CreateReleaseRequest(
+                task=name, version=tv.version, rule='app_version >= "1.0"', actor="demo",
+                config={k: str(v) for k, v in overrides.items() if k in keys}))
 
     def _each(self, fleet, label: str, fn) -> None:
         items = [(d.device_id, d) for d in fleet.devices]
@@ -181,19 +183,11 @@ class Experiment:
             dev.up.send("behavior", log.SerializeToString())
         dev.up.flush(timeout=30)
 
-    def _init_models(self, dev, make_model_ops) -> None:
-        info, data = dev.down.fetch_resource("coda/global_model")  # the down tunnel, digest-verified
-        ops = make_model_ops(dev.models)
-        b64 = base64.b64encode(data).decode()
-        for name in ("ctr", "ctr_local"):
-            ops["model.create"](name=name, arch="din", params_b64=b64, exist_ok=True)
-
     def _device_day(self, dev, log: DeviceLog, day: int, own: list, seed: int) -> None:
         from walle.device_host.coda_rows import sample_to_row
         from walle.device_host.sample_client import SampleClient
         st = dev.storage
         st.put("coda", "today", day)
-        st.put("coda", "config", {"T": self.cfg.t, "T_PRIME": self.cfg.t_prime, "seed": seed, **self.cfg.task_config})
         st.put("coda", "experiment.local_arm", True)
         if own:
             st.insert("coda", "local", [sample_to_row(s) for s in own])
@@ -248,17 +242,16 @@ class Experiment:
 
     # -- the cloud's global model -----------------------------------------------------------------
     def _global_model(self, platform: Platform, todays: dict, seed: int) -> bytes:
-        from .global_model import train_global
+        from .global_model import catalog_config, train_global
         pool = [s for ss in todays.values() for s in ss]
-        npz, graph, metrics = train_global(pool, epochs=self.cfg.global_epochs, seed=seed)
+        data, metrics = train_global(pool, epochs=self.cfg.global_epochs, seed=seed,
+                                     catalog=catalog_config(self.ml.items))
         platform.PublishResource(admin_pb2.PublishResourceRequest(
-            name="coda/global_model", data=npz, metadata_json=json.dumps({"metrics": metrics, "seed": seed}),
+            name="coda/global_model", data=data, metadata_json=json.dumps({"metrics": metrics, "seed": seed}),
             actor="demo"))
-        platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model.mnn", data=graph,
-                                                                  actor="demo"))
         self.console.print(f"  global model: {metrics['n_train']} samples, train AUC {metrics['train_auc']:.3f}, "
-                           f"published as coda/global_model ({len(npz) / 1024:.0f} KB)", highlight=False)
-        return npz
+                           f"published as coda/global_model ({len(data) / 1024:.0f} KB)", highlight=False)
+        return data
 
     # -- evaluation -----------------------------------------------------------------------------
     def test_samples(self, key: bytes) -> dict[str, list[coda_pb2.Sample]]:
@@ -271,11 +264,13 @@ class Experiment:
         gen = samplegen.generate(raw, self.ml.items, self.ml.users, key=key, day=self.cfg.days + 1)
         return gen.samples
 
-    def _evaluate(self, coda: CodaCloud, devices: dict, global_npz: bytes, core) -> dict:
-        from walle.device_host.models.core import auc, logloss
-        from walle.device_host.models.features import SampleArrays
+    def _evaluate(self, coda: CodaCloud, devices: dict, global_blob: bytes) -> dict:
+        from .global_model import load_global, sample_dict
+        from .tasklib import coda_module
+        features, training, metrics = coda_module("features"), coda_module("training"), coda_module("metrics")
+        auc, logloss = metrics.auc, metrics.logloss
         tests = self.test_samples(coda.key)
-        glob = core.from_npz_bytes(global_npz)
+        glob = load_global(global_blob)
         arms = {"cloud": [], "local": [], "coda": []}
         per_user = {a: [] for a in arms}
         for did, dev in devices.items():
@@ -283,11 +278,12 @@ class Experiment:
             samples = tests.get(user)
             if not samples:
                 continue
-            arr = SampleArrays.from_samples(samples, glob.config["hist_len"], glob.config["profile_dim"])
+            arr = features.batch([sample_dict(s) for s in samples], glob.config["hist_len"],
+                                 glob.config["profile_dim"])
             y = arr.label.astype(float)
-            for arm, model in (("cloud", glob), ("local", dev.models.load("ctr_local")),
-                               ("coda", dev.models.load("ctr"))):
-                p = core.predict(model, arr)
+            for arm, model in (("cloud", glob), ("local", self._device_net(dev, "ctr_local") or glob),
+                               ("coda", self._device_net(dev, "ctr") or glob)):
+                p = training.predict(model, arr)
                 arms[arm].append((y, p))
                 per_user[arm].append((auc(y, p), logloss(y, p)))
         out = {}
@@ -299,6 +295,20 @@ class Experiment:
                         "pooled_auc": auc(y, p), "user_logloss_mean": float(np.mean([l for _, l in per_user[arm]])),
                         "pooled_logloss": logloss(y, p), "test_samples": int(len(y))}
         return out
+
+    @staticmethod
+    def _device_net(dev, name: str):
+        """A device's stored model (M) as the library's DIN, read by the harness, not the device."""
+        from walle.platform.errors import NotFound
+
+        from .tasklib import coda_module
+        try:
+            got = dev.models.scope("coda").load(name)
+        except NotFound:  # coda_train never ran on this device: it would serve the global model
+            return None
+        net = coda_module("din").DIN(got["meta"]["config"])
+        net.set_params(got["params"])
+        return net
 
     def _cost(self, logs: dict[str, DeviceLog]) -> dict:
         walls = [r["wall_s"] for lg in logs.values() for r in lg.rounds]
@@ -409,31 +419,6 @@ def summarize(seeds: dict) -> dict:
             vals = [s[arm][metric] for s in seeds.values() if s[arm][metric] is not None]
             out[arm][metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)) if len(vals) > 1 else 0.0}
     return out
-
-
-def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    s = results["summary"]
-    arms = ["cloud", "local", "coda"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, title in ((axes[0], "user_auc_mean", "mean per-user test AUC"),
-                              (axes[1], "pooled_logloss", "pooled test logloss")):
-        means = [s[a][metric]["mean"] for a in arms]
-        stds = [s[a][metric]["std"] for a in arms]
-        ax.bar(arms, means, yerr=stds, color=["#888", "#5a9", "#36c"], capsize=4)
-        lo = min(means) - 3 * max(max(stds), 0.005)
-        ax.set_ylim(max(0.0, lo), max(means) + 3 * max(max(stds), 0.005))
-        ax.set_title(title)
-        for i, m in enumerate(means):
-            ax.text(i, m, f"{m:.4f}", ha="center", va="bottom", fontsize=8)
-    n = results["users"]
-    fig.suptitle(f"CoDA on MovieLens-100k: {n} users, {results['config']['days']} days, "
-                 f"{len(results['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def print_results(results: dict, console: Console) -> None:

@@ -9,6 +9,9 @@ const $ = (id) => document.getElementById(id);
 let pollTimer = null;
 let shownTask = null;        // task whose history is open
 let shownTaskLatest = null;  // its latest version when the history was loaded
+let shownRelease = null;     // release whose drill-down is open
+let shownDevice = null;      // device whose drill-down is open
+let lastOverview = null;
 
 function el(tag, text, attrs) {
   const e = document.createElement(tag);
@@ -40,8 +43,24 @@ function fillBody(table, rows) {
   tbody.replaceChildren(...rows);
 }
 
+function linkButton(text, attrs, onClick) {
+  const b = el("button", text, Object.assign({"type": "button", "class": "link"}, attrs));
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function releaseFilter(r) {
+  const task = $("filter-task").value.trim();
+  const state = $("filter-state").value;
+  if (task && !r.task.includes(task)) return false;
+  if (state && r.state !== state) return false;
+  if ($("filter-failing").checked && !r.stats.failed) return false;
+  return true;
+}
+
 function renderReleases(data) {
-  const rows = data.releases.map((r) => {
+  const shown = data.releases.filter(releaseFilter);
+  const rows = shown.map((r) => {
     const tr = el("tr", null, {"data-release": r.id, "class": "state-" + r.state});
     const s = r.stats;
     const cell = (field, text, extra) => {
@@ -49,22 +68,22 @@ function renderReleases(data) {
       tr.appendChild(td);
       return td;
     };
-    cell("id", r.id);
-    cell("task", r.task + "@" + short(r.version), {"title": r.task + "@" + r.version, "class": "mono"});
+    cell("id", null).appendChild(linkButton(r.id, {"data-open-release": r.id}, () => openRelease(r.id)));
+    const channel = r.channel && r.channel !== "stable" ? " [" + r.channel + "]" : "";
+    cell("task", r.task + "@" + short(r.version) + channel, {"title": r.task + "@" + r.version, "class": "mono"});
     cell("rule", r.rule || "(every device)", {"class": "mono rule"});
     cell("stage", r.stage);
     const ro = cell("rollout", "");
     ro.appendChild(el("meter", null, {"min": 0, "max": 100, "value": r.rollout}));
     ro.appendChild(el("span", Number(r.rollout) + "%", {"class": "pct"}));
-    cell("channel", r.channel);
     cell("state", r.state, {"class": "badge"});
+    cell("guard", r.guard || "", {"class": r.guard === "tripped" ? "bad" : "muted"});
     cell("delivered", s.delivered, {"class": "num"});
     cell("ran", s.ran, {"class": "num"});
     cell("runs", s.runs, {"class": "num"});
     cell("failed", s.failed, {"class": "num" + (s.failed ? " bad" : "")});
     cell("p50", Number(s.p50_duration_s).toFixed(3), {"class": "num"});
-    cell("rejected", s.rejected, {"class": "num" + (s.rejected ? " bad" : "")});
-    cell("rolled_back", s.rolled_back, {"class": "num" + (s.rolled_back ? " bad" : "")});
+    cell("rejected", s.rejected + " / " + s.rolled_back, {"class": "num" + (s.rejected || s.rolled_back ? " bad" : "")});
     const created = cell("created", null, {"class": "muted created"});
     created.appendChild(el("div", when(r.created_at), {"class": "nowrap"}));
     created.appendChild(el("div", "by " + r.created_by));
@@ -73,7 +92,125 @@ function renderReleases(data) {
   });
   fillBody($("releases"), rows);
   const more = data.releases_total > data.releases.length ? ` (newest ${data.releases.length} of ${data.releases_total})` : "";
-  $("releases-count").textContent = data.releases_total + more;
+  const filtered = shown.length !== data.releases.length ? `, ${shown.length} shown` : "";
+  $("releases-count").textContent = data.releases_total + more + filtered;
+}
+
+// One run: a header line, then its error (with the task's traceback) and its log lines.
+function runBlock(e, withDevice) {
+  const div = el("div", null, {"class": "run " + (e.status === "ok" ? "ok" : "failed"), "data-device": e.device_id});
+  const head = el("div", null, {"class": "run-head"});
+  head.appendChild(el("span", when(e.ts), {"class": "muted"}));
+  if (withDevice) head.appendChild(linkButton(e.device_id, {"data-open-device": e.device_id}, () => openDevice(e.device_id)));
+  head.appendChild(el("span", e.task + "@" + short(e.version), {"class": "mono"}));
+  head.appendChild(el("span", e.release_id || "-", {"class": "mono"}));
+  head.appendChild(el("span", e.status, {"class": "status-" + (e.status === "ok" ? "ok" : "bad")}));
+  head.appendChild(el("span", Number(e.duration_s).toFixed(3) + " s · " + e.peak_memory_kb + " KB · " + e.trigger, {"class": "muted"}));
+  div.appendChild(head);
+  if (e.error) div.appendChild(el("pre", e.error, {"class": "error"}));
+  if (e.lines && e.lines.length) div.appendChild(el("pre", e.lines.join("\n"), {"class": "log"}));
+  return div;
+}
+
+function renderRuns(container, entries, withDevice, empty) {
+  container.replaceChildren(...(entries.length ? entries.map((e) => runBlock(e, withDevice)) : [el("p", empty, {"class": "muted"})]));
+}
+
+async function openRelease(id) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return;
+  let d;
+  try { d = await api("/api/releases/" + encodeURIComponent(id), token); }
+  catch (e) { return failed(e); }
+  shownRelease = id;
+  const h = d.health, r = h.release, s = r.stats;
+  $("rd-id").textContent = r.id;
+  $("rd-title").textContent = r.task + "@" + short(r.version) + " · " + r.state + " · " + r.stage + " " + r.rollout + "%";
+  $("rd-figures").replaceChildren(...[["targeted", h.targeted], ["delivered", s.delivered], ["ran", s.ran],
+      ["failed devices", h.failed_devices], ["rejected", s.rejected], ["rolled back", s.rolled_back],
+      ["runs", s.runs], ["failed runs", s.failed], ["p50 s", Number(s.p50_duration_s).toFixed(3)],
+      ["p99 s", Number(h.p99_duration_s).toFixed(3)]].map(([k, v]) => {
+    const span = el("span", null, {"class": "figure", "data-figure": k});
+    span.appendChild(el("b", v));
+    span.appendChild(el("span", " " + k));
+    return span;
+  }));
+  const g = d.guard;
+  let guardText = "no guard";
+  if (g) {
+    const limits = [];
+    if (g.max_failure_rate) limits.push("failure rate ≤ " + (g.max_failure_rate * 100).toFixed(1) + "%");
+    if (g.max_p99_seconds) limits.push("p99 ≤ " + g.max_p99_seconds + " s");
+    guardText = "guard: " + limits.join(" and ") + " once " + g.min_runs + " runs, else " + g.on_trip + ": " + g.status;
+    if (g.status === "tripped") {
+      const detail = JSON.parse(g.trip_detail || "{}");
+      guardText += " at " + when(g.tripped_at) + " (" + (detail.reason || "") + ") → " +
+                   (g.action_release_id ? "rolled back as " + g.action_release_id : "paused");
+    }
+  }
+  $("rd-guard").textContent = guardText;
+  $("rd-guard").className = g && g.status === "tripped" ? "bad" : "";
+  fillBody($("rd-errors"), h.top_errors.map((e) => {
+    const tr = el("tr");
+    tr.appendChild(el("td", e.runs, {"class": "num"}));
+    tr.appendChild(el("td", e.devices, {"class": "num"}));
+    tr.appendChild(el("td", e.error, {"class": "mono wrap", "title": e.example}));
+    const td = el("td");
+    td.appendChild(linkButton(e.example_device, {"data-open-device": e.example_device}, () => openDevice(e.example_device)));
+    tr.appendChild(td);
+    return tr;
+  }));
+  renderRuns($("rd-failed"), d.failed_runs, true, "no failed runs");
+  renderRuns($("rd-runs"), d.runs, true, "no runs reported yet");
+  $("release-detail").hidden = false;
+}
+
+async function refreshDevices() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return;
+  const q = new URLSearchParams({q: $("filter-device").value.trim()});
+  const data = await api("/api/devices?" + q, token);
+  fillBody($("devices"), data.devices.map((d) => {
+    const tr = el("tr", null, {"data-device": d.device_id, "class": d.revoked ? "state-revoked" : ""});
+    const td = el("td");
+    td.appendChild(linkButton(d.device_id, {"data-open-device": d.device_id}, () => openDevice(d.device_id)));
+    tr.appendChild(td);
+    tr.appendChild(el("td", d.user_id, {"class": "mono"}));
+    tr.appendChild(el("td", d.app_version, {"class": "mono"}));
+    tr.appendChild(el("td", when(d.last_seen), {"class": "muted"}));
+    tr.appendChild(el("td", d.failed_runs, {"class": "num" + (d.failed_runs ? " bad" : ""), "data-field": "failed_runs"}));
+    return tr;
+  }));
+  $("devices-count").textContent = data.total + (data.total > data.devices.length ? ` (${data.devices.length} shown)` : "");
+}
+
+async function openDevice(id) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return;
+  let d;
+  try { d = await api("/api/devices/" + encodeURIComponent(id), token); }
+  catch (e) { return failed(e); }
+  shownDevice = id;
+  const dev = d.device;
+  $("dd-id").textContent = dev.device_id;
+  $("dd-title").textContent = "user " + (d.user_id || "-") + " · enrolled " + when(dev.enrolled_at) +
+      " · last seen " + when(dev.last_seen) + (dev.revoked ? " · REVOKED" : "");
+  const attrs = JSON.parse(dev.attrs_json || "{}");
+  $("dd-attrs").textContent = Object.keys(attrs).sort().filter((k) => attrs[k] !== "" && !(Array.isArray(attrs[k]) && !attrs[k].length))
+      .map((k) => k + "=" + attrs[k]).join("  ") || "no attributes reported yet";
+  fillBody($("dd-installed"), d.installed.map((i) => {
+    const tr = el("tr", null, {"data-task": i.task});
+    tr.appendChild(el("td", i.task));
+    tr.appendChild(el("td", short(i.version), {"class": "mono", "title": i.version, "data-field": "version"}));
+    tr.appendChild(el("td", i.release_id, {"class": "mono"}));
+    tr.appendChild(el("td", i.status, {"class": i.status === "installed" ? "" : "bad", "data-field": "status"}));
+    tr.appendChild(el("td", when(i.ts), {"class": "muted"}));
+    tr.appendChild(el("td", (i.error || "").split("\n")[0], {"class": "mono wrap"}));
+    return tr;
+  }));
+  renderRuns($("dd-errors"), d.errors, false, "no errors");
+  renderRuns($("dd-runs"), d.last_runs, false, "no runs reported yet");
+  $("device-detail").hidden = false;
 }
 
 function renderFleet(f) {
@@ -163,6 +300,7 @@ async function showDiff(ev) {
 }
 
 function render(data) {
+  lastOverview = data;
   $("operator").textContent = data.operator;
   renderReleases(data);
   renderFleet(data.fleet);
@@ -174,10 +312,12 @@ function render(data) {
 }
 
 function clearData() {
-  for (const id of ["releases", "fleet-app", "fleet-task", "tasks", "versions"]) fillBody($(id), []);
-  for (const id of ["operator", "updated", "fleet-seen", "fleet-enrolled", "releases-count", "history-task"]) $(id).textContent = "";
-  $("diff").replaceChildren();
-  shownTask = shownTaskLatest = null;
+  for (const id of ["releases", "fleet-app", "fleet-task", "tasks", "versions", "devices", "rd-errors", "dd-installed"]) fillBody($(id), []);
+  for (const id of ["operator", "updated", "fleet-seen", "fleet-enrolled", "releases-count", "history-task",
+                    "devices-count", "rd-id", "rd-title", "rd-guard", "dd-id", "dd-title", "dd-attrs"]) $(id).textContent = "";
+  for (const id of ["diff", "rd-figures", "rd-failed", "rd-runs", "dd-errors", "dd-runs"]) $(id).replaceChildren();
+  $("release-detail").hidden = $("device-detail").hidden = true;
+  shownTask = shownTaskLatest = shownRelease = shownDevice = lastOverview = null;
 }
 
 function showLogin(message) {
@@ -208,6 +348,9 @@ async function poll() {
   if (!token) return showLogin("");
   try {
     render(await api("/api/overview", token));
+    await refreshDevices();
+    if (shownRelease) await openRelease(shownRelease);
+    if (shownDevice) await openDevice(shownDevice);
   } catch (e) {
     failed(e);
     if (e instanceof AuthError) return;
@@ -230,12 +373,19 @@ async function login(ev) {
   $("app").hidden = false;
   $("status").hidden = false;
   render(data);
+  refreshDevices().catch(failed);
   pollTimer = setTimeout(poll, POLL_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", login);
   $("diff-form").addEventListener("submit", showDiff);
+  const rerender = () => { if (lastOverview) renderReleases(lastOverview); };
+  $("release-filter").addEventListener("input", rerender);
+  $("release-filter").addEventListener("submit", (ev) => ev.preventDefault());
+  $("device-filter").addEventListener("submit", (ev) => { ev.preventDefault(); refreshDevices().catch(failed); });
+  $("rd-close").addEventListener("click", () => { shownRelease = null; $("release-detail").hidden = true; });
+  $("dd-close").addEventListener("click", () => { shownDevice = null; $("device-detail").hidden = true; });
   $("logout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); showLogin(""); });
   if (sessionStorage.getItem(TOKEN_KEY)) {
     $("app").hidden = false;

@@ -215,7 +215,10 @@ def test_closing_a_day_publishes_the_global_model(served):
     meta = json.loads(info.metadata_json)
     assert info.version == "v1" and meta["day"] == 1 and meta["catalog"] == "v1"
     assert meta["metrics"]["n_train"] == sum(len(v) for v in coda.day_samples[1].values())
-    assert platform.resource("coda/global_model.mnn").version == "v1"
+    # A model blob of the task library's DIN, sized by the catalog (no separate .mnn graph any more).
+    from walle.device_host.models import blob
+    _params, model_meta = blob.unpack(platform.blob(info.digest))
+    assert model_meta["arch"] == "din" and model_meta["config"]["n_items"] == int(coda.items["item_id"].max()) + 1
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
-"""The three CoDA task scripts (tasks/coda_filter, coda_train, coda_infer) run through the REAL sandbox,
-with the real HostAPI over a SQLite TaskStorage, a real ModelStore and its model ops, on samples
-generated from real MovieLens-100k users (one user is the device's owner, the others are "outside").
+"""The three CoDA task scripts (tasks/coda_filter, coda_train, coda_infer) and their library
+(tasks/_lib/coda) run through the REAL sandbox, with the real HostAPI over a SQLite TaskStorage, a
+real ModelStore and its model ops, on samples generated from real MovieLens-100k users (one user is
+the device's owner, the others are "outside"). The models train inside the sandboxed child; the test
+checks their results with the same library files imported as the cloud imports them.
 
 Each task folder is validated with the platform's manifest checks and run from the validated files,
 with the manifest's limits and only the host APIs its manifest grants."""
@@ -11,16 +13,17 @@ import pathlib
 import numpy as np
 import pytest
 
-from walle.device_host.coda_rows import row_to_sample_dict, sample_to_row
 from walle.device_host.hostapi import HostAPI
-from walle.device_host.models import core
-from walle.device_host.models.api import make_model_ops
-from walle.device_host.models.features import SampleArrays
+from walle.device_host.models.ops import make_model_ops
 from walle.device_host.models.store import ModelStore
 from walle.device_host.sandbox import Limits, Sandbox
 from walle.device_host.storage import TaskStorage
 from walle.platform.coda import movielens
 from walle.platform.coda import samples as gen
+from walle.device_host.coda_rows import sample_to_row
+from walle.platform.coda.global_model import catalog_config, sample_dict, train_global
+from walle.platform.coda.tasklib import coda_module
+from walle.platform import taskconfig
 from walle.platform.manifest import validate_task_dir
 from walle.protos import coda_pb2
 
@@ -29,6 +32,7 @@ NS = "coda"
 USERS = (13, 450, 276, 416)  # heavy MovieLens raters: ~400-650 samples each
 N_DAYS = 10
 TODAY = 10
+din, classifier, features, training = (coda_module(m) for m in ("din", "classifier", "features", "training"))
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -44,7 +48,13 @@ def data() -> dict:
     outside = [s for u in users[1:] for s in day.samples[u]]
     rng = np.random.default_rng(3)
     outside = [outside[i] for i in rng.permutation(len(outside))]  # batches mix the matched users
-    return {"local": local, "outside": outside}
+    return {"local": local, "outside": outside, "catalog": catalog_config(ml.items)}
+
+
+@pytest.fixture(scope="module")
+def global_blob(data) -> bytes:
+    """The cloud's global model, trained from the library's DIN on the outside users' samples."""
+    return train_global(data["outside"][:300], epochs=1, seed=5, catalog=data["catalog"])[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +69,35 @@ def tasks() -> dict:
     for name in ("coda_filter", "coda_train", "coda_infer"):
         manifest, files = validate_task_dir(TASKS / name)
         out[name] = (manifest, {p: b.decode() for p, b in files.items() if p.endswith(".py")})
+        assert any(p.startswith("_lib/coda/") for p in out[name][1])  # the library travels in the bundle
     return out
 
 
 class Device:
     """One device's storage, model store and host API, as the host wires them for the "coda" namespace."""
 
-    def __init__(self, root: pathlib.Path, sandbox: Sandbox, tasks: dict, extra_ops: dict | None = None):
+    def __init__(self, root: pathlib.Path, sandbox: Sandbox, tasks: dict, global_blob: bytes | None,
+                 extra_ops: dict | None = None):
         self.storage = TaskStorage(root / "storage.sqlite3")
         self.models = ModelStore(root / "models")
-        self.ops = make_model_ops(self.models)
-        self.api = HostAPI(self.storage, NS, extra_ops={**self.ops, **(extra_ops or {})})
+        self.fetched: list[str] = []
+
+        def fetch(name: str) -> bytes:
+            self.fetched.append(name)
+            if global_blob is None:
+                raise FileNotFoundError(f"resource {name} is not published")
+            return global_blob
+        self.ops = make_model_ops(self.models, fetch)
+        self.extra_ops = {**self.ops, **(extra_ops or {})}
+        self.config: dict = {}  # the release's --set overrides, resolved per task as the platform does
         self.sandbox, self.tasks = sandbox, tasks
 
     def run(self, task: str, event: object):
         manifest, files = self.tasks[task]
-        allowed = {op for op in self.api.allowed_apis() if op.split(".", 1)[0] in manifest.apis}
+        cfg = taskconfig.resolve(manifest.config, {k: v for k, v in self.config.items()
+                                                   if k in {p.name for p in manifest.config}}, task)
+        self.api = HostAPI(self.storage, NS, extra_ops=self.extra_ops, config=cfg)
+        allowed = {op for op in self.api.allowed_apis() if op.split(".", 1)[0] in set(manifest.apis) | {"config"}}
         lim = manifest.limits
         limits = Limits(memory_mb=lim.memory_mb, cpu_seconds=lim.cpu_seconds, wall_seconds=lim.wall_seconds)
         return self.sandbox.run(files, manifest.entry, event, limits=limits, api_handler=self.api,
@@ -102,13 +125,30 @@ class Device:
     def snapshot(self) -> dict:
         return {t: self.rows(t) for t in ("local", "outside")}
 
+    def net(self, name: str, which: str = "M"):
+        """A stored model as the library's net (the cloud-side import of the same files)."""
+        got = self.models.load(name, which)
+        make = classifier.Classifier if got["meta"]["arch"] == "classifier" else din.DIN
+        net = make(got["meta"]["config"])
+        net.set_params(got["params"])
+        return net
+
+    def predict(self, name: str, samples, which: str = "M") -> list[float]:
+        net = self.net(name, which)
+        batch = features.batch(as_dicts(samples), net.config["hist_len"], net.config.get("profile_dim", 0))
+        return training.predict(net, batch).tolist()
+
+    def create_ctr(self, catalog: dict, seed: int = 1, name: str = "ctr") -> None:
+        net = din.DIN(catalog, seed)
+        self.models.create(name, net.params(), {"arch": "din", "config": net.config})
+
     def close(self) -> None:
         self.storage.close()
 
 
 @pytest.fixture
-def device(tmp_path, sandbox, tasks):
-    dev = Device(tmp_path, sandbox, tasks)
+def device(tmp_path, sandbox, tasks, global_blob):
+    dev = Device(tmp_path, sandbox, tasks, global_blob)
     dev.put("today", TODAY)
     yield dev
     dev.close()
@@ -146,7 +186,7 @@ def copies(samples, *, day: int, flip: bool = False, tag: str = "c") -> list[cod
 
 
 def as_dicts(samples) -> list[dict]:
-    return [row_to_sample_dict(sample_to_row(s)) for s in samples]
+    return [sample_dict(s) for s in samples]
 
 
 # --- manifests and rows -------------------------------------------------------------------------------
@@ -163,31 +203,20 @@ def test_manifests_share_the_coda_namespace_and_declare_their_triggers(tasks):
 
 
 def test_rows_round_trip_real_samples(data):
+    import json
     s = data["local"][-1]
     row = sample_to_row(s, batch_id="b7", state="new", score=None)
     assert all(not isinstance(v, (list, dict)) for v in row.values())
     assert row["batch_id"] == "b7" and row["state"] == "new" and row["score"] is None
-    back = row_to_sample_dict(row)
-    assert back["hist_items"] == list(s.hist_items) and back["item_cats"] == list(s.item_cats)
-    assert back["item_id"] == s.item_id and back["label"] == s.label and back["sample_id"] == s.sample_id
-    assert "batch_id" not in back and "state" not in back
-    with pytest.raises(ValueError, match="state"):
-        sample_to_row(s, state="maybe")
-    with pytest.raises(ValueError, match="item_id"):
-        sample_to_row(s, item_id=3)
-    with pytest.raises(ValueError, match="score"):
-        sample_to_row(s, score=[0.5])
-    with pytest.raises(ValueError, match="hist_items"):
-        row_to_sample_dict({**row, "hist_items": "[1, 2"})
-    with pytest.raises(TypeError):
-        sample_to_row({"sample_id": "x"})
+    assert json.loads(row["hist_items"]) == list(s.hist_items) and json.loads(row["item_cats"]) == list(s.item_cats)
+    assert row["item_id"] == s.item_id and row["label"] == s.label and row["sample_id"] == s.sample_id
 
 
 # --- coda_filter --------------------------------------------------------------------------------------
 
 def test_filter_keeps_only_samples_scoring_at_least_sigma(device, data):
     sigma = 0.5
-    device.put("config", {"SIGMA": sigma})
+    device.config.update({"sigma": sigma})
     device.insert_local(data["local"][-150:])
     batch = data["outside"][:60]
     device.insert_outside(batch)
@@ -203,13 +232,16 @@ def test_filter_keeps_only_samples_scoring_at_least_sigma(device, data):
     assert counts["kept"] > 0 and counts["dropped"] > 0  # both branches of the threshold are exercised
 
     # Rescore with the classifier the run left behind: kept = exactly the 2/3 scoring >= sigma.
-    probs = device.ops["model.predict"](name="clf", samples=as_dicts(scored))["probs"]
+    probs = device.predict("clf", scored)
     want = {s.sample_id: p for s, p in zip(scored, probs) if p >= sigma}
     rows = device.rows("outside")
     assert {r["state"] for r in rows} == {"kept"}
     assert {r["sample_id"]: r["score"] for r in rows} == pytest.approx(want, abs=1e-6)
     assert not third & {r["sample_id"] for r in rows}  # the classifier's 1/3 were deleted after use
-    assert device.models.info("clf")["arch"] == "classifier" and device.models.info("clf")["M"]["version"] == 2
+    info = device.models.info("clf")
+    assert info["meta"]["arch"] == "classifier" and info["version"] == 1  # Algorithm 2 line 3: created once
+    assert info["meta"]["config"]["n_items"] == data["catalog"]["n_items"]  # the catalogue, via the global model
+    assert device.fetched == ["coda/global_model"] and device.models.info("ctr")["meta"]["source"] == "global"
     assert len(device.rows("local")) == 150  # the filter never touches local samples
 
 
@@ -249,16 +281,16 @@ def test_filter_drops_new_rows_already_kept(device, data):
 # --- coda_train ---------------------------------------------------------------------------------------
 
 def test_train_lifecycle_and_split_t_tprime(device, data):
-    device.put("config", {"MAX_ROWS": 5000})
+    device.config.update({"max_rows": 5000})
     local = data["local"]
     device.insert_local(local)
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    device.create_ctr(data["catalog"])
     kept = data["outside"][:40]
     device.insert_outside(kept, state="kept", scores=np.linspace(0.3, 0.9, 40))
     fresh = device.insert_outside(data["outside"][40:50], batch_id="b9")  # not filtered yet: must stay
     val = [s for s in local if s.day >= TODAY - 3]
     train_local = [s for s in local if TODAY - 7 <= s.day < TODAY - 3]
-    expected_before = device.ops["model.evaluate"](name="ctr", samples=as_dicts(val))["auc"]
+    expected_before = coda_module("metrics").auc([s.label for s in val], device.predict("ctr", val))
 
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "ok", res.error
@@ -276,7 +308,7 @@ def test_train_forced_cleanup_halves_local_oldest_first(device, data):
     local = [s for s in data["local"] if s.day >= TODAY - 7]  # nothing expires: only the size rule acts
     assert len(local) >= 400
     device.insert_local(local)
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    device.create_ctr(data["catalog"])
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "ok", res.error
     keep = len(local)
@@ -289,39 +321,39 @@ def test_train_forced_cleanup_halves_local_oldest_first(device, data):
 
 def test_train_gate_rejects_a_worse_update(device, data):
     """Training data = the validation samples with flipped labels: the update can only get worse."""
-    device.put("config", {"lr": 0.05, "epochs": 3, "MAX_ROWS": 1000})
+    device.config.update({"lr": 0.05, "epochs": 3, "max_rows": 1000})
     val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
     device.insert_local(val)
     device.insert_local(copies(val, day=TODAY - 5, flip=True, tag="flip"))
     device.insert_outside(copies(val[:60], day=TODAY, flip=True, tag="out"), state="kept", scores=[0.8] * 60)
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
-    probe = as_dicts(val[:30])
-    before = device.ops["model.predict"](name="ctr", samples=probe)
+    device.create_ctr(data["catalog"])
+    probe = val[:30]
+    before = device.predict("ctr", probe)
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "ok", res.error
     ctr = res.value["ctr"]
     assert ctr["committed"] is False and ctr["after"] == ctr["before"] and ctr["n_train"] == 180
-    assert device.models.info("ctr")["M"]["version"] == 1 == ctr["version"]
-    assert device.ops["model.predict"](name="ctr", samples=probe)["probs"] == before["probs"]
+    assert device.models.info("ctr")["version"] == 1 == ctr["version"] and not device.models.info("ctr")["has_buffer"]
+    assert device.predict("ctr", probe) == before
     assert device.rows("outside") == []  # used samples are removed whether or not M was updated
 
 
 def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
     device.put("experiment.local_arm", True)
-    device.put("config", {"MAX_ROWS": 1000})
+    device.config.update({"max_rows": 1000})
     val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
     device.insert_local(val)
     device.insert_local(copies(val, day=TODAY - 5, tag="same"))
     device.insert_outside(copies(val[:50], day=TODAY, tag="out"), state="kept", scores=[0.8] * 50)
     for name in ("ctr", "ctr_local"):
-        device.ops["model.create"](name=name, arch="din", seed=1)
+        device.create_ctr(data["catalog"], name=name)
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "ok", res.error
     ctr, loc = res.value["ctr"], res.value["ctr_local"]
     assert ctr["committed"] is True and ctr["after"] > ctr["before"] and ctr["version"] == 2
-    assert device.models.info("ctr")["M"]["version"] == 2
+    assert device.models.info("ctr")["version"] == 2
     assert ctr["n_train"] == 170 and loc["n_train"] == 120 and loc["n_val"] == ctr["n_val"] == 120
-    assert loc["version"] == device.models.info("ctr_local")["M"]["version"] == (2 if loc["committed"] else 1)
+    assert loc["version"] == device.models.info("ctr_local")["version"] == (2 if loc["committed"] else 1)
     assert device.rows("outside") == []
 
 
@@ -329,83 +361,59 @@ def test_train_table_rows_trigger_waits_for_train_at_kept_samples(device, data):
     device.insert_local(data["local"][-100:])
     device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
     device.insert_outside(data["outside"][20:120], batch_id="b2")  # 120 rows, but only 20 are filtered
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    device.create_ctr(data["catalog"])
     res = device.run("coda_train", {"name": "table_rows", "table": "outside", "rows": 120, "min_rows": 100})
     assert res.status == "ok", res.error
-    assert "TRAIN_AT" in res.value["ctr"]["skipped"] and res.value["ctr"]["committed"] is False
-    assert len(device.rows("outside")) == 120 and device.models.info("ctr")["M"]["version"] == 1
+    assert "train_at" in res.value["ctr"]["skipped"] and res.value["ctr"]["committed"] is False
+    assert len(device.rows("outside")) == 120 and device.models.info("ctr")["version"] == 1
 
 
 def test_train_without_validation_samples_skips_and_says_why(device, data):
     device.insert_local([s for s in data["local"] if s.day <= 6][-50:])  # nothing within the last t days
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    device.create_ctr(data["catalog"])
     res = device.run("coda_train", EXHAUSTED)
     assert res.status == "ok", res.error
     assert "validate" in res.value["ctr"]["skipped"] and res.value["ctr"]["n_val"] == 0
 
 
-def test_train_without_model_or_tunnel_fails_clearly(device, data):
-    device.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::4])  # validation and training days
-    device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
+def test_train_without_a_global_model_fails_clearly(tmp_path, sandbox, tasks, data):
+    dev = Device(tmp_path, sandbox, tasks, None)
+    dev.put("today", TODAY)
+    dev.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::4])  # validation and training days
+    dev.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
+    res = dev.run("coda_train", EXHAUSTED)
+    assert res.status == "error" and "coda/global_model" in res.error and "not published" in res.error
+    assert len(dev.rows("outside")) == 20 and not dev.models.exists("ctr")
+    dev.close()
+
+
+def test_train_creates_ctr_from_the_global_model_and_m0_is_the_clouds(device, data, global_blob):
+    device.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::3])
     res = device.run("coda_train", EXHAUSTED)
-    assert res.status == "error"
-    assert "'ctr' does not exist" in res.error and "tunnel" in res.error
-    assert len(device.rows("outside")) == 20 and not device.models.exists("ctr")
-
-
-def test_train_creates_ctr_from_the_global_model_over_the_real_tunnel(tmp_path, sandbox, tasks, data):
-    import grpc
-
-    from walle.device_host.tunnel import DownTunnel, UpTunnel, tunnel_ops
-    from walle.platform.auth import bearer_metadata
-    from walle.platform.coda.global_model import train_global
-    from walle.platform.server import build_server
-    from walle.platform.service import Platform
-    from walle.protos import admin_pb2
-
-    platform = Platform(tmp_path / "platform")
-    _server, port, stop = build_server(platform, port=0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        params, _graph, _metrics = train_global(data["outside"][:300], epochs=1, seed=5)
-        platform.PublishResource(admin_pb2.PublishResourceRequest(name="coda/global_model", data=params))
-        md = bearer_metadata(platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="dev-coda")).token)
-        # resources go to devices released a task that reads them: release coda_train to this device
-        from walle.protos import bundle, device_pb2
-        tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(validate_task_dir(TASKS / "coda_train")[1])))
-        platform.CreateRelease(admin_pb2.CreateReleaseRequest(task="coda_train", version=tv.version))
-        assert platform.active_tasks("dev-coda", device_pb2.DeviceInfo(host_version="0.1.0")).tasks
-        up = UpTunnel(tmp_path / "dev" / "tunnel.sqlite3", channel, md)
-        down = DownTunnel(tmp_path / "dev" / "resources", channel, md)
-        dev = Device(tmp_path / "dev", sandbox, tasks, extra_ops=tunnel_ops(NS, up, down))
-        dev.put("today", TODAY)
-        dev.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::3])
-        res = dev.run("coda_train", EXHAUSTED)
-        assert res.status == "ok", res.error
-        info = dev.models.info("ctr")
-        assert info["arch"] == "din" and info["M0"]["source"] == "file"
-        # M0 is the cloud's model: it scores exactly like the published parameter file.
-        got = dev.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][:20]), which="M0")["probs"]
-        ref = core.predict(core.from_npz_bytes(params), SampleArrays.from_samples(data["local"][:20], 50, 0))
-        assert got == pytest.approx([float(x) for x in ref], abs=1e-6)
-        assert res.value["ctr"]["n_val"] > 0
-        up.close()
-        dev.close()
-    finally:
-        channel.close()
-        stop(0)
+    assert res.status == "ok", res.error
+    info = device.models.info("ctr")
+    assert info["meta"]["arch"] == "din" and info["M0"]["source"] == "resource:coda/global_model"
+    # M0 is the cloud's model: it scores exactly like the published blob, through the same library.
+    from walle.platform.coda.global_model import load_global
+    got = device.predict("ctr", data["local"][:20], which="M0")
+    ref = training.predict(load_global(global_blob), features.batch(as_dicts(data["local"][:20]), 50))
+    assert got == pytest.approx([float(x) for x in ref], abs=1e-6)
+    assert res.value["ctr"]["n_val"] > 0
 
 
 # --- coda_infer ---------------------------------------------------------------------------------------
 
 def test_infer_ranks_candidates_by_the_models_scores(device, data):
-    device.ops["model.create"](name="ctr", arch="din", seed=4)
-    device.ops["model.train"](name="ctr", samples=as_dicts(data["outside"][:300]), epochs=1, lr=0.01)
+    device.create_ctr(data["catalog"], seed=4)
+    net = device.net("ctr")
+    training.train(net, features.batch(as_dicts(data["outside"][:300]), 50), 1, 0.01, 0)
+    device.models.commit("ctr", net.params(), {"arch": "din", "config": net.config},
+                         device.models.begin_update("ctr")["version"])
     cands = as_dicts(data["local"][-25:])
     cands[0] = sample_to_row(data["local"][-25])  # list fields as stored JSON text are accepted too
     res = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": cands}})
     assert res.status == "ok", res.error
-    probs = device.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][-25:]))["probs"]
+    probs = device.predict("ctr", data["local"][-25:])
     order = sorted(range(25), key=lambda i: (-probs[i], i))
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in order]
     assert res.value["scores"] == pytest.approx([probs[i] for i in order], abs=1e-7)
@@ -415,7 +423,7 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     with device.models.write_lock("ctr"):
         res = device.run("coda_infer", {"name": "page_view:detail", "payload": {"candidates": cands}})
     assert res.status == "ok" and res.value["served_from"] == "M0" and res.value["version"] == 1
-    m0 = device.ops["model.predict"](name="ctr", samples=as_dicts(data["local"][-25:]), which="M0")["probs"]
+    m0 = device.predict("ctr", data["local"][-25:], which="M0")
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
 
 
@@ -423,9 +431,9 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
 
 @pytest.mark.parametrize("payload, words", [
     (None, ["payload", "candidates"]),
-    ({}, ["candidates is missing"]),
-    ({"candidates": "item 5"}, ["candidates must be a list"]),
-    ({"candidates": []}, ["candidates is empty"]),
+    ({}, ["candidates must be a non-empty list"]),
+    ({"candidates": "item 5"}, ["candidates must be a non-empty list"]),
+    ({"candidates": []}, ["candidates must be a non-empty list"]),
     ({"candidates": [7, 8]}, ["candidates[0]", "object"]),
     ({"candidates": [{"item_id": "5"}]}, ["candidates[0].item_id", "integer"]),
     ({"candidates": [{"item_id": 5, "hist_items": "[1, 2"}]}, ["candidates[0].hist_items", "JSON"]),
@@ -433,8 +441,8 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     ({"candidates": [{"item_id": 5}], "model": 3}, ["payload.model"]),
     ({"candidates": [{"item_id": 5}], "model": "nope"}, ["nope", "does not exist"]),
 ])
-def test_infer_hostile_payloads_end_in_clear_errors(device, payload, words):
-    device.ops["model.create"](name="ctr", arch="din", seed=4)
+def test_infer_hostile_payloads_end_in_clear_errors(device, data, payload, words):
+    device.create_ctr(data["catalog"], seed=4)
     res = device.run("coda_infer", {"name": "page_view:home", "payload": payload})
     assert res.status == "error"
     for w in words:
@@ -444,13 +452,11 @@ def test_infer_hostile_payloads_end_in_clear_errors(device, payload, words):
 def test_hostile_config_rows_and_events_change_nothing(device, data):
     device.insert_local(data["local"][-60:])
     device.insert_outside(data["outside"][:30])
-    device.ops["model.create"](name="ctr", arch="din", seed=1)
+    device.create_ctr(data["catalog"])
     before = device.snapshot()
     cases = [
-        ("coda_filter", BATCH, {"config": "fast"}, ["KV 'config'"]),
-        ("coda_filter", BATCH, {"config": {"SIGMA": "high"}}, ["SIGMA"]),
-        ("coda_filter", BATCH, {"config": {"sigma": 0.3}}, ["unknown keys", "sigma"]),
-        ("coda_train", EXHAUSTED, {"config": {"T": 9, "T_PRIME": 3}}, ["T_PRIME"]),
+        ("coda_train", EXHAUSTED, {"config": {"t": 9, "t_prime": 3}}, ["t_prime"]),
+        ("coda_train", EXHAUSTED, {"config": {"din_mlp": "wide"}}, ["din_mlp"]),
         ("coda_train", EXHAUSTED, {"today": "monday"}, ["today"]),
         ("coda_train", EXHAUSTED, {"experiment.local_arm": "yes"}, ["experiment.local_arm"]),
         ("coda_train", "not an event", {}, ["event must be an object"]),
@@ -458,13 +464,17 @@ def test_hostile_config_rows_and_events_change_nothing(device, data):
     ]
     for task, event, kv, words in cases:
         for k, v in kv.items():
-            device.put(k, v)
+            if k == "config":
+                device.config = v
+            else:
+                device.put(k, v)
         res = device.run(task, event)
         assert res.status == "error", (task, kv, res.value)
         for w in words:
             assert w in res.error, (w, res.error)
         for k in kv:
             device.storage.delete(NS, k)
+        device.config = {}
         device.put("today", TODAY)
         assert device.snapshot() == before
     # A malformed stored row is named, and nothing is written.

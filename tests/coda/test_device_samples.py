@@ -25,7 +25,6 @@ from walle.protos import admin_pb2, bundle, coda_pb2
 PROBE = ("""name = "probe"
 entry = "main.py"
 apis = ["storage"]
-namespace = "coda"
 [[triggers]]
 kind = "event"
 event = "batch_received"
@@ -188,40 +187,43 @@ def test_fetch_pulls_what_fits_and_the_daily_limit(world):
     assert 150 < first <= 200  # what fits below MAX_ROWS (200)
     rows = st.query("coda", "outside", limit=1)
     assert rows[0]["state"] == "new" and rows[0]["batch_id"].startswith("1.")
-    seen = st.get("coda", "seen")
+    seen = st.get("probe", "seen")
     assert seen[0][0] == "batch_received" and seen[0][1]["day"] == 1 and len(seen[0][1]["batches"]) >= 6
 
     dev.emit("fetch_samples")  # the table is full: nothing pulled, nothing counted
     run_all(dev)
-    assert st.count("coda", "outside") == first and len(st.get("coda", "seen")) == 1
+    assert st.count("coda", "outside") == first and len(st.get("probe", "seen")) == 1
 
     st.delete_rows("coda", "outside", {"state": "new"})  # the filter consumed them
     dev.emit("fetch_samples")
     run_all(dev)
-    seen = st.get("coda", "seen")
+    seen = st.get("probe", "seen")
     pulled = sum(len(p["batches"]) for name, p in seen if name == "batch_received")
     assert pulled == 12  # the daily limit
     assert seen[-1] == ["batches_exhausted", {"day": 1, "reason": "daily limit reached"}]
     dev.emit("fetch_samples")
     run_all(dev)
-    assert st.get("coda", "seen") == seen  # exhausted is said once a day
+    assert st.get("probe", "seen") == seen  # exhausted is said once a day
 
 
 def test_ask_ranks_a_home_page_from_m_or_m0_while_m_is_written(world):
     """The app asks coda_infer for a home page; while training holds M's write lock, M0 serves."""
-    from walle.device_host.models.api import make_model_ops
+    from walle.platform.coda.tasklib import coda_module
+    din, features, training = (coda_module(m) for m in ("din", "features", "training"))
     _platform, _coda, dev = world
-    ops = make_model_ops(dev.host.models)
-    ops["model.create"](name="ctr", arch="din", seed=3)
+    store = dev.host.models.scope("coda")
+    net = din.DIN({"n_items": 1683, "n_cats": 20}, 3)
+    store.create("ctr", net.params(), {"arch": "din", "config": net.config})
     train = [{"item_id": i, "item_cats": [1], "hist_items": [1, 2, 3], "hist_cats": [1, 1, 1], "profile": [],
               "label": float(i % 2)} for i in range(1, 65)]
-    ops["model.train"](name="ctr", samples=train, epochs=2)  # M moves on from M0
+    training.train(net, features.batch(train, 50), 2, 0.005, 0)
+    store.commit("ctr", net.params(), {"arch": "din", "config": net.config}, store.begin_update("ctr")["version"])
     page = {"candidates": [{"item_id": i, "item_cats": [1 + i % 4], "hist_items": [5, 6, 7], "hist_cats": [1, 2, 3],
                             "profile": []} for i in range(1, 21)]}
     fresh = dev.ask("page_view:home", page)
     assert fresh["served_from"] == "M" and sorted(fresh["ranking"]) == list(range(1, 21))
     assert fresh["scores"] == sorted(fresh["scores"], reverse=True)
-    with dev.host.models.write_lock("ctr"):  # what coda_train holds while it replaces M
+    with store.write_lock("ctr"):  # what coda_train holds while it replaces M
         during = dev.ask("page_view:home", page)
     assert during["served_from"] == "M0" and during["version"] != fresh["version"]
     assert dev.ask("page_view:home", page)["served_from"] == "M"

@@ -28,6 +28,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RULE = 'app_version >= "2.0"'
 N_DEVICES = 24
+FLAKY = ('ValueError: flaky <i>network</i>\nTraceback (most recent call last):\n'
+         '  File "main.py", line 12, in main\n    raise ValueError("flaky <i>network</i>")')
 WAIT_S = 15
 
 
@@ -73,8 +75,9 @@ class Fleet(threading.Thread):
 
         def add(topic: str, msg) -> None:
             self.seq[device_id] += 1
+            payload = msg if isinstance(msg, bytes) else msg.SerializeToString()
             records.append(tunnel_pb2.UpRecord(seq=self.seq[device_id], topic=topic, ts_ms=int(time.time() * 1000),
-                                               payload=msg.SerializeToString()))
+                                               payload=payload))
         for t in reply.tasks:
             if self.installed.get((device_id, t.name)) != t.version:
                 add("delivery", tunnel_pb2.DeliveryReport(task=t.name, version=t.version, release_id=t.release_id,
@@ -83,7 +86,9 @@ class Fleet(threading.Thread):
             status = "error" if self.rng.random() < 0.15 else "ok"
             add("run_report", tunnel_pb2.RunReport(task=t.name, version=t.version, release_id=t.release_id,
                                                    status=status, duration_s=round(self.rng.uniform(0.01, 0.4), 3),
-                                                   trigger="event:hello"))
+                                                   trigger="event:hello", error=FLAKY if status != "ok" else ""))
+            add("log", json.dumps({"task": t.name, "version": t.version,
+                                   "lines": [f"info: hello from {device_id}"]}).encode())
         if records:
             self.live.tunnel.Upload(iter([_batch(records)]), metadata=md, timeout=10)
 
@@ -187,7 +192,8 @@ def test_json_api_needs_the_operator_token_and_sends_security_headers(live, dash
     base, token = dashboard
     live.submit(ROOT / "tasks" / "hello", "first")
     for headers, url in [({}, "/api/overview"), ({"Authorization": "Bearer wot1.wrong"}, "/api/overview"),
-                         ({}, f"/api/overview?token={token}"), ({}, "/api/tasks/hello/history")]:
+                         ({}, f"/api/overview?token={token}"), ({}, "/api/tasks/hello/history"),
+                         ({}, "/api/devices"), ({}, "/api/devices/phone-1"), ({}, "/api/releases/r1")]:
         status, _h, body = http_get(base + url, headers)
         assert status == 401, url
         assert "operator credential" in json.loads(body)["error"]
@@ -199,6 +205,16 @@ def test_json_api_needs_the_operator_token_and_sends_security_headers(live, dash
     assert status == 400 and "v2" in json.loads(body)["error"]
     status, _h, body = http_get(base + "/api/tasks/nosuchtask/history", auth)
     assert status == 404 and "nosuchtask" in json.loads(body)["error"]
+    for url, what in (("/api/releases/r99", "r99"), ("/api/devices/nosuchphone", "nosuchphone")):
+        status, _h, body = http_get(base + url, auth)
+        assert status == 404 and what in json.loads(body)["error"], url
+    live.enroll("phone-1")
+    status, _h, body = http_get(base + "/api/devices?q=phone", auth)
+    devices = json.loads(body)
+    assert status == 200 and devices["total"] == 1 and devices["devices"][0]["device_id"] == "phone-1"
+    assert devices["devices"][0]["failed_runs"] == 0
+    status, _h, body = http_get(base + "/api/devices?q=nobody", auth)
+    assert json.loads(body)["total"] == 0
     status, hdrs, body = http_get(base + "/")
     csp = {k.lower(): v for k, v in hdrs.items()}["content-security-policy"]
     assert status == 200 and "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -265,6 +281,54 @@ def test_dashboard_in_a_real_browser_follows_a_rollout(live, dashboard, tmp_path
             shown = page_matches_platform(page, p, fleet)
             assert shown["by_task"][f"hello@{v2.version}"] > v2_before
             assert page.text_content("#updated") != updated
+
+            # Drill down: the gray release's convergence, its top error and failed runs with the task's
+            # traceback and log lines; then one failing device, its installed versions and its errors.
+            page.click(f"button[data-open-release={gray.id}]")
+            page.wait_for_selector("#rd-errors tbody tr")
+            with fleet.frozen():
+                health = p.GetReleaseHealth(admin_pb2.ReleaseRef(id=gray.id))
+                wait_for(lambda: page.text_content("#rd-figures [data-figure=delivered] b")
+                         == str(health.release.stats.delivered), "the drill-down to show the delivered devices")
+                assert page.text_content("#rd-figures [data-figure=targeted] b") == str(health.targeted)
+                # targeted = the devices the release engine puts in this release's audience now (these
+                # devices were enrolled without a user: the platform ignores the user_id they report)
+                in_gray = sum(
+                    [t.release_id for t in p.Preview(device_pb2.DeviceInfo(
+                        device_id=d, os="android", app_version=app, host_version="0.1.0")).tasks]
+                    == [gray.id] for d, _md, app in fleet.devices)
+                assert health.targeted == in_gray and 0 < in_gray <= 18
+            top = page.locator("#rd-errors tbody tr").first.locator("td")
+            assert top.nth(2).text_content() == "ValueError: flaky <i>network</i>"  # text, not markup
+            assert page.locator("#rd-errors i").count() == 0
+            failed_run = page.locator("#rd-failed .run.failed").first
+            assert 'File "main.py", line 12' in failed_run.locator("pre.error").text_content()
+            assert failed_run.locator("pre.log").text_content().startswith("info: hello from phone-")
+            device_id = failed_run.get_attribute("data-device")
+            failed_run.locator(f"button[data-open-device='{device_id}']").click()
+            page.wait_for_selector(f"#dd-id:text('{device_id}')")
+            with fleet.frozen():
+                latest = dict(p.state.db.execute(
+                    "SELECT task, version FROM deliveries WHERE device_id = ? AND status = 'installed' "
+                    "ORDER BY seq", [device_id]).fetchall())
+                wait_for(lambda: page.get_attribute("#dd-installed tr[data-task=hello] [data-field=version]",
+                                                    "title") == latest["hello"], "the device's installed version")
+            assert "app_version=" in page.text_content("#dd-attrs")
+            assert page.locator("#dd-errors .run.failed pre.error").first.text_content().startswith("ValueError")
+            page.screenshot(path=str(tmp_path / "drilldown.png"), full_page=True)
+            # Filters: the device list narrows to one device; the release list by state and task.
+            page.fill("#filter-device", device_id)
+            page.click("#device-filter button[type=submit]")
+            wait_for(lambda: page.locator("#devices tbody tr").count() == 1, "the device filter")
+            page.select_option("#filter-state", "active")
+            rows = page.locator("#releases tbody tr")
+            assert rows.count() == 1 and rows.first.get_attribute("data-release") == gray.id
+            page.select_option("#filter-state", "fallback")  # the first release: where devices outside the gray fall back
+            assert rows.count() == 1 and rows.first.get_attribute("data-release") != gray.id
+            page.select_option("#filter-state", "")
+            page.fill("#filter-task", "nosuchtask")
+            assert rows.count() == 0 and "0 shown" in page.text_content("#releases-count")
+            page.fill("#filter-task", "")
 
             # Task history (messages are text, not markup) and the diff between the two versions.
             page.click("button[data-task=hello]")

@@ -1,0 +1,78 @@
+"""The script's side of the host model store (paper 4.4.1, Figure 6). The host keeps named models
+as parameter blobs plus metadata with M / M0 / Mbuf version control; everything model-specific is
+here: the metadata records the architecture ("arch") and its full config ("config"), so a script
+rebuilds the net from what is stored, and a script whose architecture changed (a hot-deployed new
+release) migrates the stored parameters: same name and shape are kept, the rest start fresh.
+
+Parameters cross the host-child channel at most once each way per run: `begin_update` brings them
+in, `commit` (or `create` for a new model) sends them out."""
+from walle import HostAPIError, model
+
+
+def info_or_none(name):
+    try:
+        return model.info(name=name)
+    except HostAPIError as e:
+        if e.kind != "NotFound":
+            raise
+    return None
+
+
+def ensure_from_resource(name, resource):
+    """The model's info; a missing model is created by the host from a down-tunnel resource (the
+    cloud's global model: its parameters and, in its metadata, its arch and config)."""
+    info = info_or_none(name)
+    if info is None:
+        info = model.create(name=name, resource=resource, exist_ok=True)
+    return info
+
+
+def base_config(info):
+    """The config of M0, the model as it was created (the global model it started from): the
+    architecture a release asks for is this plus the release's own overrides, so a rolled-back
+    release trains its own architecture again."""
+    meta = info["m0_meta"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"model {info['name']!r} has no config in its metadata: not a CoDA model")
+    return meta["config"]
+
+
+class Update:
+    """One update of a stored model: `net` holds M's parameters (migrated if the shapes changed)."""
+
+    def __init__(self, name, net, arch):
+        self.name, self.net, self.arch = name, net, arch
+        got = model.begin_update(name=name)
+        self.base_version = got["version"]
+        self.fresh = net.adopt(got["params"])  # names that did not fit: a changed architecture
+        self.done = False
+
+    @property
+    def migrated(self):
+        return bool(self.fresh)
+
+    def commit(self, extra_meta=None):
+        meta = {"arch": self.arch, "config": self.net.config}
+        meta.update(extra_meta or {})
+        res = model.commit(name=self.name, params=self.net.params(), meta=meta, base_version=self.base_version)
+        self.done = True
+        return res["version"]
+
+    def discard(self):
+        model.discard(name=self.name)
+        self.done = True
+        return self.base_version
+
+
+def create(name, net, arch, extra_meta=None):
+    meta = {"arch": arch, "config": net.config}
+    meta.update(extra_meta or {})
+    return model.create(name=name, params=net.params(), meta=meta)["version"]
+
+
+def load_for_inference(name, build):
+    """(net, served_from, version): M, or M0 while M is being replaced. `build(config)` makes the net."""
+    got = model.load(name=name)
+    net = build(got["meta"]["config"])
+    net.set_params(got["params"])
+    return net, got["served_from"], got["version"]
