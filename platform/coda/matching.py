@@ -156,7 +156,7 @@ def knn_sharded(vectors: np.ndarray, k: int = 100, *, n_shards: int, client: obj
 def _sharded_on_client(client, x, k, shards, qblocks):
     workers = sorted(client.scheduler_info()["workers"]) or [None]
     # Pin shard s to worker s mod W: its searches then run where its data already is.
-    shard_futs = []
+    shard_futs, rows = [], []
     for s, (slo, shi) in enumerate(shards):
         w = workers[s % len(workers)]
         shard_futs.append((client.scatter(x[slo:shi], workers=[w] if w else None), slo, w))
@@ -276,31 +276,30 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
     shards = _blocks(n, min(n_shards or len(workers), n))
     trained = train_ivf(x, nlist or default_nlist(n))
     t_fut = client.scatter(trained, broadcast=True)
-    shard_futs = []
+    shard_futs, rows = [], []
     for s, (slo, shi) in enumerate(shards):
         w = [workers[s % len(workers)]]
         data = client.scatter(x[slo:shi], workers=w)
         shard_futs.append((client.submit(build_ivf_shard, t_fut, data, slo, workers=w, pure=False), w))
-        del data  # the worker keeps only the index (it holds its own copy of the rows)
+        rows.append(data)  # scattered data cannot be recomputed: hold it until the shards are built
     out = None if on_block is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
     window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
-
-    starts: dict = {}
 
     def submit(lo: int, hi: int):
         q = client.scatter(x[lo:hi], broadcast=True)
         parts = [client.submit(search_ivf_shard, f, q, k + 1, nprobe, workers=w, pure=False) for f, w in shard_futs]
         fut = client.submit(merge_topk, parts, lo, k, pure=False)
-        starts[fut.key] = lo
-        return fut
+        return lo, fut, q, parts  # held until gathered: a released scatter would be a lost dependency
 
     pending = iter(qblocks)
     in_flight = collections.deque(submit(*b) for _, b in zip(range(window), pending))
     while in_flight:  # oldest first: blocks come back in order, `window` of them being computed
-        fut = in_flight.popleft()
-        lo, (sims, ids) = starts.pop(fut.key), client.gather(fut)
-        fut.release()
+        lo, fut, q, parts = in_flight.popleft()
+        sims, ids = client.gather(fut)
+        rows.clear()  # every shard is built (this block needed them all): workers keep only the indexes
+        for f in (fut, q, *parts):
+            f.release()
         if on_block is not None:
             on_block(lo, sims, ids)
         else:
