@@ -275,11 +275,11 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
         raise InvalidArgument("the dask cluster has no workers")
     shards = _blocks(n, min(n_shards or len(workers), n))
     trained = train_ivf(x, nlist or default_nlist(n))
-    t_fut = client.scatter(trained, broadcast=True)
+    t_fut = client.scatter(trained, broadcast=True, hash=False)
     shard_futs, rows = [], []
     for s, (slo, shi) in enumerate(shards):
         w = [workers[s % len(workers)]]
-        data = client.scatter(x[slo:shi], workers=w)
+        data = client.scatter(x[slo:shi], workers=w, hash=False)
         shard_futs.append((client.submit(build_ivf_shard, t_fut, data, slo, workers=w, pure=False), w))
         rows.append(data)  # scattered data cannot be recomputed: hold it until the shards are built
     out = None if on_block is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
@@ -287,7 +287,7 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
     window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
 
     def submit(lo: int, hi: int):
-        q = client.scatter(x[lo:hi], broadcast=True)
+        q = client.scatter(x[lo:hi], broadcast=True, hash=False)
         parts = [client.submit(search_ivf_shard, f, q, k + 1, nprobe, workers=w, pure=False) for f, w in shard_futs]
         fut = client.submit(merge_topk, parts, lo, k, pure=False)
         return lo, fut, q, parts  # held until gathered: a released scatter would be a lost dependency
@@ -298,8 +298,7 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
         lo, fut, q, parts = in_flight.popleft()
         sims, ids = client.gather(fut)
         rows.clear()  # every shard is built (this block needed them all): workers keep only the indexes
-        for f in (fut, q, *parts):
-            f.release()
+        del fut, q, parts  # dropping the last reference releases them (an explicit release() would twice)
         if on_block is not None:
             on_block(lo, sims, ids)
         else:
@@ -307,6 +306,4 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
         nxt = next(pending, None)
         if nxt is not None:
             in_flight.append(submit(*nxt))
-    for f, _ in shard_futs:
-        f.release()
     return out
