@@ -13,6 +13,16 @@ Also prints recall on the real MovieLens-100k user vectors.
 
     python bench/bench_matching.py                     # 100k and 1M, clustered
     python bench/bench_matching.py --sizes 100000 --datasets clustered,gaussian
+
+Past one machine (--dask): knn_ivf_distributed, the IVF lists split over Dask workers. A fresh
+LocalCluster per size (--workers, 1 thread each), or an existing cluster (--scheduler ADDR, the
+same code). Prints wall time (training included), recall@K on --queries random users against
+exact search, the CPU seconds of this process and all workers together (robust when the box is
+shared: on N idle cores wall ~ cpu / N), and the peak RSS of each worker process (VmHWM) and of
+this process.
+
+    python bench/bench_matching.py --dask --sizes 1000000,10000000 --workers 2 --nprobe 16
+    python bench/bench_matching.py --dask --scheduler tcp://10.0.0.5:8786 --sizes 10000000
 """
 from __future__ import annotations
 
@@ -94,6 +104,59 @@ def movielens_recall(k: int) -> None:
     print(f"MovieLens-100k user vectors ({vec.shape[0]} x {vec.shape[1]}), recall@{k}: " + ", ".join(parts), flush=True)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def dask_rows(args) -> None:
+    from distributed import Client, LocalCluster
+
+    print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'wall s':>8} {'recall@K':>9} "
+          f"{'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} {'client peak MB':>14} {'idle0':>6}", flush=True)
+    for n in (int(s) for s in args.sizes.split(",")):
+        for kind in args.datasets.split(","):
+            x = make_data(kind, n, args.dim)
+            queries = np.sort(np.random.default_rng(1).choice(n, min(args.queries, n), replace=False))
+            exact_q, t_q = exact_for(x, queries, args.k)
+            got = {}
+
+            def keep(lo, sims, ids):  # keep only the sampled users' rows (all of them: 12 GB at 10M)
+                sel = queries[(queries >= lo) & (queries < lo + len(ids))]
+                for q in sel:
+                    got[int(q)] = ids[q - lo]
+
+            if args.scheduler:
+                client, cluster = Client(args.scheduler), None
+            else:
+                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, memory_limit=0)
+                client = Client(cluster)
+            try:
+                idle = wait_idle(args.wait_idle)
+                cpu0 = time.process_time() + sum(client.run(time.process_time).values())
+                t = time.perf_counter()
+                mt.knn_ivf_distributed(x, args.k, client=client, nprobe=args.nprobe, nlist=args.nlist or None,
+                                       on_block=keep)
+                elapsed = time.perf_counter() - t
+                cpu = time.process_time() + sum(client.run(time.process_time).values()) - cpu0
+                peaks = client.run(peak_rss_mb)
+            finally:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+            rec = mt.recall_at_k(np.stack([got[int(q)] for q in queries]), exact_q)
+            nlist = args.nlist or mt.default_nlist(n)
+            wpeak = "/".join(f"{v:.0f}" for v in peaks.values())
+            print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {elapsed:>8.1f} {rec:>9.3f} "
+                  f"{cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} {idle:>6.2f}", flush=True)
+            del x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
@@ -106,7 +169,17 @@ def main() -> None:
                     help="run exact all-users search for real up to this size, extrapolate above")
     ap.add_argument("--no-movielens", action="store_true")
     ap.add_argument("--wait-idle", type=float, default=60.0, help="max seconds to wait for an idle CPU per row")
+    ap.add_argument("--dask", action="store_true", help="run knn_ivf_distributed on Dask workers instead")
+    ap.add_argument("--workers", type=int, default=2, help="--dask: LocalCluster worker processes")
+    ap.add_argument("--scheduler", default="", help="--dask: an existing cluster's scheduler address")
+    ap.add_argument("--nprobe", type=int, default=16, help="--dask: lists probed per query")
+    ap.add_argument("--nlist", type=int, default=0, help="--dask: IVF lists (default ~8 sqrt(n))")
     args = ap.parse_args()
+    if args.dask:
+        print(f"faiss {faiss.__version__}, dask LocalCluster or --scheduler, dim {args.dim}, K={args.k}, "
+              f"recall on {args.queries} random users", flush=True)
+        dask_rows(args)
+        return
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads, {os.cpu_count()} cores, "
           f"dim {args.dim}, K={args.k}, recall on {args.queries} random users", flush=True)

@@ -35,6 +35,7 @@ from walle.protos import bundle, device_pb2, tunnel_pb2
 from walle.protos.datadir import keep_out_of_git
 from walle.protos.namespaces import storage_scope
 
+from .blobfetch import HttpBlobs
 from .identity import Credentials, IdentityError, credentials_path, device_info
 from .recovery import set_aside
 from .storage import StorageCorrupt
@@ -78,13 +79,15 @@ class DeviceHost:
         self.up = UpTunnel(self.data_dir / "tunnel.sqlite3", self.channel, md, durable=durable)
         if self.up.recovered:
             self._host_event("recovered", {"file": "tunnel.sqlite3", "problem": self.up.recovered})
-        self.down = DownTunnel(self.data_dir / "resources", self.channel, md)
+        blob_http = HttpBlobs(self.data_dir / "downloads", md, self.credentials.ca_pem)  # used when announced
+        self.down = DownTunnel(self.data_dir / "resources", self.channel, md, blob_http=blob_http)
         self._storage = None
         self._models = None
         self._app_log = None
         self._storage_lock = threading.Lock()
         self.sync = TaskSync(self.store, self.channel, md, self.device_info, report=self.up.send,
-                             on_change=self._on_change, accept=self._accept, bundle_cache=bundle_cache)
+                             on_change=self._on_change, accept=self._accept, bundle_cache=bundle_cache,
+                             blob_http=blob_http)
         self.triggers = TriggerEngine(self._triggered_run, self._count_rows, workers=trigger_workers,
                                       on_refused=self._report_refused)
         self.triggers.set_tasks({n: t.manifest for n, t in self.store.installed().items()})

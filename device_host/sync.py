@@ -38,6 +38,7 @@ from google.protobuf import json_format
 from walle.protos import bundle, device_pb2, device_pb2_grpc, tunnel_pb2
 from walle.protos.namespaces import owns_by_name, sharing_problem, storage_scope
 
+from .blobfetch import HttpBlobs, HttpDownloadError
 from .recovery import set_aside
 from .tunnel import backoff_delay
 
@@ -444,7 +445,8 @@ class TaskSync:
                  report: Callable[..., object] | None = None,
                  on_change: Callable[[SyncResult], None] | None = None,
                  accept: Callable[[device_pb2.ActiveTask], str | None] | None = None,
-                 bundle_cache: BundleCache | None = None, timeout: float = 30.0):
+                 bundle_cache: BundleCache | None = None, timeout: float = 30.0,
+                 blob_http: HttpBlobs | None = None):
         self.store = store
         self.stub = device_pb2_grpc.DeviceServiceStub(channel)
         self.metadata = tuple(metadata)
@@ -454,6 +456,8 @@ class TaskSync:
         self.accept = accept            # a reason to refuse a task on this device, or None
         self.bundle_cache = bundle_cache
         self.timeout = timeout
+        self.blob_http = blob_http      # HTTPS downloads when the platform announces a URL base
+        self.blob_url_base = ""
         self.revision = ""
         self.poll_after = 60.0
         self.unauthenticated = ""       # the platform's message once the credential is refused
@@ -518,10 +522,17 @@ class TaskSync:
                 self.store.problems.append(p)   # retried on the next sync
                 break
 
-    def _fetch(self, digest: str) -> dict[str, bytes]:
+    def _fetch(self, digest: str, size: int = 0) -> dict[str, bytes]:
+        if self.blob_http is not None and self.blob_url_base:
+            try:
+                return bundle.unpack(self.blob_http.fetch(self.blob_url_base, digest, size), digest)
+            except (HttpDownloadError, bundle.BundleError) as e:
+                log.warning("HTTPS download of %s failed (%s); falling back to gRPC", digest[:20], e)
         chunks = self.stub.FetchBundle(device_pb2.FetchBundleRequest(digest=digest), metadata=self.metadata,
                                        timeout=self.timeout)
         data = b"".join(c.data for c in chunks)
+        if self.blob_http is not None:
+            self.blob_http.discard(digest)  # a partial HTTPS download is no longer needed
         return bundle.unpack(data, digest)  # verifies the sha256 before parsing anything
 
     def _refuse(self, result: SyncResult, task: device_pb2.ActiveTask, have: InstalledTask | None, reason: str,
@@ -563,8 +574,8 @@ class TaskSync:
         files: dict[str, bytes] = {}
         if not self.store.has_local(task.name, task.version, task.bundle_digest):
             try:
-                files = (self.bundle_cache.get_or_fetch(task.bundle_digest, lambda: self._fetch(task.bundle_digest))
-                         if self.bundle_cache else self._fetch(task.bundle_digest))
+                fetch = lambda: self._fetch(task.bundle_digest, task.bundle_size)  # noqa: E731
+                files = self.bundle_cache.get_or_fetch(task.bundle_digest, fetch) if self.bundle_cache else fetch()
                 if task.manifest.entry not in files:
                     raise bundle.BundleError(f"entry script {task.manifest.entry!r} is not in the bundle")
             except bundle.BundleError as e:
@@ -588,6 +599,7 @@ class TaskSync:
             self.report_problems()
             reply = self.stub.GetActiveTasks(self.info(), metadata=self.metadata, timeout=self.timeout)
             result = SyncResult(revision=reply.revision, poll_after_seconds=reply.poll_after_seconds or 60)
+            self.blob_url_base = reply.blob_url_base
             installed = self.store.installed()
             wanted = {t.name for t in reply.tasks}
             for name in sorted(set(installed) - wanted):

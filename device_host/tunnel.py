@@ -44,6 +44,7 @@ from google.protobuf import json_format
 from walle.protos import coda_pb2, tunnel_pb2, tunnel_pb2_grpc
 from walle.protos.errors import ResourceExhausted
 
+from .blobfetch import HttpBlobs, HttpDownloadError
 from .recovery import CorruptDatabase, is_corruption, set_aside
 
 log = logging.getLogger("walle.device.tunnel")
@@ -417,8 +418,10 @@ class UpTunnel:
 
 
 class DownTunnel:
-    def __init__(self, cache_dir: str | os.PathLike, channel: grpc.Channel, metadata: tuple = (), timeout: float = 60.0):
+    def __init__(self, cache_dir: str | os.PathLike, channel: grpc.Channel, metadata: tuple = (), timeout: float = 60.0,
+                 blob_http: HttpBlobs | None = None):
         self.cache_dir = pathlib.Path(cache_dir)
+        self.blob_http = blob_http  # HTTPS downloads when the platform announces a URL base
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.stub = tunnel_pb2_grpc.TunnelServiceStub(channel)
         self.metadata = tuple(metadata)
@@ -443,8 +446,17 @@ class DownTunnel:
         if data is not None:
             return info, data
         req.version = info.version  # the version just resolved, even if a newer one lands meanwhile
-        parts = [c.data for c in self.stub.FetchResource(req, metadata=self.metadata, timeout=self.timeout)]
-        data = b"".join(parts)
+        data = None
+        if self.blob_http is not None and info.blob_url_base:
+            try:
+                data = self.blob_http.fetch(info.blob_url_base, info.digest, info.size)
+            except HttpDownloadError as e:
+                log.warning("HTTPS download of resource %s@%s failed (%s); falling back to gRPC", name, info.version, e)
+        if data is None:
+            parts = [c.data for c in self.stub.FetchResource(req, metadata=self.metadata, timeout=self.timeout)]
+            data = b"".join(parts)
+            if self.blob_http is not None:
+                self.blob_http.discard(info.digest)  # a partial HTTPS download is no longer needed
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != info.digest:
             raise TunnelError(f"resource {name}@{info.version} digest mismatch: expected {info.digest}, got {actual}")

@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
-import threading
 import time
 from typing import Any, Callable, Protocol
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -31,6 +28,7 @@ from walle.protos.clikit import to_jsonable
 from .auth import OperatorCredentials
 from .errors import InvalidArgument, NotFound, Unauthenticated, WalleError
 from .guards import guard_states
+from .httpserve import serve_in_thread
 from .releases import release_to_proto
 from .service import Platform, to_dict
 
@@ -236,37 +234,5 @@ def start_dashboard(platform: Platform, host: str = "127.0.0.1", port: int = 0,
     With `certfile` and `keyfile` (PEM; e.g. the platform's pki/server.pem and pki/server-key.pem) it
     serves HTTPS, so operator tokens never cross the network in clear text; without, plain HTTP,
     which is only safe on 127.0.0.1 or behind a TLS-terminating proxy."""
-    if (certfile is None) != (keyfile is None):
-        raise InvalidArgument("dashboard TLS needs both certfile and keyfile (or neither)")
-    app = build_app(platform, operators)
-    tls = {"ssl_certfile": os.fspath(certfile), "ssl_keyfile": os.fspath(keyfile)} if certfile else {}
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **tls)
-    config.load()  # here, not in the thread, so a bad certificate or key raises to the caller
-    # Bind here, not in uvicorn, so port=0 yields the real port before the thread starts serving.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"dashboard cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
-    bound = sock.getsockname()[1]
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="walle-dashboard", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not server.started:
-        server.should_exit = True
-        sock.close()
-        raise RuntimeError(f"dashboard server on {host}:{bound} did not start")
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
-
-    return bound, stop
+    return serve_in_thread(build_app(platform, operators), host, port, certfile=certfile, keyfile=keyfile,
+                           name="dashboard")

@@ -94,6 +94,8 @@ class Platform(Observe, GuardRPCs):
         self.releases = ReleaseManager(self.state, self.repo, signer=signer)
         self.blob_dir = self.data_dir / "blobs" / "sha256"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
+        # Where devices may also download blobs over HTTPS ("" = gRPC only); see blobs_http.py.
+        self.blob_url_base = ""
         self.upload_handlers: dict[str, UploadHandler] = {}
         self._seen: dict[str, tuple[int, str, bytes]] = {}  # device -> (time, app version, DeviceInfo bytes)
         self._memo: tuple[int, dict, int] = (-1, {}, 0)  # (revision, DeviceInfo bytes -> (reply, Grant), bytes)
@@ -212,7 +214,7 @@ class Platform(Observe, GuardRPCs):
         if r is None:
             raise NotFound(f"unknown resource {name!r}" + (f" version {version!r}" if version else ""))
         return tunnel_pb2.ResourceInfo(name=r["name"], version=r["version"], digest=r["digest"], size=r["size"],
-                                       metadata_json=r["metadata"])
+                                       metadata_json=r["metadata"], blob_url_base=self.blob_url_base)
 
     def put_blob(self, data: bytes) -> str:
         digest = bundle.digest(data)
@@ -269,7 +271,8 @@ class Platform(Observe, GuardRPCs):
             h = hashlib.sha256()
             for t in tasks:
                 h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
-            reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60)
+            reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60,
+                                           blob_url_base=self.blob_url_base)
             hit = memo[1][key] = (reply, self._grant(tasks))
             self._memo = (rev, memo[1], memo[2] + 2 * len(key) + reply.ByteSize())
         reply, grant = hit

@@ -62,6 +62,12 @@ def platform_init(obj: Ctx, hosts, operator, force):
 @click.option("--coda-day-seconds", type=float, default=0, metavar="N",
               help="Close the CoDA work-cycle day every N seconds (compressed days); 0: days are closed by `walle cloud pipeline`.")
 @click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None, help="Also serve the read-only web dashboard on this port.")
+@click.option("--blob-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve bundles and resources over HTTPS by digest on this port (resumable, cacheable).")
+@click.option("--blob-url", default="", metavar="URL",
+              help="Tell devices to download blobs from URL<sha256/hex> (a CDN in front of `platform export-blobs`).")
+@click.option("--blob-public", is_flag=True,
+              help="Serve blobs on --blob-port without a device credential (signed content, readable by anyone).")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); Python gRPC is CPU-bound per process.")
 @click.option("--metrics-port", type=int, default=None,
@@ -69,8 +75,8 @@ def platform_init(obj: Ctx, hosts, operator, force):
                    "on this port (same --host).")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
 @pass_ctx
-def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port,
-                   metrics_port, processes, reuseport):
+def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, blob_port,
+                   blob_url, blob_public, metrics_port, processes, reuseport):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -86,6 +92,7 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
     else:
         keys = pki.load(data_dir)
     platform = Platform(data_dir, keys=keys)
+    platform.blob_url_base = blob_url
     if not platform.operators.any() and not reuseport:
         err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
                           "`walle platform init` (or `walle operator create`)[/yellow]")
@@ -116,7 +123,10 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             stop_clock()
         raise FailedPrecondition(f"{e}; is another server running? choose another --port") from None
     children: list = []
-    stop_dashboard = stop_metrics = None
+    stop_dashboard = stop_metrics = stop_blobs = None
+    # the dashboard and blob servers use the platform certificate
+    pki_dir = pathlib.Path(data_dir) / "pki"
+    tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
     try:
         if metrics is not None:
             try:
@@ -124,18 +134,25 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             except OSError as e:
                 raise FailedPrecondition(f"metrics port {metrics_port}: {e}; choose another --metrics-port") from None
             err_console.print(f"metrics on http://{host}:{mport}/metrics")
+        if blob_port is not None and not reuseport:
+            from ..blobs_http import start_blob_server
+            try:
+                _bport, stop_blobs = start_blob_server(platform, host=host, port=blob_port, public=blob_public,
+                                                       url_base=blob_url, **tls)
+            except OSError as e:
+                raise FailedPrecondition(f"{e}; choose another --blob-port") from None
+            err_console.print(f"blobs on {platform.blob_url_base}sha256/<hex>"
+                              + (" (public)" if blob_public else " (device credential required)"))
         if processes > 1:
             args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
                     "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
-                    "--coda" if coda else "--no-coda"] + (["--insecure"] if insecure else [])
+                    "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else [])
             children = [subprocess.Popen(args) for _ in range(processes - 1)]
         if not reuseport:
             err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "
                               f"{processes} process{'es' if processes > 1 else ''}; data: {platform.data_dir})")
         if dashboard_port is not None:
             from ..dashboard import start_dashboard
-            pki_dir = pathlib.Path(data_dir) / "pki"
-            tls = {} if insecure else {"certfile": str(pki_dir / "server.pem"), "keyfile": str(pki_dir / "server-key.pem")}
             try:
                 dport, stop_dashboard = start_dashboard(platform, host=host, port=dashboard_port, **tls)
             except OSError as e:
@@ -153,6 +170,8 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             child.terminate()
         if stop_dashboard:
             stop_dashboard()
+        if stop_blobs:
+            stop_blobs()
         if stop_metrics:
             stop_metrics()
         if stop_clock:
@@ -164,6 +183,21 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+@platform_group.command("export-blobs")
+@data_dir_option
+@click.argument("folder", type=click.Path(file_okay=False))
+@json_option
+@pass_ctx
+def platform_export_blobs(obj: Ctx, folder):
+    """Write released bundles and published resources to FOLDER/sha256/<hex> for a static server or CDN
+    (that content becomes public; announce it with `platform serve --blob-url`)."""
+    from ..blobs_http import export_blobs
+    from ..service import Platform
+    written = export_blobs(Platform(obj.data_dir), folder)
+    emit(obj, {"folder": str(folder), "written": written},
+         lambda d: console.print(f"{d['written']} new blob(s) written to {d['folder']}/sha256/", highlight=False))
 
 
 def register(main: click.Group) -> None:

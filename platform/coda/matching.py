@@ -12,7 +12,9 @@ pushed it out, the last hit).
 """
 from __future__ import annotations
 
+import collections
 import math
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -154,7 +156,7 @@ def knn_sharded(vectors: np.ndarray, k: int = 100, *, n_shards: int, client: obj
 def _sharded_on_client(client, x, k, shards, qblocks):
     workers = sorted(client.scheduler_info()["workers"]) or [None]
     # Pin shard s to worker s mod W: its searches then run where its data already is.
-    shard_futs = []
+    shard_futs, rows = [], []
     for s, (slo, shi) in enumerate(shards):
         w = workers[s % len(workers)]
         shard_futs.append((client.scatter(x[slo:shi], workers=[w] if w else None), slo, w))
@@ -177,3 +179,131 @@ def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
         return 1.0
     hits = sum(len(set(ar[ar >= 0].tolist()) & set(er.tolist())) for ar, er in zip(a, e))
     return hits / e.size
+
+
+# --- approximate search past one machine: IVF lists sharded across Dask workers ----------------
+#
+# One coarse quantizer is trained once on a sample (spherical k-means, assignments through an HNSW
+# graph so tens of thousands of lists train in seconds); every worker adds its slice of the users
+# to its own copy of the trained index, so the inverted lists are split across workers. Each query
+# block is searched on every shard (nprobe lists each, most of them empty on any one shard) and the
+# shards' top K are merged exactly like knn_sharded. Total search work is that of one index; the
+# memory of the lists is divided by the number of workers.
+
+class ShardIndex:
+    """A faiss index that Dask can keep on a worker, size and (if it ever must) move."""
+
+    def __init__(self, index: faiss.Index, offset: int):
+        self.index, self.offset = index, offset
+
+    def __sizeof__(self) -> int:
+        return self.index.ntotal * (4 * self.index.d + 8)
+
+    def __reduce__(self):
+        return (ShardIndex._load, (faiss.serialize_index(self.index), self.offset))
+
+    @staticmethod
+    def _load(data: np.ndarray, offset: int) -> "ShardIndex":
+        return ShardIndex(faiss.deserialize_index(data), offset)
+
+
+def default_nlist(n: int) -> int:
+    """~8 sqrt(N) lists (at least 39 training points each): lists stay short as N grows."""
+    return max(1, min(int(8 * math.sqrt(n)), n // 39))
+
+
+def train_ivf(x: np.ndarray, nlist: int, *, seed: int = 0, points_per_list: int = 40, niter: int = 10) -> bytes:
+    """An empty, trained IVF-Flat inner-product index (serialized) for normalized rows `x`."""
+    n, d = x.shape
+    quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if nlist > 1024 else faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = niter
+    index.cp.spherical = True  # centroids stay on the unit sphere, like the users
+    index.cp.seed = seed
+    if nlist > 1024:  # k-means assigns through an HNSW graph instead of N x nlist dot products
+        index.clustering_index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_L2)
+    train = x
+    if n > points_per_list * nlist:
+        train = x[np.sort(np.random.default_rng(seed).choice(n, points_per_list * nlist, replace=False))]
+    index.train(np.ascontiguousarray(train))
+    return faiss.serialize_index(index)
+
+
+def build_ivf_shard(trained: np.ndarray, shard: np.ndarray, offset: int) -> ShardIndex:
+    index = faiss.deserialize_index(trained)
+    index.add(shard)
+    return ShardIndex(index, offset)
+
+
+def search_ivf_shard(shard: ShardIndex, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    ivf = faiss.extract_index_ivf(shard.index)
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):  # enough candidates for the nprobe nearest lists
+        quantizer.hnsw.efSearch = max(2 * nprobe, 64)
+    d, i = shard.index.search(queries, k)
+    d = np.where(i < 0, -np.inf, d).astype(np.float32)
+    return d, np.where(i < 0, -1, i + shard.offset)
+
+
+def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | None = None,
+                        scheduler: str | None = None, n_shards: int | None = None, nlist: int | None = None,
+                        nprobe: int = 16, query_block: int = QUERY_BLOCK,
+                        on_block: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Approximate KNN (cosine) of every row, the IVF lists split over Dask workers (one shard per
+    worker unless `n_shards`). With `on_block(lo, sims, ids)` each finished block of query rows is
+    handed over and nothing is kept (10M users x K=100 would be 12 GB); otherwise returns the
+    arrays like knn(). `client` or `scheduler` ("tcp://host:8786") picks the cluster."""
+    if k < 1:
+        raise InvalidArgument(f"k must be >= 1, got {k}")
+    if nprobe < 1:
+        raise InvalidArgument(f"nprobe must be >= 1, got {nprobe}")
+    if client is None:
+        if scheduler is None:
+            raise InvalidArgument("knn_ivf_distributed needs a dask client or a scheduler address")
+        from distributed import Client
+
+        with Client(scheduler, set_as_default=False) as own:
+            return knn_ivf_distributed(vectors, k, client=own, n_shards=n_shards, nlist=nlist, nprobe=nprobe,
+                                       query_block=query_block, on_block=on_block)
+    x = _prepare(vectors)
+    n = x.shape[0]
+    k = min(k, n - 1)
+    workers = sorted(client.scheduler_info()["workers"])
+    if not workers:
+        raise InvalidArgument("the dask cluster has no workers")
+    shards = _blocks(n, min(n_shards or len(workers), n))
+    trained = train_ivf(x, nlist or default_nlist(n))
+    t_fut = client.scatter(trained, broadcast=True, hash=False)
+    shard_futs, rows = [], []
+    for s, (slo, shi) in enumerate(shards):
+        w = [workers[s % len(workers)]]
+        data = client.scatter(x[slo:shi], workers=w, hash=False)
+        shard_futs.append((client.submit(build_ivf_shard, t_fut, data, slo, workers=w, pure=False), w))
+        rows.append(data)  # scattered data cannot be recomputed: hold it until the shards are built
+    out = None if on_block is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
+    qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
+    window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
+
+    def submit(lo: int, hi: int):
+        q = client.scatter(x[lo:hi], broadcast=True, hash=False)
+        parts = [client.submit(search_ivf_shard, f, q, k + 1, nprobe, workers=w, pure=False) for f, w in shard_futs]
+        fut = client.submit(merge_topk, parts, lo, k, pure=False)
+        return lo, fut, q, parts  # held until gathered: a released scatter would be a lost dependency
+
+    pending = iter(qblocks)
+    in_flight = collections.deque(submit(*b) for _, b in zip(range(window), pending))
+    while in_flight:  # oldest first: blocks come back in order, `window` of them being computed
+        lo, fut, q, parts = in_flight.popleft()
+        sims, ids = client.gather(fut)
+        rows.clear()  # every shard is built (this block needed them all): workers keep only the indexes
+        del fut, q, parts  # dropping the last reference releases them (an explicit release() would twice)
+        if on_block is not None:
+            on_block(lo, sims, ids)
+        else:
+            out[0][lo:lo + len(sims)], out[1][lo:lo + len(ids)] = sims, ids
+        nxt = next(pending, None)
+        if nxt is not None:
+            in_flight.append(submit(*nxt))
+    return out

@@ -137,3 +137,35 @@ def test_bad_input_is_refused(rand):
         mt.knn(rand, 0)
     with pytest.raises(InvalidArgument, match="n_shards"):
         mt.knn_sharded(rand, 5, n_shards=0)
+
+
+@pytest.mark.slow
+def test_ivf_distributed_on_a_local_cluster():
+    import pickle
+
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 16))
+    x = (centres[rng.integers(0, 40, 4000)] + 0.3 * rng.normal(size=(4000, 16))).astype(np.float32)
+    exact_s, exact_i = mt.knn(x, 15, index="flat")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        with Client(cluster) as client:
+            # every list probed: the sharded IVF is exact
+            s_all, i_all = mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=50, query_block=700)
+            blocks = []
+            mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=4, query_block=700,
+                                   on_block=lambda lo, s, i: blocks.append((lo, s, i)))
+        by_address = mt.knn_ivf_distributed(x, 15, scheduler=cluster.scheduler_address, nlist=50, nprobe=50)
+    np.testing.assert_allclose(s_all, exact_s, atol=1e-5)
+    assert mt.recall_at_k(i_all, exact_i) > 0.999 and mt.recall_at_k(by_address[1], exact_i) > 0.999
+    assert sorted(lo for lo, _, _ in blocks) == list(range(0, 4000, 700))  # every row once, nothing kept
+    approx = np.vstack([i for _, _, i in sorted(blocks, key=lambda b: b[0])])
+    assert not (approx == np.arange(4000)[:, None]).any()  # never matched to itself
+    assert 0.8 < mt.recall_at_k(approx, exact_i) < 1.0  # fewer lists probed: approximate
+    shard = mt.build_ivf_shard(mt.train_ivf(mt._prepare(x), 50), mt._prepare(x)[:100], 7)
+    moved = pickle.loads(pickle.dumps(shard))  # Dask can move a shard if it must
+    assert moved.offset == 7 and moved.index.ntotal == 100
+    with pytest.raises(InvalidArgument, match="client or a scheduler"):
+        mt.knn_ivf_distributed(x, 5)
