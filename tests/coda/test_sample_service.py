@@ -2,6 +2,7 @@
 batching, the 12-a-day limit, 7-day expiry, resumable pulls, payload round trip, authentication."""
 from __future__ import annotations
 
+import random
 import time
 import zlib
 
@@ -193,12 +194,22 @@ def settled_marks(env, day: int, ids: list[str]) -> set[str]:
 
 
 def test_resume_after_client_cancels_mid_stream(env):
+    # Batches of ~100 KB that do not compress, read over a channel without BDP window growth: HTTP/2
+    # flow control (64 KB) keeps the server from handing all 8 to the transport before the client
+    # cancels, however slow the machine (small batches could all be "sent" into socket buffers).
+    rng = random.Random(5)
     samples = make_samples("r", 8 * 25, 5)
+    for s in samples:
+        s.hist_items[:] = [rng.randrange(1 << 30) for _ in range(1000)]
+        s.hist_cats[:] = [1] * 1000
     env.mappings.put_day(5, {"alice": samples})
     all_ids = [f"5.{i}" for i in range(8)]
-    call = env.stub.PullBatches(coda_pb2.PullBatchesRequest(day=5), metadata=[("authorization", "Bearer tok-a")])
+    channel = grpc.insecure_channel(f"127.0.0.1:{env.server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    stub = coda_pb2_grpc.SampleServiceStub(channel)
+    call = stub.PullBatches(coda_pb2.PullBatchesRequest(day=5), metadata=[("authorization", "Bearer tok-a")])
     first = [next(call) for _ in range(3)]
     call.cancel()
+    channel.close()
     assert [b.batch_id for b in first] == all_ids[:3]
     marked = settled_marks(env, 5, all_ids)
     assert set(all_ids[:2]) <= marked and len(marked) < 8
