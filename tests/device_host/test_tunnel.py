@@ -123,7 +123,9 @@ def test_background_flusher_retries_until_the_cloud_is_back(tmp_path):
     for i in range(5):
         up.send("event", {"i": i})
     import time
-    time.sleep(0.5)
+    deadline = time.time() + 20  # wait for the first failed attempt (slow on a busy machine)
+    while not up.last_error and time.time() < deadline:
+        time.sleep(0.05)
     assert up.pending() == 5 and up.last_error.startswith("UNAVAILABLE")
     server, port2, stop = build_server(platform, port=port)
     try:
