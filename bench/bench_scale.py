@@ -26,19 +26,11 @@ import signal
 import tempfile
 import time
 
+from bench_fleet_sync import serve  # the same one-process platform server
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 1800
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def serve(data_dir: str, conn) -> None:
-    from walle.platform.server import build_server
-    from walle.platform.service import Platform
-    platform = Platform(data_dir)
-    _server, port, stop = build_server(platform, port=0, max_workers=64)
-    conn.send(port)
-    conn.recv()  # until the parent says stop
-    stop(0)
 
 
 def fleet_proc(address: str, n: int, prefix: str, base: str, conn) -> None:

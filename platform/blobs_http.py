@@ -20,7 +20,6 @@ import collections
 import os
 import pathlib
 import re
-import tempfile
 import threading
 from typing import Callable
 
@@ -30,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import InvalidArgument, NotFound, Unauthenticated, WalleError
+from .files import write_atomic
 from .httpserve import serve_in_thread
 from .service import Platform
 
@@ -186,12 +186,6 @@ def export_blobs(platform: Platform, folder: str | os.PathLike) -> int:
             data = platform.blob(digest)
         except NotFound:
             continue
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         written += 1
     return written

@@ -17,7 +17,6 @@ import fcntl
 import os
 import re
 import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Iterator, Protocol
 import git
 
 from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, WalleError
+from walle.platform.files import write_atomic
 from walle.platform.manifest import (NAME_RE, Manifest, load_task_dir, strip_ignored,
                                      validate_task_files)
 from walle.protos import bundle as _bundle
@@ -482,19 +482,7 @@ class TaskRepository:
         path = self._bundle_path(dg)
         if path.exists():
             return
-        # Atomic: a reader never sees a half-written bundle, and a crash leaves only a temp file.
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.bundle_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data)
 
     def bundle(self, name: str, version: str = "") -> tuple[str, bytes]:
         """(digest, bytes) of the task version's deterministic bundle."""
