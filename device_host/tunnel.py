@@ -454,7 +454,8 @@ class DownTunnel:
         data = None
         if self.blob_http is not None and info.blob_url_base:
             try:
-                data = self.blob_http.fetch(info.blob_url_base, info.digest, info.size)
+                data = self.blob_http.fetch(info.blob_url_base, info.digest, info.size,
+                                            credential=info.blob_url_wants_credential)
             except HttpDownloadError as e:
                 log.warning("HTTPS download of resource %s@%s failed (%s); falling back to gRPC", name, info.version, e)
         if data is None:

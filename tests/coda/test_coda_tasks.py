@@ -8,6 +8,7 @@ Each task folder is validated with the platform's manifest checks and run from t
 with the manifest's limits and only the host APIs its manifest grants."""
 from __future__ import annotations
 
+import ast
 import pathlib
 
 import numpy as np
@@ -20,7 +21,7 @@ from walle.device_host.sandbox import Limits, Sandbox
 from walle.device_host.storage import TaskStorage
 from walle.platform.coda import movielens
 from walle.platform.coda import samples as gen
-from walle.device_host.coda_rows import sample_to_row
+from walle.device_host.sample_client import item_row
 from walle.platform.coda.global_model import catalog_config, sample_dict, train_global
 from walle.platform.coda.tasklib import coda_module
 from walle.platform import taskconfig
@@ -33,6 +34,21 @@ USERS = (13, 450, 276, 416)  # heavy MovieLens raters: ~400-650 samples each
 N_DAYS = 10
 TODAY = 10
 din, classifier, features, training = (coda_module(m) for m in ("din", "classifier", "features", "training"))
+
+
+def fetch_fields() -> list[str]:
+    """The Sample fields coda_fetch asks `tunnel.pull` to store (its FIELDS), read from the task itself."""
+    tree = ast.parse((TASKS / "coda_fetch" / "main.py").read_text())
+    return next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FIELDS")
+
+
+FETCH_FIELDS = fetch_fields()
+
+
+def sample_to_row(sample, **columns) -> dict:
+    """A row as the host's generic pull writes it for coda_fetch (local rows have the same columns)."""
+    return item_row(sample, FETCH_FIELDS, columns)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
