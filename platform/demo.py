@@ -34,7 +34,7 @@ def tasks_dir() -> pathlib.Path:
     return pathlib.Path(str(marker)).resolve().parent.parent
 
 
-def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3, seeds: int = 1,
+def run_demo(obj, data_dir: str | None = None, *, dataset: str = "movielens-100k", users: int = 0, days: int = 3, seeds: int = 1,
              out_dir: str = "demo-output", workers: int = 4, coda: bool = True) -> dict:
     tmp = None
     if not data_dir:
@@ -47,8 +47,8 @@ def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3,
             tmp.cleanup()
     if coda:
         from .coda.experiment import Config, Experiment, print_results
-        console.rule("[bold]CoDA on MovieLens-100k[/bold]")
-        exp = Experiment(Config(users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
+        console.rule(f"[bold]CoDA on {dataset}[/bold]")
+        exp = Experiment(Config(dataset=dataset, users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
                                 workers=workers), console)
         console.print(f"{len(exp.user_ids)} users as emulated devices, {days} days; "
                       f"train {len(exp.train)} / held-out test {len(exp.test)} interactions", highlight=False)

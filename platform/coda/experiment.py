@@ -41,7 +41,7 @@ from .. import pki
 from ..demo import tasks_dir
 from ..server import build_server, tls_credentials
 from ..service import Platform
-from . import movielens
+from . import datasets
 from . import samples as samplegen
 from .plot import plot
 from .simulator import Users
@@ -53,7 +53,8 @@ EVAL_KEY = b"walle-demo-evaluation"  # pseudonyms of the evaluator's own test sa
 
 @dataclass
 class Config:
-    users: int = 0            # 0 = every MovieLens user
+    dataset: str = datasets.DEFAULT  # a name of datasets.REGISTRY
+    users: int = 0            # 0 = every user of the data set
     days: int = 3             # simulated work cycles; day 1 only feeds the global model
     seeds: tuple[int, ...] = (0,)
     k: int = 100
@@ -77,12 +78,6 @@ class DeviceLog:
     bytes_down: int = 0
     batches: int = 0
     filter_runs: int = 0
-
-
-def movielens_catalog(items: pd.DataFrame) -> pd.DataFrame:
-    """MovieLens items in the catalog layout (docs/data-layout.md): item_id, categories "a|b", title."""
-    return pd.DataFrame({"item_id": items["item_id"], "categories": items["genres"].map("|".join),
-                         "title": items["title"]})
 
 
 class FleetApp:
@@ -114,12 +109,12 @@ class Experiment:
     def __init__(self, cfg: Config, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console()
-        self.ml = movielens.load()
+        self.ml = datasets.load(cfg.dataset)  # inter, items, users (or None), device_id, catalog
         inter = self.ml.inter
         if cfg.users:
             inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
-        self.train, self.test = movielens.assign_days(inter, cfg.days)
+        self.train, self.test = datasets.assign_days(inter, cfg.days)
         self.titles = dict(zip(self.ml.items["item_id"].astype(int), self.ml.items["title"]))
         self.phases: dict[str, float] = {}  # wall seconds of each fleet-wide step of the current seed
 
@@ -141,13 +136,13 @@ class Experiment:
         sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
-            doc, _ref = coda.load_catalog(movielens_catalog(self.ml.items), actor="demo")  # `cloud catalog load`
+            doc, _ref = coda.load_catalog(self.ml.catalog(), actor="demo")  # `cloud catalog load`
             items = items_frame(doc)
             self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
-                    f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
+                    f.write(json.dumps({"device_id": self.ml.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
 
             def enroll(did: str, user: str) -> Credentials:  # each device pins the CA and the bundle key
@@ -266,7 +261,7 @@ class Experiment:
         test = self.test.copy()
         test["day"] = self.cfg.days + 1
         both = pd.concat([self.train, test], ignore_index=True)
-        raw = movielens.as_raw_frame(both)
+        raw = datasets.as_raw_frame(both, self.ml.device_id)
         return samplegen.generate(raw, items, self.ml.users, key=EVAL_KEY, day=self.cfg.days + 1).samples
 
     def _evaluate(self, platform: Platform, apps: dict, items: pd.DataFrame) -> dict:
@@ -374,7 +369,7 @@ class Experiment:
         out_dir = pathlib.Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = {"config": asdict(cfg), "users": len(self.user_ids),
-                   "split": movielens.split_stats(self.train, self.test), "seeds": {}}
+                   "split": datasets.split_stats(self.train, self.test), "seeds": {}}
         t0 = time.perf_counter()
         for seed in cfg.seeds:
             with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-") as tmp:
