@@ -1,6 +1,8 @@
 """`walle demo`: the end-to-end demo on embedded defaults."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from walle.protos.clikit import WalleCommand
@@ -11,7 +13,8 @@ from .context import Ctx, pass_ctx
 @click.command("demo", cls=WalleCommand)
 @click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False), help="Keep part 1's platform data here (default: a temporary folder).")
 @click.option("--dataset", default="movielens-100k", show_default=True, metavar="NAME",
-              help="The data set the users replay: movielens-100k (943 users) or movielens-1m (6,040 users).")
+              help="The data set the users replay: movielens-100k (943 users), movielens-1m (6,040 users) or a "
+                   "folder with catalog and behaviour files (docs/data-layout.md).")
 @click.option("--users", default=0, show_default=True, type=int, help="Users to emulate, the first N by id (0 = all).")
 @click.option("--days", default=3, show_default=True, type=int, help="Simulated days (day 1 trains the global model).")
 @click.option("--seeds", default=1, show_default=True, type=int, help="Repeat the experiment with this many seeds.")
@@ -24,9 +27,9 @@ def demo(obj: Ctx, demo_dir, dataset, users, days, seeds, out_dir, workers, skip
     (or another --dataset)."""
     from ..coda import datasets
     from ..demo import run_demo
-    if dataset not in datasets.REGISTRY:
-        raise click.BadParameter(f"unknown data set {dataset!r}; known: {', '.join(datasets.names())}",
-                                 param_hint="--dataset")
+    if dataset not in datasets.REGISTRY and not os.path.isdir(dataset):
+        raise click.BadParameter(f"unknown data set {dataset!r}; known: {', '.join(datasets.names())}, or a folder "
+                                 "in the documented layout (docs/data-layout.md)", param_hint="--dataset")
     if days < 2:
         raise click.BadParameter("needs at least 2 days (day 1 trains the global model)", param_hint="--days")
     run_demo(obj, demo_dir, dataset=dataset, users=users, days=days, seeds=seeds, out_dir=out_dir, workers=workers,

@@ -1,7 +1,9 @@
 """Public recommendation data sets as replays of device behaviour logs, behind one interface.
 
 `load(name)` returns a `Dataset`: what the demo, the tests and the converters need from a data set.
-  inter  user_id int64, item_id int64, rating float64, ts int64 (unix s), label int8 (the click rule)
+  inter  user_id int64, item_id int64, rating float64, ts int64 (unix s), label int8 (the click rule),
+         and `event` (object) when not every row is a rating: "click" / "view" rows of an implicit
+         log, whose `rating` is the event's value (click 1, view 0)
   items  item_id int64, title str, genres list[str], genre_ids list[int] (>= 1; 0 is padding),
          plus item features (e.g. release_year)
   users  user profiles (user_id and any of age, gender, occupation) or None: the cloud and the tasks
@@ -17,8 +19,10 @@ redistribution, so nothing here copies the files anywhere. The functions below t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +31,7 @@ from walle.platform.errors import InvalidArgument, NotFound
 from walle.protos.coda_pb2 import BehaviorLog
 
 DEFAULT = "movielens-100k"
+ITEM_COLUMNS = ("item_id", "title", "genres", "genre_ids", "release_year")  # the rest are item features
 
 
 def device_name(prefix: str, user_id: int) -> str:
@@ -47,13 +52,16 @@ class Dataset:
         return device_name(self.device_prefix, user_id)
 
     def catalog(self) -> pd.DataFrame:
-        """The items in the catalog layout: item_id, categories ("a|b"), title, year (None if unknown)."""
+        """The items in the catalog layout: item_id, categories ("a|b"), title, year (None if unknown)
+        and any other item feature columns."""
         year = self.items["release_year"] if "release_year" in self.items else pd.Series(pd.NA, index=self.items.index)
+        extra = [c for c in self.items.columns if c not in ITEM_COLUMNS]
         return pd.DataFrame({
             "item_id": self.items["item_id"].astype("int64"),
             "categories": self.items["genres"].map("|".join),
             "title": self.items["title"].astype(object),
             "year": pd.Series([None if pd.isna(y) else int(y) for y in year], index=self.items.index, dtype=object),
+            **{c: self.items[c] for c in extra},
         })
 
     def first_users(self, n: int) -> Dataset:
@@ -115,12 +123,136 @@ def names() -> list[str]:
 
 
 def load(name: str = DEFAULT) -> Dataset:
-    """A registered data set by name (copies the caller may modify). Raises NotFound for an unknown
-    name and FailedPrecondition when the package that ships it is not installed."""
+    """A registered data set by name, or a folder in the documented layout (`from_dir`); copies the
+    caller may modify. Raises NotFound for an unknown name and FailedPrecondition when the package
+    that ships a registered data set is not installed."""
     src = REGISTRY.get(name)
-    if src is None:
-        raise NotFound(f"unknown data set {name!r}; known: {', '.join(names())}")
-    return src.loader()
+    if src is not None:
+        return src.loader()
+    if Path(name).is_dir():
+        return from_dir(name)
+    raise NotFound(f"unknown data set {name!r}; known: {', '.join(names())}, or a folder holding "
+                   f"{CATALOG}.csv and {BEHAVIOUR}.csv (docs/data-layout.md)")
+
+
+# -- any data set as files in the documented layout (docs/data-layout.md) -----------------------
+
+CATALOG, BEHAVIOUR, USERS = "catalog", "behaviour", "users"  # file stems; .csv or .parquet
+EVENTS = ("rate", "click", "view")  # behaviour-log events a replay can hold
+EVENT_VALUE = {"click": 1.0, "view": 0.0}  # their value when the log gives none (as coda_samples)
+
+
+def _file(folder: Path, stem: str, required: bool) -> Path | None:
+    for suffix in (".csv", ".parquet"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    if required:
+        raise NotFound(f"{folder} has no {stem}.csv or {stem}.parquet (docs/data-layout.md)")
+    return None
+
+
+def _read_table(path: Path, dtype: type | None = None) -> pd.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            return frame.astype(dtype) if dtype else frame
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dtype)
+    except (ValueError, OSError, ImportError) as e:
+        raise InvalidArgument(f"{path} cannot be read: {e}") from None
+
+
+def _integers(col: pd.Series, what: str) -> pd.Series:
+    num = pd.to_numeric(col, errors="coerce")
+    bad = num.isna() | (num != num.round())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InvalidArgument(f"{what} row {row}: must be an integer, got {col.iloc[row]!r}")
+    return num.astype("int64")
+
+
+def from_dir(folder: str | os.PathLike) -> Dataset:
+    """A data set from files in the documented layout: catalog.(csv|parquet) (item_id, categories
+    "a|b", any item features), behaviour.(csv|parquet) (user_id, item_id, ts, event, value) and,
+    optionally, users.(csv|parquet) (user_id and any of age, gender, occupation). Bad files are refused
+    with the file, row and column named."""
+    from . import catalog as catalog_mod
+    from .samples import labels
+    folder = Path(folder)
+    cat_path, log_path = _file(folder, CATALOG, True), _file(folder, BEHAVIOUR, True)
+    frame = catalog_mod.read_file(cat_path)
+    doc = catalog_mod.build(frame)  # the same checks and category numbering as `walle cloud catalog load`
+    genres = [[doc["categories"][c - 1] for c in cats] for _item, cats in doc["items"]]
+    items = pd.DataFrame({
+        "item_id": pd.Series([i for i, _ in doc["items"]], dtype="int64"),
+        "title": frame["title"].astype(str).to_numpy() if "title" in frame else "",
+        "genres": pd.Series(genres, dtype=object),
+        "genre_ids": pd.Series([list(c) for _, c in doc["items"]], dtype=object),
+    })
+    if "year" in frame:
+        items["release_year"] = pd.to_numeric(frame["year"], errors="coerce").astype("Int64").reset_index(drop=True)
+    for col in frame.columns:
+        if col not in ("item_id", "categories", "title", "year"):
+            items[col] = frame[col].to_numpy()
+
+    log = _read_table(log_path)
+    missing = {"user_id", "item_id", "ts", "event"} - set(log.columns)
+    if missing:
+        raise InvalidArgument(f"{log_path} lacks columns {sorted(missing)}; the layout needs user_id, item_id, "
+                              f"ts, event and (for rate) value")
+    event = log["event"].astype(str)
+    unknown = ~event.isin(EVENTS)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise InvalidArgument(f"{log_path} row {row}: event must be one of {', '.join(EVENTS)}, got {event.iloc[row]!r}")
+    value = pd.to_numeric(log["value"], errors="coerce") if "value" in log else pd.Series(np.nan, index=log.index)
+    no_rating = (event == "rate") & value.isna()
+    if no_rating.any():
+        raise InvalidArgument(f"{log_path} row {int(np.flatnonzero(no_rating.to_numpy())[0])}: a rate needs a numeric value")
+    value = value.fillna(event.map(EVENT_VALUE)).astype("float64")
+    inter = pd.DataFrame({
+        "user_id": _integers(log["user_id"], f"{log_path} user_id"),
+        "item_id": _integers(log["item_id"], f"{log_path} item_id"),
+        "rating": value,
+        "ts": _integers(log["ts"], f"{log_path} ts"),
+    })
+    if (inter["user_id"] < 0).any() or (inter["item_id"] <= 0).any():
+        raise InvalidArgument(f"{log_path}: user_id must be >= 0 and item_id > 0")
+    ds = Dataset(folder.name or str(folder), inter, items, None, device_prefix="user")
+    inter["label"] = labels(event, value, ds.click_threshold)
+    if not (event == "rate").all():
+        inter["event"] = event.astype(object).to_numpy()
+    users_path = _file(folder, USERS, False)
+    if users_path is not None:
+        users = _read_table(users_path, str)  # codes stay names ("10" sorts as in the original), zips keep zeros
+        if "user_id" not in users:
+            raise InvalidArgument(f"{users_path} lacks the column user_id")
+        users["user_id"] = _integers(users["user_id"], f"{users_path} user_id")
+        if "age" in users:
+            users["age"] = pd.to_numeric(users["age"], errors="coerce")
+        ds = replace(ds, users=users)
+    return ds
+
+
+def export(ds: Dataset, folder: str | os.PathLike, *, parquet: bool = False) -> dict[str, Path]:
+    """Write `ds` in the documented layout (what `from_dir` reads and `walle cloud catalog load` takes):
+    catalog, behaviour and, when the data set has profiles, users. Returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    events = ds.inter["event"] if "event" in ds.inter else "rate"
+    tables = {CATALOG: ds.catalog(),
+              BEHAVIOUR: pd.DataFrame({"user_id": ds.inter["user_id"], "item_id": ds.inter["item_id"],
+                                       "ts": ds.inter["ts"], "event": events, "value": ds.inter["rating"]})}
+    if ds.users is not None:
+        tables[USERS] = ds.users
+    out = {}
+    for stem, frame in tables.items():
+        path = folder / f"{stem}.{'parquet' if parquet else 'csv'}"
+        if parquet:
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_csv(path, index=False)
+        out[stem] = path
+    return out
 
 
 # -- any data set as a replay ------------------------------------------------------------------
@@ -165,7 +297,8 @@ def replay_logs(train: pd.DataFrame, user_id: int, day: int) -> list[tuple[int, 
     if rows.empty and not (train["user_id"] == user_id).any():
         raise NotFound(f"user_id {user_id} is not in the replay table")
     return [
-        (int(r.seq), BehaviorLog(ts=int(r.ts), item_id=int(r.item_id), event="rate", value=float(r.rating)))
+        (int(r.seq), BehaviorLog(ts=int(r.ts), item_id=int(r.item_id), event=getattr(r, "event", "rate"),
+                                 value=float(r.rating)))
         for r in rows.itertuples(index=False)
     ]
 
@@ -192,6 +325,6 @@ def as_raw_frame(train: pd.DataFrame, device_id: Callable[[int], str]) -> pd.Dat
         "day": train["day"].astype("int64") if "day" in train else 0,
         "ts": train["ts"].astype("int64"),
         "item_id": train["item_id"].astype("int64"),
-        "event": "rate",
+        "event": train["event"].astype(object) if "event" in train else "rate",
         "value": train["rating"].astype("float64"),
     })

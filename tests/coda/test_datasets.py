@@ -146,3 +146,101 @@ def test_demo_on_movielens_1m_end_to_end(tmp_path):
     # The devices ranked ML-1M movies: the home page's titles come from the ML-1M catalog.
     top = seed["diagnostics"]["example_home_page_top5"]
     assert top and set(top) <= set(datasets.load("movielens-1m").items["title"])
+
+
+def test_export_and_from_dir_round_trip_the_documented_layout(ds, tmp_path):
+    small = ds.first_users(30)
+    files = datasets.export(small, tmp_path / "out")
+    assert sorted(files) == ["behaviour", "catalog", "users"]
+    assert pd.read_csv(files["behaviour"]).columns.tolist() == ["user_id", "item_id", "ts", "event", "value"]
+    back = datasets.load(str(tmp_path / "out"))  # a folder is a data set too
+    pd.testing.assert_frame_equal(back.inter, small.inter)
+    assert back.items["item_id"].tolist() == small.items["item_id"].tolist()
+    assert back.items["genres"].tolist() == small.items["genres"].tolist()
+    assert back.items["title"].tolist() == small.items["title"].astype(str).tolist()
+    assert back.users["user_id"].tolist() == small.users["user_id"].tolist()
+    assert samplegen.profile_table(back.users) == samplegen.profile_table(small.users)
+    parquet = datasets.export(small, tmp_path / "pq", parquet=True)
+    assert parquet["catalog"].suffix == ".parquet"
+    pd.testing.assert_frame_equal(datasets.load(str(tmp_path / "pq")).inter, small.inter)
+
+
+def implicit_folder(tmp_path, users: int):
+    """MovieLens-1M's first users as an implicit-feedback log in the layout: a rating >= 4 becomes a
+    click, any other rating a view (value left empty: the layout's defaults apply); no profiles."""
+    ml = datasets.load("movielens-1m").first_users(users)
+    folder = tmp_path / "implicit"
+    folder.mkdir()
+    ml.catalog().to_csv(folder / "catalog.csv", index=False)
+    pd.DataFrame({"user_id": ml.inter["user_id"], "item_id": ml.inter["item_id"], "ts": ml.inter["ts"],
+                  "event": np.where(ml.inter["label"] == 1, "click", "view"), "value": ""}).to_csv(
+        folder / "behaviour.csv", index=False)
+    return ml, folder
+
+
+def test_an_implicit_click_view_log_replays_as_its_own_events(tmp_path):
+    ml, folder = implicit_folder(tmp_path, 12)
+    imp = datasets.load(str(folder))
+    assert imp.users is None and imp.device_id(7) == "user-7"
+    assert imp.inter["event"].tolist() == np.where(ml.inter["label"] == 1, "click", "view").tolist()
+    np.testing.assert_array_equal(imp.inter["label"], ml.inter["label"])
+    assert set(imp.inter["rating"]) == {0.0, 1.0}
+    train, _test = datasets.assign_days(imp.inter, 3)
+    raw = datasets.as_raw_frame(train, imp.device_id)
+    assert set(raw["event"]) == {"click", "view"}
+    np.testing.assert_array_equal(samplegen.labels(raw["event"], raw["value"]), train["label"])
+    uid = int(train["user_id"].iloc[0])
+    logs = datasets.replay_logs(train, uid, 2)
+    rows = train[(train.user_id == uid) & (train.day == 2)]
+    assert [b.event for _, b in logs] == rows["event"].tolist()
+
+
+@pytest.mark.parametrize("files, error", [
+    ({"catalog.csv": "item_id,categories\n1,a\n"}, "no behaviour.csv"),
+    ({"catalog.csv": "item_id,categories\n1,a\n1,b\n", "behaviour.csv": "user_id,item_id,ts,event\n1,1,5,click\n"},
+     "item_id 1 appears twice"),
+    ({"catalog.csv": "item_id,categories\n1,a\n", "behaviour.csv": "user_id,item_id,ts\n1,1,5\n"},
+     r"lacks columns \['event'\]"),
+    ({"catalog.csv": "item_id,categories\n1,a\n", "behaviour.csv": "user_id,item_id,ts,event\n1,1,5,buy\n"},
+     "row 0: event must be one of rate, click, view, got 'buy'"),
+    ({"catalog.csv": "item_id,categories\n1,a\n", "behaviour.csv": "user_id,item_id,ts,event,value\n1,1,5,rate,\n"},
+     "row 0: a rate needs a numeric value"),
+    ({"catalog.csv": "item_id,categories\n1,a\n", "behaviour.csv": "user_id,item_id,ts,event\n1,1,5,click\nbob,1,6,view\n"},
+     "user_id row 1: must be an integer, got 'bob'"),
+    ({"catalog.csv": "item_id,categories\n1,a\n", "behaviour.csv": "user_id,item_id,ts,event\n1,1,5,click\n",
+      "users.csv": "age\n3\n"}, "lacks the column user_id"),
+])
+def test_from_dir_refuses_bad_files_naming_the_problem(tmp_path, files, error):
+    from walle.platform.errors import InvalidArgument
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises((InvalidArgument, NotFound), match=error):
+        datasets.load(str(tmp_path))
+
+
+def test_cloud_dataset_export_cli_writes_a_folder_the_catalog_load_takes(tmp_path):
+    out = CliRunner().invoke(walle_main, ["cloud", "dataset", "export", "movielens-1m", str(tmp_path / "ml1m"),
+                                          "--users", "5", "--json"])
+    assert out.exit_code == 0, out.output
+    reply = json.loads(out.output)
+    assert reply["users"] == 5 and reply["items"] == 3883 and set(reply["files"]) == {"catalog", "behaviour", "users"}
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(tmp_path / "p"), "cloud", "catalog", "load",
+                                          reply["files"]["catalog"], "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["items"] == 3883, out.output
+    out = CliRunner().invoke(walle_main, ["cloud", "dataset", "list", "--json"])
+    assert [r["name"] for r in json.loads(out.output)] == sorted(KNOWN)
+    out = CliRunner().invoke(walle_main, ["cloud", "dataset", "export", "netflix", str(tmp_path / "x")])
+    assert out.exit_code == 3 and "unknown data set 'netflix'" in out.output
+
+
+@pytest.mark.slow
+def test_demo_replays_a_folder_holding_an_implicit_log_without_profiles(tmp_path):
+    _ml, folder = implicit_folder(tmp_path, 5)
+    out_dir = tmp_path / "out"
+    out = CliRunner().invoke(walle_main, ["demo", "--dataset", str(folder), "--days", "3", "--workers", "2",
+                                          "--out", str(out_dir)])
+    assert out.exit_code == 0, out.output[-3000:]
+    seed = json.loads((out_dir / "results.json").read_text())["seeds"]["0"]
+    assert seed["cost"]["task_runs_failed"] == 0 and seed["cost"]["task_runs"] >= 5 * 2, seed["cost"]["first_failure"]
+    for arm in ("cloud", "local", "coda"):
+        assert seed[arm]["test_samples"] > 0
