@@ -70,6 +70,12 @@ def row_of(res: dict) -> dict:
             vals = [s[arm].get(metric) for s in seeds if isinstance(s.get(arm), dict)]
             if any(v is not None for v in vals):
                 row[f"{arm}.{metric}"] = _mean(vals)
+    # Within-run differences: every arm of a run shares its global model and splits, while two runs
+    # differ (the pseudonym key is random, so the global model's sample order is too).
+    for a, b in (("coda", "cloud"), ("coda", "local"), ("local", "cloud")):
+        for metric in ("user_auc_mean", "pooled_auc"):
+            if row.get(f"{a}.{metric}") is not None and row.get(f"{b}.{metric}") is not None:
+                row[f"d.{a}-{b}.{metric}"] = row[f"{a}.{metric}"] - row[f"{b}.{metric}"]
     diag = [s.get("diagnostics", {}) for s in seeds]
     row["ctr.commit_rate"] = _mean([d.get("ctr", {}).get("commit_rate") for d in diag])
     row["ctr_local.commit_rate"] = _mean([d.get("ctr_local", {}).get("commit_rate") for d in diag])
@@ -91,7 +97,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             if "." in k and k not in cols and not k.endswith("commit_rate"):
                 cols.append(k)
     cols = sorted(cols, key=lambda k: (ARMS.index(k.split(".")[0]) if k.split(".")[0] in ARMS else 9, k))
-    head = ["arm"] + [f"{c.split('.')[0]}.{SHORT.get(c.split('.', 1)[1], c.split('.', 1)[1])}" for c in cols] + \
+    head = ["arm"] + [".".join(SHORT.get(p, p) for p in c.split(".")[-2:]) for c in cols] + \
         ["commit", "commitL", "keep", "s", "config"]
     lines = [head]
     for r in rows:
@@ -116,10 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--out", default="bench-output/sweep_coda.json")
     ap.add_argument("--resume", action="store_true", help="skip arms already in --out")
-    ap.add_argument("--table", metavar="FILE", help="print the table of a saved sweep and exit")
+    ap.add_argument("--table", metavar="FILE[,FILE]", help="print the table of saved sweeps and exit")
     args = ap.parse_args(argv)
     if args.table:
-        print_table([r["row"] for r in json.loads(pathlib.Path(args.table).read_text())])
+        print_table([row_of(r["results"]) for f in args.table.split(",")
+                     for r in json.loads(pathlib.Path(f).read_text())])
         return 0
     if not args.arm:
         ap.error("give at least one --arm")

@@ -35,7 +35,7 @@ def tasks_dir() -> pathlib.Path:
 
 
 def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3, seeds: int = 1,
-             out_dir: str = "demo-output", workers: int = 4, coda: bool = True) -> dict:
+             out_dir: str = "demo-output", workers: int = 4, coda: bool = True, options: dict | None = None) -> dict:
     tmp = None
     if not data_dir:
         tmp = tempfile.TemporaryDirectory(prefix="walle-demo-")
@@ -49,7 +49,7 @@ def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3,
         from .coda.experiment import Config, Experiment, print_results
         console.rule("[bold]CoDA on MovieLens-100k[/bold]")
         exp = Experiment(Config(users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
-                                workers=workers), console)
+                                workers=workers, **(options or {})), console)
         console.print(f"{len(exp.user_ids)} users as emulated devices, {days} days; "
                       f"train {len(exp.train)} / held-out test {len(exp.test)} interactions", highlight=False)
         res = exp.run()

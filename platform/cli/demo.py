@@ -16,14 +16,21 @@ from .context import Ctx, pass_ctx
 @click.option("--out", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Where results.json and results.png go.")
 @click.option("--workers", default=4, show_default=True, type=int, help="Device threads in the emulated fleet.")
 @click.option("--skip-coda", is_flag=True, help="Only part 1 (release rules), no CoDA experiment.")
+@click.option("--k", type=int, help="Cloud: users matched to each user (KNN's K; default 100).")
+@click.option("--t", "t", type=int, help="Local samples of the last t days validate (default 1, time compressed).")
+@click.option("--t-prime", "t_prime", type=int, help="Local samples of (t, t'] days train (default 3).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Task config of the CoDA releases (repeatable), as `walle release create --set`.")
 @pass_ctx
-def demo(obj: Ctx, demo_dir, users, days, seeds, out_dir, workers, skip_coda):
+def demo(obj: Ctx, demo_dir, users, days, seeds, out_dir, workers, skip_coda, k, t, t_prime, sets):
     """The end-to-end demo on embedded defaults: releases, then the CoDA work cycle on MovieLens-100k."""
     from ..demo import run_demo
+    from ..taskconfig import parse_sets
     if days < 2:
         raise click.BadParameter("needs at least 2 days (day 1 trains the global model)", param_hint="--days")
+    options = {key: v for key, v in (("k", k), ("t", t), ("t_prime", t_prime)) if v is not None}
     run_demo(obj, demo_dir, users=users, days=days, seeds=seeds, out_dir=out_dir, workers=workers,
-             coda=not skip_coda)
+             coda=not skip_coda, options=dict(options, task_config=parse_sets(sets)))
 
 
 def register(main: click.Group) -> None:
