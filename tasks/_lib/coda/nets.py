@@ -27,6 +27,15 @@ def dense(x, w, b):
     return raw.matmul(x, w, False, False) + b
 
 
+def masked_softmax(score, mask):
+    """Softmax over axis 1 of `score` [B, L] where mask is 1, 0 elsewhere (and an all-zero row for an
+    empty history). Built from raw ops: its backward costs about a third of F.softmax's. The max only
+    shifts the exponent (softmax ignores a shift, so no gradient flows through it)."""
+    z = score + (mask - 1.0) * 1e9
+    e = raw.exp(z - raw.reduce_max(z, [1], True)) * mask
+    return e / F.maximum(raw.reduce_sum(e, [1], True), F.scalar(1e-30))
+
+
 def glorot(rng, n_in, n_out):
     lim = math.sqrt(6.0 / (n_in + n_out))
     return rng.uniform(-lim, lim, (n_in, n_out)).astype(np.float32)
