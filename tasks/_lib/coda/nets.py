@@ -71,6 +71,26 @@ def read_all(variables):
     return out
 
 
+def delta(params, base, tables=("item_emb", "cat_emb")):
+    """What a commit must send when `params` grew out of `base` (the stored model's parameters, same
+    architecture): the arrays that changed, and of the embedding `tables` only the changed rows.
+    Returns (changed {name: array}, rows {table: row numbers}), or None when the names or shapes
+    differ (a migrated model commits in full)."""
+    if sorted(params) != sorted(base):
+        return None
+    changed, rows = {}, {}
+    for name in params:
+        a, b = params[name], np.asarray(base[name])
+        if list(a.shape) != list(b.shape):
+            return None
+        if name in tables and a.ndim == 2:
+            ids = np.flatnonzero(np.any(a != b, axis=1)).astype(np.int32)
+            changed[name], rows[name] = a[ids], ids
+        elif not np.array_equal(a, b):
+            changed[name] = a
+    return changed, rows
+
+
 def check_int(cfg, key, lo, hi):
     v = cfg.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
