@@ -125,13 +125,14 @@ def device_of(platform: Platform, context) -> str:
 
 
 class RevisionWatcher:
-    """One thread polls the state revision and calls every `on_change` callback when it changes,
-    whoever changed it (this server, another process, or the CLI on the data folder); it also
-    flushes devices' last-seen times every few seconds."""
+    """One thread waits for the state revision to change and calls every `on_change` callback when
+    it does, whoever changed it (this server, another replica, or the CLI on the data folder): pushed
+    on PostgreSQL, polled on SQLite (see PlatformState.wait_revision). It also flushes devices'
+    last-seen times every few seconds."""
 
-    def __init__(self, platform: Platform, interval: float = 0.2):
+    def __init__(self, platform: Platform, interval: float = 0.5):
         self.platform = platform
-        self.interval = interval
+        self.interval = interval  # the longest wait: bounds how long stop() takes
         self.revision = platform.state.revision()
         self.on_change: list[Callable[[int], None]] = []
         self._stop = threading.Event()
@@ -140,14 +141,15 @@ class RevisionWatcher:
 
     def _run(self) -> None:
         last_flush = time.monotonic()
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
             try:
-                rev = self.platform.state.revision()
+                rev = self.platform.state.wait_revision(self.revision, self.interval)
                 if time.monotonic() - last_flush > 5:
                     self.platform.flush_seen()
                     last_flush = time.monotonic()
             except Exception:
                 log.exception("revision poll failed")
+                self._stop.wait(self.interval)
                 continue
             if rev != self.revision:
                 self.revision = rev
