@@ -221,14 +221,25 @@ class _Handlers:
         self.service, self.handlers = service, handlers
 
 
+def generated_handlers(add_servicer: Callable, servicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """(service name, method -> handler) as the generated `add_servicer` would register them, so a
+    caller can swap a method's (de)serializers for pre-serialized bytes before registering."""
+    got = _Handlers()
+    add_servicer(servicer, got)
+    return got.service, dict(got.handlers)
+
+
+def register_handlers(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def add_device_service(server: grpc.aio.Server, servicer: DeviceServicer) -> None:
     """DeviceService as generated, except GetActiveTasks takes and returns bytes: its replies are
     serialized once, not per request, and a memoised request is never parsed."""
-    got = _Handlers()
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, got)
-    got.handlers["GetActiveTasks"] = grpc.unary_unary_rpc_method_handler(servicer.GetActiveTasks)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
-    server.add_registered_method_handlers(got.service, got.handlers)
+    service, handlers = generated_handlers(device_pb2_grpc.add_DeviceServiceServicer_to_server, servicer)
+    handlers["GetActiveTasks"] = grpc.unary_unary_rpc_method_handler(servicer.GetActiveTasks)
+    register_handlers(server, service, handlers)
 
 
 class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
