@@ -105,6 +105,8 @@ class Platform(Observe, GuardRPCs):
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         # Where devices may also download blobs over HTTPS ("" = gRPC only); see blobs_http.py.
         self.blob_url_base = ""
+        # Devices send their credential there only when it is our own access-checked blob server.
+        self.blob_url_credential = False
         self.upload_handlers: dict[str, UploadHandler] = {}
         self._seen: dict[str, tuple[int, str, bytes]] = {}  # device -> (time, app version, DeviceInfo bytes)
         self._memo: tuple[int, dict, int] = (-1, {}, 0)  # (revision, (request, device, user) -> Decision, bytes)
@@ -223,7 +225,8 @@ class Platform(Observe, GuardRPCs):
         if r is None:
             raise NotFound(f"unknown resource {name!r}" + (f" version {version!r}" if version else ""))
         return tunnel_pb2.ResourceInfo(name=r["name"], version=r["version"], digest=r["digest"], size=r["size"],
-                                       metadata_json=r["metadata"], blob_url_base=self.blob_url_base)
+                                       metadata_json=r["metadata"], blob_url_base=self.blob_url_base,
+                                       blob_url_wants_credential=self.blob_url_credential)
 
     def put_blob(self, data: bytes) -> str:
         digest = bundle.digest(data)
@@ -305,7 +308,8 @@ class Platform(Observe, GuardRPCs):
         for t in tasks:
             h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
         reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60,
-                                       blob_url_base=self.blob_url_base)
+                                       blob_url_base=self.blob_url_base,
+                                       blob_url_wants_credential=self.blob_url_credential)
         return Decision(reply.SerializeToString(), self._grant(tasks), info.app_version, attrs)
 
     def _grant(self, tasks) -> "Grant":

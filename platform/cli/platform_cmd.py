@@ -74,9 +74,11 @@ def platform_init(obj: Ctx, hosts, operator, force):
               help="Expose Prometheus metrics (RPCs, latencies, watch streams, devices, release health) over HTTP "
                    "on this port (same --host).")
 @click.option("--reuseport", is_flag=True, hidden=True, help="Internal: a worker process of --processes.")
+@click.option("--blob-url-credential", is_flag=True, hidden=True,
+              help="Internal: --blob-url is the first process's access-checked blob server.")
 @pass_ctx
 def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, blob_port,
-                   blob_url, blob_public, metrics_port, processes, reuseport):
+                   blob_url, blob_public, metrics_port, processes, reuseport, blob_url_credential):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
     from ..server import build_server, operator_authorizer, tls_credentials
@@ -92,7 +94,7 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
     else:
         keys = pki.load(data_dir)
     platform = Platform(data_dir, keys=keys)
-    platform.blob_url_base = blob_url
+    platform.blob_url_base, platform.blob_url_credential = blob_url, blob_url_credential
     if not platform.operators.any() and not reuseport:
         err_console.print("[yellow]no operator exists yet: admin calls will be refused; run "
                           "`walle platform init` (or `walle operator create`)[/yellow]")
@@ -146,7 +148,8 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
         if processes > 1:
             args = [sys.executable, "-m", "walle.platform.cli", "--data-dir", str(data_dir), "platform", "serve",
                     "--host", host, "--port", str(bound), "--workers", str(workers), "--reuseport",
-                    "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else [])
+                    "--coda" if coda else "--no-coda", "--blob-url", platform.blob_url_base] + (["--insecure"] if insecure else []) \
+                + (["--blob-url-credential"] if platform.blob_url_credential else [])
             children = [subprocess.Popen(args) for _ in range(processes - 1)]
         if not reuseport:
             err_console.print(f"walle platform serving on {host}:{bound} ({'PLAINTEXT' if insecure else 'TLS'}; "

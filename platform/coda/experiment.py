@@ -20,6 +20,7 @@ baseline `ctr_local` (same Algorithm 3 gate, local samples only), and the publis
 scores it for the Cloud arm; the user's clicks (rating >= 4) are the labels."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
@@ -79,6 +80,11 @@ class DeviceLog:
     filter_runs: int = 0
 
 
+def demo_key(purpose: str, seed: int) -> bytes:
+    """A key the demo derives from its seed (never used outside the demo), so runs repeat exactly."""
+    return hashlib.sha256(f"walle-demo:{purpose}:{seed}".encode()).digest()
+
+
 def movielens_catalog(items: pd.DataFrame) -> pd.DataFrame:
     """MovieLens items in the catalog layout (docs/data-layout.md): item_id, categories "a|b", title."""
     return pd.DataFrame({"item_id": items["item_id"], "categories": items["genres"].map("|".join),
@@ -134,7 +140,8 @@ class Experiment:
         cfg, con = self.cfg, self.console
         keys = pki.init(work / "platform")  # TLS and signed bundles, as in production
         platform = Platform(work / "platform", keys=keys)
-        coda = CodaCloud(platform, users=self.ml.users, k=cfg.k, global_epochs=cfg.global_epochs, global_seed=seed)
+        coda = CodaCloud(platform, users=self.ml.users, k=cfg.k, global_epochs=cfg.global_epochs, global_seed=seed,
+                         pseudonym_key=demo_key("pseudonym", seed))  # reproducible per seed
         _server, port, stop = build_server(platform, port=0, extra=coda.add_services,
                                            credentials=tls_credentials(platform))
         address = f"localhost:{port}"
@@ -173,10 +180,9 @@ class Experiment:
                           f"{res.matched_users} users matched, {res.batches} batches "
                           f"({sum(res.seconds.values()):.1f}s){f'; {left} devices still uploading' if left else ''}",
                           highlight=False)
+                self._report_global(platform)  # retrained on days 1..day: the devices restart from it
                 if day == 1:
-                    coda.global_epochs = 0  # the global model is trained once, on day 1 (the devices' start)
-                    self._report_global(platform)
-                    continue  # devices start the next day, from the global model
+                    continue  # nothing matched yet: devices start the next day, from the global model
                 self._each(apps, f"day {day + 1} morning: fetch, filter, train, home page",
                            lambda uid, a: self._device_day(users, a, logs[uid], uid, day))
             metrics = self._evaluate(platform, apps, items)
@@ -256,9 +262,11 @@ class Experiment:
 
     def _report_global(self, platform: Platform) -> None:
         info = platform.resource("coda/global_model")
-        m = json.loads(info.metadata_json)["metrics"]
-        self.console.print(f"  global model {info.name}@{info.version}: {m['n_train']} samples, train AUC "
-                           f"{m['train_auc']:.3f} ({info.size / 1024:.0f} KB)", highlight=False)
+        meta = json.loads(info.metadata_json)
+        m = meta["metrics"]
+        self.console.print(f"  global model {info.name}@{info.version}: {m['n_train']} samples of days "
+                           f"{meta['days'][0]}..{meta['days'][1]}, train AUC {m['train_auc']:.3f} "
+                           f"({info.size / 1024:.0f} KB)", highlight=False)
 
     # -- evaluation -----------------------------------------------------------------------------
     def test_samples(self, items: pd.DataFrame) -> dict[str, list]:

@@ -8,6 +8,7 @@ Each task folder is validated with the platform's manifest checks and run from t
 with the manifest's limits and only the host APIs its manifest grants."""
 from __future__ import annotations
 
+import ast
 import pathlib
 
 import numpy as np
@@ -20,7 +21,7 @@ from walle.device_host.sandbox import Limits, Sandbox
 from walle.device_host.storage import TaskStorage
 from walle.platform.coda import movielens
 from walle.platform.coda import samples as gen
-from walle.device_host.coda_rows import sample_to_row
+from walle.device_host.sample_client import item_row
 from walle.platform.coda.global_model import catalog_config, sample_dict, train_global
 from walle.platform.coda.tasklib import coda_module
 from walle.platform import taskconfig
@@ -33,6 +34,21 @@ USERS = (13, 450, 276, 416)  # heavy MovieLens raters: ~400-650 samples each
 N_DAYS = 10
 TODAY = 10
 din, classifier, features, training = (coda_module(m) for m in ("din", "classifier", "features", "training"))
+
+
+def fetch_fields() -> list[str]:
+    """The Sample fields coda_fetch asks `tunnel.pull` to store (its FIELDS), read from the task itself."""
+    tree = ast.parse((TASKS / "coda_fetch" / "main.py").read_text())
+    return next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FIELDS")
+
+
+FETCH_FIELDS = fetch_fields()
+
+
+def sample_to_row(sample, **columns) -> dict:
+    """A row as the host's generic pull writes it for coda_fetch (local rows have the same columns)."""
+    return item_row(sample, FETCH_FIELDS, columns)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -399,6 +415,56 @@ def test_train_creates_ctr_from_the_global_model_and_m0_is_the_clouds(device, da
     ref = training.predict(load_global(global_blob), features.batch(as_dicts(data["local"][:20]), 50))
     assert got == pytest.approx([float(x) for x in ref], abs=1e-6)
     assert res.value["ctr"]["n_val"] > 0
+
+
+def test_train_restarts_from_each_newer_global_model(tmp_path, sandbox, tasks, data, global_blob):
+    """5.2 (4) with a cloud that retrains daily: a run after a new global version restarts M (and M0)
+    from it, then trains on top; a run with no new version keeps M. (A model the script made itself is
+    never replaced: the other tests' `create_ctr` models run with no tunnel op at all.)"""
+    import hashlib
+
+    from walle.device_host.models import blob
+    published = [global_blob]
+
+    def digest(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    def down(name: str, version: str = "", format: str = "auto") -> dict:
+        assert name == "coda/global_model" and format == "info"  # only the info crosses, not the blob
+        return {"name": name, "version": f"v{len(published)}", "digest": digest(published[-1]), "metadata": {}}
+    dev = Device(tmp_path, sandbox, tasks, None)
+    dev.ops = make_model_ops(dev.models, lambda name: published[-1])
+    dev.extra_ops = {**dev.ops, "tunnel.down": down}
+    dev.put("today", TODAY)
+    dev.put("experiment.local_arm", True)
+    dev.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::3])
+
+    def run() -> dict:
+        res = dev.run("coda_train", EXHAUSTED)
+        assert res.status == "ok", res.error
+        return res.value
+    first = run()
+    assert first["ctr"]["restarted"] and first["ctr"]["base_resource"]["digest"] == digest(global_blob)
+    v1 = dev.models.info("ctr")["version"]
+    again = run()  # same global version: M is kept and trained further
+    assert not again["ctr"]["restarted"] and dev.models.info("ctr")["version"] >= v1
+    # the cloud retrains and publishes a new version: both arms restart from it
+    newer = train_global(data["outside"][300:700], epochs=1, seed=6, catalog=data["catalog"])[0]
+    published.append(newer)
+    before = dev.models.info("ctr")["version"]
+    got = run()
+    for name in ("ctr", "ctr_local"):
+        info = dev.models.info(name)
+        assert got[name]["restarted"] and got[name]["base_resource"]["digest"] == digest(newer), got[name]
+        assert info["m0_meta"]["resource"] == {"name": "coda/global_model", "digest": digest(newer)}
+        assert info["M0"]["source"] == "resource:coda/global_model"
+        m0_params, _meta = blob.unpack(dev.models._read(name, "M0"))
+        want, _ = blob.unpack(newer)
+        assert all(np.array_equal(m0_params[k], want[k]) for k in want)  # M0 is the new global, exactly
+        if got[name]["committed"]:  # the day's update applies on top, and says what it started from
+            assert info["meta"]["base_resource"]["digest"] == digest(newer)
+    assert dev.models.info("ctr")["version"] > before
+    dev.close()
 
 
 # --- coda_infer ---------------------------------------------------------------------------------------

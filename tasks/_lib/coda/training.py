@@ -51,9 +51,7 @@ def batch_grads(net, engine, data, idx, params):
         targets = [net.param(k) for k in net.names if k not in net.tables]
         targets = targets + [leaf for table, ids, leaf in net.leaves]
         got_p, got_g = engine.grad([loss], [F.const([1.0], [])], targets)
-        by_name = {}
-        for p, g in zip(got_p, got_g):
-            by_name[p.name] = g.read().copy()  # `got_g` keeps the Var alive
+        by_name = dict(zip([p.name for p in got_p], nets.read_all(got_g)))
         missing = [t.name for t in targets if t.name not in by_name]
         if missing:
             raise RuntimeError(f"no gradient reached {missing}: the graph is broken")
