@@ -140,10 +140,10 @@ def test_device_ids_come_in_byte_order(store):
 
 
 def test_batch_at_the_limits_round_trips(store):
-    big = [(2**63 - 1, BehaviorLog(ts=TS, item_id=2**62, event="e" * 32, value=-1.5e300))]
+    big = [(2**63 - 1, BehaviorLog(ts=TS, item_id=2**62, event="e" * 32, value=-2.0 ** 100))]
     assert store.add("d" * 128, "u" * 128, big, day=2**31 - 1) == (1, 0)
     row = store.frame().iloc[0]
-    assert (row.seq, row.item_id, row.event, row.value, row.day) == (2**63 - 1, 2**62, "e" * 32, -1.5e300, 2**31 - 1)
+    assert (row.seq, row.item_id, row.event, row.value, row.day) == (2**63 - 1, 2**62, "e" * 32, -2.0 ** 100, 2**31 - 1)
 
 
 @pytest.mark.parametrize("url, match", [
