@@ -12,6 +12,7 @@ A batch is one INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING: one
 atomic, and the row count is the number of new records (repeats within the batch included)."""
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 
@@ -41,42 +42,57 @@ SCHEMA_LOCK = 0x57A11F  # pg_advisory_xact_lock key: replicas starting together 
 
 
 class PostgresRawLog(RawLog):
-    """Safe to share between threads (one connection, used under a lock); any number of processes
-    may open the same database."""
+    """Safe to share between threads (one connection, used under a lock, reconnected after a
+    loss); any number of processes may open the same database."""
 
     def __init__(self, url: str):
         try:
             import psycopg
         except ImportError:  # pragma: no cover - a dependency of the package
             raise Unavailable("a PostgreSQL raw log needs psycopg: pip install 'psycopg[binary]'") from None
-        from walle.platform.state.postgres import _redact
-        self.url = url
-        try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as e:
-            raise Unavailable(f"cannot reach PostgreSQL at {_redact(url)}: {str(e).strip()}") from e
-        except psycopg.ProgrammingError as e:
-            raise InvalidArgument(f"bad PostgreSQL URL {_redact(url)}: {e}") from e
+        self._psycopg, self.url = psycopg, url
         self._lock = threading.Lock()
-        with self._db.transaction():  # CREATE ... IF NOT EXISTS races with itself across processes
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+        self._db = None
+        with self._conn() as db, db.transaction():  # CREATE ... IF NOT EXISTS races with itself across processes
+            db.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
             for stmt in filter(str.strip, _SCHEMA.split(";")):
-                self._db.execute(stmt)
+                db.execute(stmt)
+
+    @contextlib.contextmanager
+    def _conn(self):
+        """The connection, under the lock; (re)connected when needed. A lost connection fails the
+        call as Unavailable (an upload is then refused, never acknowledged) and the next call
+        connects again."""
+        from walle.platform.state.postgres import _redact
+        psycopg = self._psycopg
+        with self._lock:
+            if self._db is None or self._db.closed:
+                try:
+                    self._db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+                except psycopg.OperationalError as e:
+                    raise Unavailable(f"cannot reach PostgreSQL at {_redact(self.url)}: {str(e).strip()}") from e
+                except psycopg.ProgrammingError as e:
+                    raise InvalidArgument(f"bad PostgreSQL URL {_redact(self.url)}: {e}") from e
+            try:
+                yield self._db
+            except psycopg.OperationalError as e:
+                if self._db is not None and self._db.broken:
+                    self._db.close()
+                raise Unavailable(f"PostgreSQL raw log at {_redact(self.url)}: {str(e).strip()}") from e
 
     def _insert(self, rows: list[tuple]) -> int:
         columns = [list(c) for c in zip(*rows)]
-        with self._lock, self._db.transaction():
-            return self._db.execute(_INSERT, columns).rowcount
+        with self._conn() as db, db.transaction():
+            return db.execute(_INSERT, columns).rowcount
 
     def max_seq(self, device_id: str) -> int:
-        with self._lock:
-            (value,) = self._db.execute("SELECT MAX(seq) FROM coda_raw_log WHERE device_id = %s",
-                                        [device_id]).fetchone()
+        with self._conn() as db:
+            (value,) = db.execute("SELECT MAX(seq) FROM coda_raw_log WHERE device_id = %s", [device_id]).fetchone()
         return -1 if value is None else int(value)
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM coda_raw_log").fetchone()[0])
+        with self._conn() as db:
+            return int(db.execute("SELECT COUNT(*) FROM coda_raw_log").fetchone()[0])
 
     def _rows(self, day_range: tuple[int, int] | None) -> list[tuple]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM coda_raw_log"
@@ -85,16 +101,17 @@ class PostgresRawLog(RawLog):
             sql += " WHERE day BETWEEN %s AND %s"
             params = list(day_range)
         sql += ' ORDER BY device_id COLLATE "C", seq'  # byte order, like SQLite (not the locale's)
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        with self._conn() as db:
+            return db.execute(sql, params).fetchall()
 
     def pseudonym_key(self) -> bytes:
-        with self._lock:
-            self._db.execute("INSERT INTO coda_secrets (name, value) VALUES ('pseudonym_key', %s) "
-                             "ON CONFLICT (name) DO NOTHING", [secrets.token_bytes(KEY_BYTES)])
-            (key,) = self._db.execute("SELECT value FROM coda_secrets WHERE name = 'pseudonym_key'").fetchone()
+        with self._conn() as db:
+            db.execute("INSERT INTO coda_secrets (name, value) VALUES ('pseudonym_key', %s) "
+                       "ON CONFLICT (name) DO NOTHING", [secrets.token_bytes(KEY_BYTES)])
+            (key,) = db.execute("SELECT value FROM coda_secrets WHERE name = 'pseudonym_key'").fetchone()
         return bytes(key)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()

@@ -163,6 +163,20 @@ def test_unreachable_postgres_is_unavailable():
         open_raw_log(f"postgresql://walle@127.0.0.1:{port}/postgres?connect_timeout=2")
 
 
+@pytest.mark.postgres
+def test_postgres_connection_lost_refuses_the_batch_then_reconnects(pg_state_url):
+    import psycopg
+    with open_raw_log(pg_state_url) as store:
+        store.add("d1", "u1", recs(range(2)))
+        pid = store._db.info.backend_pid
+        with psycopg.connect(pg_state_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        with pytest.raises(Unavailable, match="PostgreSQL raw log"):
+            store.add("d1", "u1", recs(range(2, 4)))  # refused: the device keeps it and re-sends
+        assert store.add("d1", "u1", recs(range(2, 4))) == (2, 0)  # a new connection; nothing was half-stored
+        assert store.count() == 4
+
+
 def test_sqlite_reopen_uses_wal_and_keeps_the_key_file(tmp_path):
     path = tmp_path / "raw.sqlite3"
     with RawLogStore(path) as s:
