@@ -44,7 +44,7 @@ from ..demo import tasks_dir
 from ..errors import InvalidArgument
 from ..server import build_server, tls_credentials
 from ..service import Platform
-from . import evaluation, movielens
+from . import datasets, evaluation
 from . import samples as samplegen
 from .plot import plot
 from .simulator import Users
@@ -56,7 +56,8 @@ EVAL_KEY = b"walle-demo-evaluation"  # pseudonyms of the evaluator's own test sa
 
 @dataclass
 class Config:
-    users: int = 0            # 0 = every MovieLens user
+    dataset: str = datasets.DEFAULT  # a name of datasets.REGISTRY
+    users: int = 0            # 0 = every user of the data set
     days: int = 3             # simulated work cycles; day 1 only feeds the global model
     seeds: tuple[int, ...] = (0,)
     k: int = 100
@@ -72,6 +73,7 @@ class Config:
     workers: int = 4          # device threads in the emulated fleet
     task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
     out_dir: str = "demo-output"
+    work_dir: str = ""        # where the platform and the fleet's device folders live; "" = work_root()
 
 
 @dataclass
@@ -85,12 +87,6 @@ class DeviceLog:
 def demo_key(purpose: str, seed: int) -> bytes:
     """A key the demo derives from its seed (never used outside the demo), so runs repeat exactly."""
     return hashlib.sha256(f"walle-demo:{purpose}:{seed}".encode()).digest()
-
-
-def movielens_catalog(items: pd.DataFrame) -> pd.DataFrame:
-    """MovieLens items in the catalog layout (docs/data-layout.md): item_id, categories "a|b", title."""
-    return pd.DataFrame({"item_id": items["item_id"], "categories": items["genres"].map("|".join),
-                         "title": items["title"]})
 
 
 class FleetApp:
@@ -122,12 +118,12 @@ class Experiment:
     def __init__(self, cfg: Config, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console()
-        self.ml = movielens.load()
+        self.ml = datasets.load(cfg.dataset)  # inter, items, users (or None), device_id, catalog
         inter = self.ml.inter
         if cfg.users:
             inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
-        self.train, self.test = movielens.assign_days(inter, cfg.days)
+        self.train, self.test = datasets.assign_days(inter, cfg.days)
         self.titles = dict(zip(self.ml.items["item_id"].astype(int), self.ml.items["title"]))
         self.phases: dict[str, float] = {}  # wall seconds of each fleet-wide step of the current seed
         self.global_models: list[dict] = []  # the global model versions the cloud published this seed
@@ -153,13 +149,13 @@ class Experiment:
         sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
-            doc, _ref = coda.load_catalog(movielens_catalog(self.ml.items), actor="demo")  # `cloud catalog load`
+            doc, _ref = coda.load_catalog(self.ml.catalog(), actor="demo")  # `cloud catalog load`
             items = items_frame(doc)
             self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
-                    f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
+                    f.write(json.dumps({"device_id": self.ml.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
 
             def enroll(did: str, user: str) -> Credentials:  # each device pins the CA and the bundle key
@@ -292,7 +288,7 @@ class Experiment:
         if self._eval_samples is None:
             test = self.test.copy()
             test["day"] = self.cfg.days + 1
-            raw = movielens.as_raw_frame(pd.concat([self.train, test], ignore_index=True))
+            raw = datasets.as_raw_frame(pd.concat([self.train, test], ignore_index=True), self.ml.device_id)
             gen = samplegen.generate(raw, items, self.ml.users, key=EVAL_KEY).samples
             out = {}
             for uid in self.user_ids:
@@ -441,10 +437,10 @@ class Experiment:
         out_dir = pathlib.Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = {"config": asdict(cfg), "users": len(self.user_ids),
-                   "split": movielens.split_stats(self.train, self.test), "seeds": {}}
+                   "split": datasets.split_stats(self.train, self.test), "seeds": {}}
         t0, cpu0 = time.perf_counter(), _cpu()
         for seed in cfg.seeds:
-            with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-", dir=cfg.work_dir or work_root()) as tmp:
                 results["seeds"][str(seed)] = self.run_seed(seed, pathlib.Path(tmp))
         t1 = time.perf_counter()
         results["summary"] = evaluation.summarize(results["seeds"])
@@ -459,6 +455,21 @@ class Experiment:
         results["load_average"] = os.getloadavg()
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         return results
+
+
+SHM = "/dev/shm"
+SHM_NEEDED = 4 << 30  # ~1.5 MB per emulated device for 943 devices, with room to spare
+
+
+def work_root() -> str | None:
+    """The emulated fleet's disk: RAM (/dev/shm) when it has room, else the system's temp folder. The
+    devices' and the platform's durability code runs all the same; on tmpfs its fsyncs and the final
+    clean-up of ~30 files per device cost next to nothing (a real fleet has one disk per phone)."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return SHM if st.f_bavail * st.f_frsize >= SHM_NEEDED and os.access(SHM, os.W_OK) else None
 
 
 def _cpu() -> dict:

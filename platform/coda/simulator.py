@@ -62,7 +62,8 @@ class Users:
             app.emit("profile", {"values": self.profiles[str(uid)]})
         today = rows[rows["day"] == day]
         for r in today.itertuples(index=False):
-            app.emit("rate", {"item_id": int(r.item_id), "value": float(r.rating), "ts": int(r.ts), "day": day})
+            app.emit(getattr(r, "event", "rate"),  # "click" / "view" rows of an implicit log
+                     {"item_id": int(r.item_id), "value": float(r.rating), "ts": int(r.ts), "day": day})
         app.emit("flush_behavior")
         return len(today)
 

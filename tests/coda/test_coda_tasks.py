@@ -373,6 +373,28 @@ def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
     assert device.rows("outside") == []
 
 
+def test_train_release_config_limits_the_update_scope_and_min_val(device, data):
+    """A release with update_scope=last commits an update in which only the output layer moved
+    (MNN trained in the sandboxed child); min_val above the validation size skips training."""
+    device.config.update({"max_rows": 1000, "update_scope": "last", "reg_to_start": 0.1, "gate": "none"})
+    val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+    device.insert_local(val)
+    device.insert_local(copies(val, day=TODAY - 5, tag="same"))
+    device.create_ctr(data["catalog"])
+    start = device.net("ctr").params()
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert res.value["ctr"]["committed"] is True and device.models.info("ctr")["version"] == 2
+    end = device.net("ctr").params()
+    last = max(int(k[5:]) for k in end if k.startswith("mlp_w"))
+    moved = {k for k in end if not np.array_equal(start[k], end[k])}
+    assert moved == {f"mlp_w{last}", f"mlp_b{last}"}
+    device.config.update({"min_val": 121})
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert "min_val" in res.value["ctr"]["skipped"] and device.models.info("ctr")["version"] == 2
+
+
 def test_train_table_rows_trigger_waits_for_train_at_kept_samples(device, data):
     device.insert_local(data["local"][-100:])
     device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
@@ -566,6 +588,7 @@ def test_hostile_config_rows_and_events_change_nothing(device, data):
     cases = [
         ("coda_train", EXHAUSTED, {"config": {"t": 9, "t_prime": 3}}, ["t_prime"]),
         ("coda_train", EXHAUSTED, {"config": {"din_mlp": "wide"}}, ["din_mlp"]),
+        ("coda_train", EXHAUSTED, {"config": {"update_scope": "last+head"}}, ["update_scope"]),
         ("coda_train", EXHAUSTED, {"today": "monday"}, ["today"]),
         ("coda_train", EXHAUSTED, {"experiment.local_arm": "yes"}, ["experiment.local_arm"]),
         ("coda_train", "not an event", {}, ["event must be an object"]),
