@@ -85,7 +85,8 @@ def plot(results: dict, path: str | pathlib.Path) -> None:
     spread = (f"bars: mean over {n_seeds} seeds, error bars: ±1 std" if n_seeds >= 2
               else "one seed: no error bars (run with --seeds 3 for a spread)")
     fig.legend(handles, [LABELS[a] for a in ARMS], loc="lower center", ncol=3, frameon=False)
-    fig.suptitle(f"CoDA on MovieLens-100k: {results['users']} users, {results['config']['days']} days; {spread}",
+    data = results["config"].get("dataset", "movielens-100k")  # results of older runs name none
+    fig.suptitle(f"CoDA on {data}: {results['users']} users, {results['config']['days']} days; {spread}",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=110)

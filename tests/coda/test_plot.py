@@ -64,3 +64,10 @@ def test_one_seed_draws_no_error_bars(monkeypatch, tmp_path):
     fig = _draw(_results({0: SEED0}), monkeypatch, tmp_path)
     assert not any(isinstance(c, ErrorbarContainer) for a in fig.axes for c in a.containers)
     assert "one seed: no error bars" in fig._suptitle.get_text()
+
+
+def test_title_names_the_data_set(monkeypatch, tmp_path):
+    results = _results({0: SEED0})
+    assert "CoDA on movielens-100k: 50 users" in _draw(results, monkeypatch, tmp_path)._suptitle.get_text()
+    results["config"]["dataset"] = "movielens-1m"
+    assert "CoDA on movielens-1m: 50 users" in _draw(results, monkeypatch, tmp_path)._suptitle.get_text()
