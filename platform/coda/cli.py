@@ -35,11 +35,15 @@ def cloud():
                    "documented layout.")
 @click.option("--users", type=int, default=0, help="With --replay-movielens: only the first N users (0 = all).")
 @click.option("--k", type=int, default=100, show_default=True, help="Neighbours per user (Algorithm 1).")
-@click.option("--kv", default="", help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
+@click.option("--kv", envvar="WALLE_CODA_KV", default="",
+              help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
+@click.option("--raw-log", envvar="WALLE_CODA_RAW_LOG", default="", metavar="URL",
+              help="Raw behaviour log URL: sqlite:///path or postgresql://... (default: the state's PostgreSQL if any, "
+                   "else SQLite in the data folder).")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
 @json_option
 @pass_ctx
-def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, scheduler):
+def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, raw_log, scheduler):
     """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
     day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
@@ -51,10 +55,10 @@ def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, 
         if day is None:
             raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
         ml = datasets.load(dataset).first_users(users)
-        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler)
         coda.today = day
     else:
-        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler, global_epochs=global_epochs)
+        coda = CodaCloud(platform, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler, global_epochs=global_epochs)
     advance = day is None
     day = coda.today if advance else day
     ingested = 0
