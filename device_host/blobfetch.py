@@ -36,7 +36,8 @@ class HttpBlobs:
                  timeout: float = 30.0, attempts: int = 4, max_bytes: int = 1 << 30):
         self.partial_dir = pathlib.Path(partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        # The device credential goes only over HTTPS (the server checks it like gRPC does).
+        # The device credential goes only over HTTPS, and only where the platform says its own
+        # access-checked blob server answers: a CDN or static cache never sees device tokens.
         self.authorization = dict((k.lower(), v) for k, v in metadata).get("authorization", "")
         self.ssl = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
         self.timeout = timeout
@@ -46,8 +47,9 @@ class HttpBlobs:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def fetch(self, base: str, digest: str, size: int = 0) -> bytes:
-        """The verified bytes of `digest` from <base>sha256/<hex>; raises HttpDownloadError."""
+    def fetch(self, base: str, digest: str, size: int = 0, credential: bool = False) -> bytes:
+        """The verified bytes of `digest` from <base>sha256/<hex>; raises HttpDownloadError.
+        `credential`: send the device token (the platform announced its own blob server)."""
         m = HEX.match(digest or "")
         if not m:
             raise HttpDownloadError(f"not a sha256 digest: {digest[:80]!r}")
@@ -62,7 +64,7 @@ class HttpBlobs:
             last: Exception | None = None
             for _ in range(self.attempts):
                 try:
-                    self._download(url, part, limit)
+                    self._download(url, part, limit, credential)
                     break
                 except HttpDownloadError:
                     raise
@@ -88,13 +90,13 @@ class HttpBlobs:
         if m:
             (self.partial_dir / (m.group(1) + ".part")).unlink(missing_ok=True)
 
-    def _download(self, url: str, part: pathlib.Path, limit: int) -> None:
+    def _download(self, url: str, part: pathlib.Path, limit: int, credential: bool) -> None:
         """Bring `part` to the complete blob, resuming from its current length."""
         have = part.stat().st_size if part.exists() else 0
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
-        if self.authorization and url.startswith("https://"):
+        if credential and self.authorization and url.startswith("https://"):
             headers["Authorization"] = self.authorization
         req = urllib.request.Request(url, headers=headers)
         self.stats["requests"] += 1

@@ -458,6 +458,7 @@ class TaskSync:
         self.timeout = timeout
         self.blob_http = blob_http      # HTTPS downloads when the platform announces a URL base
         self.blob_url_base = ""
+        self.blob_credential = False    # send the device token there (only to the platform's own server)
         self.revision = ""
         self.poll_after = 60.0
         self.unauthenticated = ""       # the platform's message once the credential is refused
@@ -525,7 +526,8 @@ class TaskSync:
     def _fetch(self, digest: str, size: int = 0) -> dict[str, bytes]:
         if self.blob_http is not None and self.blob_url_base:
             try:
-                return bundle.unpack(self.blob_http.fetch(self.blob_url_base, digest, size), digest)
+                return bundle.unpack(self.blob_http.fetch(self.blob_url_base, digest, size,
+                                                           credential=self.blob_credential), digest)
             except (HttpDownloadError, bundle.BundleError) as e:
                 log.warning("HTTPS download of %s failed (%s); falling back to gRPC", digest[:20], e)
         chunks = self.stub.FetchBundle(device_pb2.FetchBundleRequest(digest=digest), metadata=self.metadata,
@@ -599,7 +601,7 @@ class TaskSync:
             self.report_problems()
             reply = self.stub.GetActiveTasks(self.info(), metadata=self.metadata, timeout=self.timeout)
             result = SyncResult(revision=reply.revision, poll_after_seconds=reply.poll_after_seconds or 60)
-            self.blob_url_base = reply.blob_url_base
+            self.blob_url_base, self.blob_credential = reply.blob_url_base, reply.blob_url_wants_credential
             installed = self.store.installed()
             wanted = {t.name for t in reply.tasks}
             for name in sorted(set(installed) - wanted):

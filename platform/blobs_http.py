@@ -156,9 +156,10 @@ def start_blob_server(platform: Platform, host: str = "127.0.0.1", port: int = 0
                                   keyfile=keyfile, name="blobs")
     scheme = "https" if certfile else "http"
     platform.blob_url_base = url_base or f"{scheme}://{host}:{bound}/blobs/"
+    platform.blob_url_credential = not public  # the URL fronts this server: it checks device tokens
 
     def stop_and_forget() -> None:
-        platform.blob_url_base = ""
+        platform.blob_url_base, platform.blob_url_credential = "", False
         stop()
 
     return bound, stop_and_forget

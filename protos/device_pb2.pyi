@@ -123,16 +123,18 @@ class ActiveTask(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., bundle_size: _Optional[int] = ..., manifest: _Optional[_Union[TaskManifest, _Mapping]] = ..., release_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ActiveTasks(_message.Message):
-    __slots__ = ("tasks", "revision", "poll_after_seconds", "blob_url_base")
+    __slots__ = ("tasks", "revision", "poll_after_seconds", "blob_url_base", "blob_url_wants_credential")
     TASKS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     POLL_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BLOB_URL_BASE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_URL_WANTS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[ActiveTask]
     revision: str
     poll_after_seconds: int
     blob_url_base: str
-    def __init__(self, tasks: _Optional[_Iterable[_Union[ActiveTask, _Mapping]]] = ..., revision: _Optional[str] = ..., poll_after_seconds: _Optional[int] = ..., blob_url_base: _Optional[str] = ...) -> None: ...
+    blob_url_wants_credential: bool
+    def __init__(self, tasks: _Optional[_Iterable[_Union[ActiveTask, _Mapping]]] = ..., revision: _Optional[str] = ..., poll_after_seconds: _Optional[int] = ..., blob_url_base: _Optional[str] = ..., blob_url_wants_credential: _Optional[bool] = ...) -> None: ...
 
 class FetchBundleRequest(_message.Message):
     __slots__ = ("digest",)

@@ -88,17 +88,19 @@ class ResourceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ResourceInfo(_message.Message):
-    __slots__ = ("name", "version", "digest", "size", "metadata_json", "blob_url_base")
+    __slots__ = ("name", "version", "digest", "size", "metadata_json", "blob_url_base", "blob_url_wants_credential")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     BLOB_URL_BASE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_URL_WANTS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     digest: str
     size: int
     metadata_json: str
     blob_url_base: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., metadata_json: _Optional[str] = ..., blob_url_base: _Optional[str] = ...) -> None: ...
+    blob_url_wants_credential: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., metadata_json: _Optional[str] = ..., blob_url_base: _Optional[str] = ..., blob_url_wants_credential: _Optional[bool] = ...) -> None: ...

@@ -25,15 +25,16 @@ PAYLOAD = os.urandom(400_000)  # incompressible: the bundle is ~400 KB on the wi
 
 
 class Recorder:
-    """ASGI middleware noting each request's path and Range header."""
+    """ASGI middleware noting each request's path and Range header (and Authorization header)."""
 
     def __init__(self, app):
-        self.app, self.seen = app, []
+        self.app, self.seen, self.authorization = app, [], []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             self.seen.append((scope["path"], headers.get(b"range", b"").decode()))
+            self.authorization.append(headers.get(b"authorization", b"").decode())
         await self.app(scope, receive, send)
 
 
@@ -136,6 +137,7 @@ def test_cut_download_resumes_with_a_range_and_installs_verified(live):
     proxy = CuttingProxy(live.https(rec), cut_after=150_000)
     live.stops.append(proxy.close)
     live.platform.blob_url_base = f"https://127.0.0.1:{proxy.port}/blobs/"
+    live.platform.blob_url_credential = True  # the platform's own access-checked blob app
     tv = live.release()
     host = live.device("phone-1")
 
@@ -150,6 +152,7 @@ def test_cut_download_resumes_with_a_range_and_installs_verified(live):
     resumed_from = int(rec.seen[1][1].removeprefix("bytes=").rstrip("-"))
     assert 100_000 < resumed_from < 150_000
     assert host.sync.blob_http.stats["resumed"] == 1
+    assert all(a.startswith("Bearer ") for a in rec.authorization)  # our own server checks the token
     assert not list((host.data_dir / "downloads").iterdir())  # no partial file left behind
 
 
@@ -174,6 +177,7 @@ def test_tampered_cache_is_refused_and_grpc_takes_over(live, tmp_path):
     info, data = host.down.fetch_resource("conf/big")
     assert info.blob_url_base == live.platform.blob_url_base and data == PAYLOAD[:50_000]
     assert ("/sha256/" + ref.digest[7:], "") in rec.seen  # HTTPS was tried first, then refused
+    assert not any(rec.authorization)  # a cache of signed blobs never receives the device token
     assert not list((host.data_dir / "downloads").iterdir())  # nothing half-downloaded kept
 
     # once the cache is repaired, HTTPS serves the next device

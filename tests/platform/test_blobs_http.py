@@ -77,6 +77,7 @@ def test_released_bundle_served_with_ranges_to_its_device_only(live):
     token = live.token("phone-1")
     reply = live.platform.active_tasks("phone-1", device_pb2.DeviceInfo(host_version="0.1.0"))
     assert reply.blob_url_base == live.platform.blob_url_base and reply.tasks[0].bundle_digest == tv.bundle_digest
+    assert reply.blob_url_wants_credential  # our own server checks device tokens
     whole = live.platform.blob(tv.bundle_digest)
 
     status, headers, body = live.get(tv.bundle_digest, token)
@@ -120,15 +121,19 @@ def test_resources_need_a_tunnel_task_and_public_mode_is_explicit(tmp_path):
         status, _, body = live.get(ref.digest, token)
         assert status == 403 and "tunnel" in json.loads(body)["error"]
         assert live.platform.resource("conf/x").blob_url_base == live.platform.blob_url_base
+        assert live.platform.resource("conf/x").blob_url_wants_credential
     finally:
         live.stop()
     assert live.platform.blob_url_base == ""  # stopped: devices are no longer sent there
+    assert not live.platform.resource("conf/x").blob_url_wants_credential
 
     pub = Live(tmp_path / "b", public=True)
     try:
         tv = pub.release()
         status, headers, body = pub.get(tv.bundle_digest)  # no credential needed: the operator chose this
         assert status == 200 and headers["cache-control"] == "public, max-age=31536000, immutable"
+        # public content: devices are told not to send their token there
+        assert not pub.platform.active_tasks("phone-9", device_pb2.DeviceInfo(host_version="0.1.0")).blob_url_wants_credential
         assert pub.get(tv.bundle_digest, "bad-token")[0] == 401  # a credential, when given, is still checked
     finally:
         pub.stop()

@@ -22,6 +22,12 @@ def settings():
         raise ValueError(f"config t_prime ({cfg['t_prime']}) must be >= t ({cfg['t']})")
     if "din_mlp" in cfg:
         mlp_widths(cfg["din_mlp"])
+    if "update_scope" in cfg:
+        from coda.training import SCOPES  # only coda_train declares it; the others need no MNN
+        parts = cfg["update_scope"].split("+")
+        if not all(p in SCOPES for p in parts):
+            raise ValueError(f"config update_scope must be one or more of {list(SCOPES)} joined by '+', "
+                             f"got {cfg['update_scope']!r}")
     return cfg
 
 

@@ -7,7 +7,7 @@ release) migrates the stored parameters: same name and shape are kept, the rest 
 Parameters cross the host-child channel at most once each way per run: `begin_update` brings them
 in, `commit` (or `create` for a new model) sends them out; a commit of the same architecture sends
 only what changed (of the embedding tables, the rows the update touched)."""
-from walle import HostAPIError, model
+from walle import HostAPIError, model, tunnel
 
 from coda import nets
 
@@ -28,6 +28,29 @@ def ensure_from_resource(name, resource):
     if info is None:
         info = model.create(name=name, resource=resource, exist_ok=True)
     return info
+
+
+def base_resource(info):
+    """{"name", "digest"} of the resource M0 was created from ({} for a model made by a script)."""
+    got = info["m0_meta"].get("resource") if isinstance(info.get("m0_meta"), dict) else None
+    return got if isinstance(got, dict) else {}
+
+
+def follow_resource(name, resource):
+    """(info, restarted): the model, restarted from the resource when a newer version of it was
+    published than the one its M0 came from (paper 5.2: each day's personal model starts from that
+    day's cloud model). Restarting makes the resource both M0 and M, as a new version; M's own
+    updates since are dropped, M0 is the backup again. Only the resource's info crosses the tunnel
+    unless it changed."""
+    info = info_or_none(name)
+    if info is None:
+        return model.create(name=name, resource=resource, exist_ok=True), True
+    if info["M0"].get("source") != "resource:" + resource:
+        return info, False  # a model the script made itself: not the cloud's to replace
+    latest = tunnel.down(resource, format="info")
+    if base_resource(info).get("digest") == latest["digest"]:
+        return info, False
+    return model.create(name=name, resource=resource, replace=True), True
 
 
 def base_config(info):
