@@ -438,14 +438,19 @@ class DownTunnel:
             return None
         return data
 
+    def resource_info(self, name: str, version: str = "") -> tunnel_pb2.ResourceInfo:
+        """The resource's info (latest version when `version` is ""), without its bytes."""
+        req = tunnel_pb2.ResourceRequest(name=name, version=version)
+        return self.stub.GetResource(req, metadata=self.metadata, timeout=self.timeout)
+
     def fetch_resource(self, name: str, version: str = "") -> tuple[tunnel_pb2.ResourceInfo, bytes]:
         """The resource's info and verified bytes (latest version when `version` is "")."""
-        req = tunnel_pb2.ResourceRequest(name=name, version=version)
-        info = self.stub.GetResource(req, metadata=self.metadata, timeout=self.timeout)
+        info = self.resource_info(name, version)
         data = self._cached(info.digest)
         if data is not None:
             return info, data
-        req.version = info.version  # the version just resolved, even if a newer one lands meanwhile
+        # the version just resolved, even if a newer one lands meanwhile
+        req = tunnel_pb2.ResourceRequest(name=name, version=info.version)
         data = None
         if self.blob_http is not None and info.blob_url_base:
             try:
@@ -516,12 +521,16 @@ def tunnel_ops(task_name: str, up: UpTunnel, down: DownTunnel | None) -> dict[st
         return {"seq": seq}
 
     def down_op(name: str, version: str = "", format: str = "auto") -> dict:
+        """format "info": the resource's name, version, digest and metadata only (no download)."""
         if down is None:
             raise TunnelError("this device has no down tunnel")
-        if format not in ("auto", "json", "base64"):
-            raise TunnelError(f"tunnel.down format must be 'auto', 'json' or 'base64' (got {format!r})")
+        if format not in ("auto", "json", "base64", "info"):
+            raise TunnelError(f"tunnel.down format must be 'auto', 'json', 'base64' or 'info' (got {format!r})")
         try:
-            info, data = down.fetch_resource(name, version)
+            if format == "info":
+                info, data = down.resource_info(name, version), b""
+            else:
+                info, data = down.fetch_resource(name, version)
         except grpc.RpcError as e:
             raise TunnelError(f"tunnel.down({name!r}): {e.code().name}: {e.details()}") from None
         if len(data) > DOWN_MAX_BYTES:
@@ -529,6 +538,8 @@ def tunnel_ops(task_name: str, up: UpTunnel, down: DownTunnel | None) -> dict[st
                               f"{DOWN_MAX_BYTES} through tunnel.down")
         out = {"name": info.name, "version": info.version, "digest": info.digest,
                "metadata": json.loads(info.metadata_json or "{}")}
+        if format == "info":
+            return out
         if format in ("auto", "json"):
             try:
                 out.update(encoding="json", data=json.loads(data.decode("utf-8")))

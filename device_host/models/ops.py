@@ -6,13 +6,16 @@ JSON object the store never interprets. The scripts own architectures, training 
   model.create(name, params=None, meta=None, resource=None, exist_ok=False, replace=False)
   model.load(name)                                  -> params of M (of M0 while M is write-locked)
   model.begin_update(name)                          -> params of M, copied to the buffer Mbuf
-  model.commit(name, params, base_version, meta=None)
+  model.commit(name, params, base_version, meta=None, rows=None)
+                                                    (rows: a delta commit, only changed table rows)
   model.discard(name)       model.rollback(name)
 
 `create(resource=...)` stores a down-tunnel resource that is a model blob (the cloud's global
-model) without its parameters crossing into the child."""
+model) without its parameters crossing into the child; its metadata gains
+"resource": {"name", "digest"}, which `tunnel.down(name, format="info")` can be compared with."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 from walle.protos.errors import FailedPrecondition, InvalidArgument
@@ -46,7 +49,10 @@ def make_model_ops(store: ModelStore, fetch_resource: ResourceFetcher | None = N
                 raise FailedPrecondition("model.create(resource=...) needs the task's 'tunnel' API")
             if meta is not None:
                 raise InvalidArgument("meta comes from the resource; do not pass it with resource")
-            params, meta = blob.unpack(fetch_resource(resource))
+            data = fetch_resource(resource)
+            params, meta = blob.unpack(data)
+            # provenance, so a task can tell whether a newer version of the resource was published
+            meta = dict(meta, resource={"name": resource, "digest": "sha256:" + hashlib.sha256(data).hexdigest()})
             source = f"resource:{resource}"
         return store.create(name, params, meta, source=source, replace=replace)
 
@@ -56,8 +62,8 @@ def make_model_ops(store: ModelStore, fetch_resource: ResourceFetcher | None = N
     def begin_update(name: str) -> dict:
         return store.begin_update(check_name(name))
 
-    def commit(name: str, params: dict, base_version: int, meta: dict | None = None) -> dict:
-        return store.commit(check_name(name), params, meta, base_version)
+    def commit(name: str, params: dict, base_version: int, meta: dict | None = None, rows: dict | None = None) -> dict:
+        return store.commit(check_name(name), params, meta, base_version, rows)
 
     def discard(name: str) -> int:
         return store.discard(check_name(name))

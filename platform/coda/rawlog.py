@@ -135,9 +135,10 @@ class RawLog(abc.ABC):
         """Rows stored."""
 
     @abc.abstractmethod
-    def pseudonym_key(self) -> bytes:
+    def pseudonym_key(self, initial: bytes | None = None) -> bytes:
         """The key of the user pseudonyms (KEY_BYTES random bytes), made on first use; every
-        caller, in any process, gets the same one."""
+        caller, in any process, gets the same one. `initial`: the key a NEW log starts with (a
+        reproducible experiment derives it from its seed); a log that has another key refuses."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -147,6 +148,18 @@ class RawLog(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_initial_key(initial: bytes | None) -> bytes | None:
+    if initial is not None and (not isinstance(initial, bytes) or len(initial) != KEY_BYTES):
+        raise InvalidArgument(f"a pseudonym key must be {KEY_BYTES} bytes")
+    return initial
+
+
+def same_key(key: bytes, initial: bytes | None, where: str) -> bytes:
+    if initial is not None and key != initial:
+        raise FailedPrecondition(f"{where} holds another pseudonym key; a raw log keeps its key")
+    return key
 
 
 class RawLogStore(RawLog):
@@ -196,13 +209,14 @@ class RawLogStore(RawLog):
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def pseudonym_key(self) -> bytes:
+    def pseudonym_key(self, initial: bytes | None = None) -> bytes:
+        initial = check_initial_key(initial)
         path = self.path.parent / "pseudonym.key"
         if not path.exists():  # written whole, then linked: a racing process links first or reads that one
             fd, tmp = tempfile.mkstemp(prefix=".pseudonym-", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(KEY_BYTES))
+                    f.write(initial or secrets.token_bytes(KEY_BYTES))
                     f.flush()
                     os.fsync(f.fileno())
                 os.chmod(tmp, 0o600)
@@ -216,7 +230,7 @@ class RawLogStore(RawLog):
         if len(key) != KEY_BYTES:
             raise FailedPrecondition(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key: restore it from a backup "
                                      "(a new key would orphan every stored pseudonym)")
-        return key
+        return same_key(key, initial, str(path))
 
     def close(self) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import threading
 
 from walle.platform.errors import InvalidArgument, Unavailable
 
-from .rawlog import COLUMNS, KEY_BYTES, RawLog
+from .rawlog import COLUMNS, KEY_BYTES, RawLog, check_initial_key, same_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS coda_raw_log (
@@ -104,12 +104,13 @@ class PostgresRawLog(RawLog):
         with self._conn() as db:
             return db.execute(sql, params).fetchall()
 
-    def pseudonym_key(self) -> bytes:
+    def pseudonym_key(self, initial: bytes | None = None) -> bytes:
+        initial = check_initial_key(initial)
         with self._conn() as db:
             db.execute("INSERT INTO coda_secrets (name, value) VALUES ('pseudonym_key', %s) "
-                       "ON CONFLICT (name) DO NOTHING", [secrets.token_bytes(KEY_BYTES)])
+                       "ON CONFLICT (name) DO NOTHING", [initial or secrets.token_bytes(KEY_BYTES)])
             (key,) = db.execute("SELECT value FROM coda_secrets WHERE name = 'pseudonym_key'").fetchone()
-        return bytes(key)
+        return same_key(bytes(key), initial, "the raw log's database")
 
     def close(self) -> None:
         with self._lock:

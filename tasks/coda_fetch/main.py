@@ -2,7 +2,8 @@
 
 Calls `tunnel.pull("samples", "outside", ...)`: the host pulls the next batches this device has not
 pulled yet (resumable), at most what fits below MAX_ROWS rows of `outside` and within the cloud's
-12-a-day limit, stores them with state "new" and fires `batch_received` (coda_filter runs). Then:
+12-a-day limit, stores one row per sample (the FIELDS below, list fields as JSON text, plus batch_id)
+with state "new" and no score yet, and fires `batch_received` (coda_filter runs). Then:
   - KV `today` := the cloud's work-cycle day (coda_samples stamps new local samples with it and the
     local lifecycle counts days by it);
   - when nothing more can be pulled today, emits `batches_exhausted` once per day, so coda_train
@@ -10,6 +11,10 @@ pulled yet (resumable), at most what fits below MAX_ROWS rows of `outside` and w
 Returns the pull's summary.
 """
 from walle import config, events, log, storage, tunnel
+
+# What the filter and the trainer read of a matched sample (the other user's pseudonym is not kept).
+FIELDS = ["sample_id", "day", "ts", "label", "item_id", "item_cats", "hist_items", "hist_cats", "profile"]
+NEW = {"state": "new", "score": None}
 
 def max_rows():
     cfg = storage.get("config", None) or {}
@@ -23,7 +28,8 @@ def max_rows():
 
 
 def main(event):
-    res = tunnel.pull(service="samples", table="outside", max_rows=max_rows(), event="batch_received")
+    res = tunnel.pull(service="samples", table="outside", max_rows=max_rows(), event="batch_received",
+                      fields=FIELDS, columns=NEW)
     if res["today"]:
         storage.put("today", res["today"])
     if res["pulled"]:

@@ -3,7 +3,8 @@
 
 Triggered when `outside` reaches 100 rows (`table_rows`) or when today's batches are exhausted
 (`batches_exhausted`). With config `local_arm` (or KV "experiment.local_arm") true, the Local baseline "ctr_local" gets the
-same update on local samples only. A missing model is created from the cloud's global model."""
+same update on local samples only. A missing model is created from the cloud's global model, and a
+model whose M0 is an older global model than the newest published restarts from the newest."""
 from walle import log, storage
 
 from coda import din, features, gate, rows, stored
@@ -24,25 +25,29 @@ def skipped(reason, n_train=0, n_val=0):
             "n_val": n_val, "version": None, "skipped": reason}
 
 
-def train_arm(name, train, val, cfg):
-    """Algorithm 3 on model `name`: M_u trained on S_u^1 (+ kept outside samples), kept only if
-    validation on S_u^2 improves. A hot-deployed architecture change migrates M_u and commits."""
+def train_arm(name, info, train, val, cfg):
+    """Algorithm 3 on model `name` (`info`: its model.info): M_u trained on S_u^1 (+ kept outside
+    samples), kept only if validation on S_u^2 improves. A hot-deployed architecture change migrates
+    M_u and commits."""
     if not val:
         return skipped(f"no local samples of the last {cfg['t']} days to validate on", len(train))
+    if len(val) < cfg["min_val"]:
+        return skipped(f"{len(val)} validation samples, fewer than min_val={cfg['min_val']}", len(train), len(val))
     if not train:
         return skipped(f"no training samples (local samples of ({cfg['t']}, {cfg['t_prime']}] days or kept "
                        f"outside samples)", 0, len(val))
-    shape = dict(stored.base_config(stored.ensure_from_resource(name, GLOBAL_RESOURCE)))
+    shape = dict(stored.base_config(info))
     if rows.mlp_widths(cfg["din_mlp"]):
         shape["mlp"] = rows.mlp_widths(cfg["din_mlp"])
     update = stored.Update(name, din.DIN(shape, cfg["seed"]), "din")
     val_data = features.batch(val, update.net.config["hist_len"], update.net.config["profile_dim"])
     train_data = features.batch(train, update.net.config["hist_len"], update.net.config["profile_dim"])
-    metric = gate.choose_metric(val_data)
-    res = gate.train_gated(update.net, train_data, val_data, metric, cfg["epochs"], cfg["lr"], cfg["seed"])
+    res = gate.train_update(update.net, train_data, val_data, cfg, gate.own_items(val))
+    metric = res["metric"]
     if res["improved"] or update.migrated:
         version = update.commit({"metric": metric, "val_before": res["before"], "val_after": res["after"],
-                                 "n_train": len(train), "n_val": len(val), "migrated": update.fresh})
+                                 "n_train": len(train), "n_val": len(val), "migrated": update.fresh,
+                                 "base_resource": stored.base_resource(info)})
     else:
         version = update.discard()
     return {"committed": res["improved"] or update.migrated, "before": res["before"], "after": res["after"],
@@ -59,8 +64,12 @@ def main(event):
         raise ValueError(f"KV 'experiment.local_arm' must be true or false, got {features.short(local_arm)}")
     local_arm = local_arm or cfg.get("local_arm", False)  # the release's config (the demo's) or the app's KV
     arms = [CTR_MODEL, LOCAL_MODEL] if local_arm else [CTR_MODEL]
-    for name in arms:  # 5.2 (4): M_u starts as the cloud's global model
-        stored.ensure_from_resource(name, GLOBAL_RESOURCE)
+    # 5.2 (4): M_u starts from the cloud's model, and again from each newer one the cloud publishes
+    # (the cloud retrains it every day on everyone's behaviour); the day's update applies on top.
+    models = {name: stored.follow_resource(name, GLOBAL_RESOURCE) for name in arms}
+    restarted = [name for name in arms if models[name][1]]
+    if restarted:
+        log.info(f"restarted {restarted} from the newest {GLOBAL_RESOURCE}")
     tables = storage.tables()
     today = rows.today_or_none()
     if today is None and "local" in tables:
@@ -84,10 +93,13 @@ def main(event):
     train_local = [rows.sample(r) for r in newest_first if r["day"] < today - cfg["t"]][:cfg["max_per_run"]]
     used_kept = kept[:max(0, cfg["max_per_run"] - len(train_local))]  # the highest-scored first
 
-    out = {CTR_MODEL: train_arm(CTR_MODEL, train_local + used_kept, val, cfg)}
+    out = {CTR_MODEL: train_arm(CTR_MODEL, models[CTR_MODEL][0], train_local + used_kept, val, cfg)}
     if "skipped" not in out[CTR_MODEL] and used_kept:
         rows.delete_ids("outside", [s["sample_id"] for s in used_kept], "kept")  # 4.4.1: used, removed
     if local_arm:
-        out[LOCAL_MODEL] = train_arm(LOCAL_MODEL, train_local, val, cfg)
+        out[LOCAL_MODEL] = train_arm(LOCAL_MODEL, models[LOCAL_MODEL][0], train_local, val, cfg)
+    for name in arms:
+        out[name]["restarted"] = models[name][1]
+        out[name]["base_resource"] = stored.base_resource(models[name][0])
     log.info(f"train: {out}")
     return out

@@ -221,6 +221,44 @@ def test_closing_a_day_publishes_the_global_model(served):
     assert model_meta["arch"] == "din" and model_meta["config"]["n_items"] == int(coda.items["item_id"].max()) + 1
 
 
+def test_the_global_model_is_retrained_every_day_on_all_days_so_far(served):
+    """Cloud-based learning retrains on the global data: closing day d publishes a new version trained
+    on the samples of days 1..d; another process on the same folder (no in-memory samples) rebuilds the
+    same training set from the raw table and trains the same model."""
+    platform, coda, channel, mds, data_dir = served
+    coda.global_epochs = 1
+    per_day = {}
+    for day in (1, 2):
+        for u in range(6):
+            upload_batch(channel, mds[u], first_seq=1 + 100 * day, logs=behaviour(u, day), tunnel_seq=day)
+        coda.close_day()
+        per_day[day] = sum(len(v) for v in coda.day_samples[day].values())
+        info = platform.resource("coda/global_model")
+        meta = json.loads(info.metadata_json)
+        assert info.version == f"v{day}" and meta["days"] == [1, day]
+        assert meta["metrics"]["n_train"] == sum(per_day.values())  # every day so far, not just today's
+    in_memory = coda.samples_through(2)
+    assert [s.day for s in in_memory] == sorted(s.day for s in in_memory) and {s.day for s in in_memory} == {1, 2}
+    other = CodaCloud(Platform(data_dir), k=8, global_epochs=1)  # a `walle cloud pipeline` process
+    rebuilt = other.samples_through(2)
+    assert [s.SerializeToString() for s in rebuilt] == [s.SerializeToString() for s in in_memory]
+    v2 = platform.resource("coda/global_model")
+    other.publish_global_model(2)
+    assert platform.resource("coda/global_model").digest == v2.digest  # deterministic: the same blob
+
+
+def test_a_new_data_folder_takes_an_injected_pseudonym_key_and_keeps_it(tmp_path):
+    key = bytes(range(32))
+    coda = CodaCloud(Platform(tmp_path / "p"), pseudonym_key=key)
+    assert coda.key == key and (coda.dir / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+    assert CodaCloud(Platform(tmp_path / "p")).key == key  # the folder keeps it
+    with pytest.raises(FailedPrecondition, match="another pseudonym key"):
+        CodaCloud(Platform(tmp_path / "p"), pseudonym_key=bytes(32))
+    with pytest.raises(InvalidArgument, match="at least 16 bytes"):
+        CodaCloud(Platform(tmp_path / "q"), pseudonym_key=b"short")
+    assert CodaCloud(Platform(tmp_path / "r")).key != CodaCloud(Platform(tmp_path / "s")).key  # default: random
+
+
 @pytest.mark.slow
 def test_platform_serve_runs_the_pipeline_on_a_schedule(tmp_path):
     """`walle platform serve --coda-day-seconds N` as a real process; this process reads the shared day."""

@@ -8,6 +8,7 @@ Each task folder is validated with the platform's manifest checks and run from t
 with the manifest's limits and only the host APIs its manifest grants."""
 from __future__ import annotations
 
+import ast
 import pathlib
 
 import numpy as np
@@ -20,7 +21,7 @@ from walle.device_host.sandbox import Limits, Sandbox
 from walle.device_host.storage import TaskStorage
 from walle.platform.coda import movielens
 from walle.platform.coda import samples as gen
-from walle.device_host.coda_rows import sample_to_row
+from walle.device_host.sample_client import item_row
 from walle.platform.coda.global_model import catalog_config, sample_dict, train_global
 from walle.platform.coda.tasklib import coda_module
 from walle.platform import taskconfig
@@ -33,6 +34,21 @@ USERS = (13, 450, 276, 416)  # heavy MovieLens raters: ~400-650 samples each
 N_DAYS = 10
 TODAY = 10
 din, classifier, features, training = (coda_module(m) for m in ("din", "classifier", "features", "training"))
+
+
+def fetch_fields() -> list[str]:
+    """The Sample fields coda_fetch asks `tunnel.pull` to store (its FIELDS), read from the task itself."""
+    tree = ast.parse((TASKS / "coda_fetch" / "main.py").read_text())
+    return next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FIELDS")
+
+
+FETCH_FIELDS = fetch_fields()
+
+
+def sample_to_row(sample, **columns) -> dict:
+    """A row as the host's generic pull writes it for coda_fetch (local rows have the same columns)."""
+    return item_row(sample, FETCH_FIELDS, columns)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -357,6 +373,28 @@ def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
     assert device.rows("outside") == []
 
 
+def test_train_release_config_limits_the_update_scope_and_min_val(device, data):
+    """A release with update_scope=last commits an update in which only the output layer moved
+    (MNN trained in the sandboxed child); min_val above the validation size skips training."""
+    device.config.update({"max_rows": 1000, "update_scope": "last", "reg_to_start": 0.1, "gate": "none"})
+    val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+    device.insert_local(val)
+    device.insert_local(copies(val, day=TODAY - 5, tag="same"))
+    device.create_ctr(data["catalog"])
+    start = device.net("ctr").params()
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert res.value["ctr"]["committed"] is True and device.models.info("ctr")["version"] == 2
+    end = device.net("ctr").params()
+    last = max(int(k[5:]) for k in end if k.startswith("mlp_w"))
+    moved = {k for k in end if not np.array_equal(start[k], end[k])}
+    assert moved == {f"mlp_w{last}", f"mlp_b{last}"}
+    device.config.update({"min_val": 121})
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert "min_val" in res.value["ctr"]["skipped"] and device.models.info("ctr")["version"] == 2
+
+
 def test_train_table_rows_trigger_waits_for_train_at_kept_samples(device, data):
     device.insert_local(data["local"][-100:])
     device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
@@ -401,6 +439,56 @@ def test_train_creates_ctr_from_the_global_model_and_m0_is_the_clouds(device, da
     assert res.value["ctr"]["n_val"] > 0
 
 
+def test_train_restarts_from_each_newer_global_model(tmp_path, sandbox, tasks, data, global_blob):
+    """5.2 (4) with a cloud that retrains daily: a run after a new global version restarts M (and M0)
+    from it, then trains on top; a run with no new version keeps M. (A model the script made itself is
+    never replaced: the other tests' `create_ctr` models run with no tunnel op at all.)"""
+    import hashlib
+
+    from walle.device_host.models import blob
+    published = [global_blob]
+
+    def digest(b: bytes) -> str:
+        return "sha256:" + hashlib.sha256(b).hexdigest()
+
+    def down(name: str, version: str = "", format: str = "auto") -> dict:
+        assert name == "coda/global_model" and format == "info"  # only the info crosses, not the blob
+        return {"name": name, "version": f"v{len(published)}", "digest": digest(published[-1]), "metadata": {}}
+    dev = Device(tmp_path, sandbox, tasks, None)
+    dev.ops = make_model_ops(dev.models, lambda name: published[-1])
+    dev.extra_ops = {**dev.ops, "tunnel.down": down}
+    dev.put("today", TODAY)
+    dev.put("experiment.local_arm", True)
+    dev.insert_local([s for s in data["local"] if s.day >= TODAY - 6][::3])
+
+    def run() -> dict:
+        res = dev.run("coda_train", EXHAUSTED)
+        assert res.status == "ok", res.error
+        return res.value
+    first = run()
+    assert first["ctr"]["restarted"] and first["ctr"]["base_resource"]["digest"] == digest(global_blob)
+    v1 = dev.models.info("ctr")["version"]
+    again = run()  # same global version: M is kept and trained further
+    assert not again["ctr"]["restarted"] and dev.models.info("ctr")["version"] >= v1
+    # the cloud retrains and publishes a new version: both arms restart from it
+    newer = train_global(data["outside"][300:700], epochs=1, seed=6, catalog=data["catalog"])[0]
+    published.append(newer)
+    before = dev.models.info("ctr")["version"]
+    got = run()
+    for name in ("ctr", "ctr_local"):
+        info = dev.models.info(name)
+        assert got[name]["restarted"] and got[name]["base_resource"]["digest"] == digest(newer), got[name]
+        assert info["m0_meta"]["resource"] == {"name": "coda/global_model", "digest": digest(newer)}
+        assert info["M0"]["source"] == "resource:coda/global_model"
+        m0_params, _meta = blob.unpack(dev.models._read(name, "M0"))
+        want, _ = blob.unpack(newer)
+        assert all(np.array_equal(m0_params[k], want[k]) for k in want)  # M0 is the new global, exactly
+        if got[name]["committed"]:  # the day's update applies on top, and says what it started from
+            assert info["meta"]["base_resource"]["digest"] == digest(newer)
+    assert dev.models.info("ctr")["version"] > before
+    dev.close()
+
+
 # --- coda_infer ---------------------------------------------------------------------------------------
 
 def test_infer_ranks_candidates_by_the_models_scores(device, data):
@@ -425,6 +513,26 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     assert res.status == "ok" and res.value["served_from"] == "M0" and res.value["version"] == 1
     m0 = device.predict("ctr", data["local"][-25:], which="M0")
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
+
+
+def test_infer_scores_one_page_with_several_models_in_one_run(device, data):
+    """The demo's evaluation page: CoDA's and Local's models score the same candidates in one ask,
+    in the candidates' order (duplicated items allowed: the caller ranks)."""
+    device.create_ctr(data["catalog"], seed=4, name="ctr")
+    device.create_ctr(data["catalog"], seed=9, name="ctr_local")
+    samples = data["local"][-12:] + data["local"][-3:]
+    res = device.run("coda_infer", {"name": "page_view:home",
+                                    "payload": {"candidates": as_dicts(samples), "models": ["ctr", "ctr_local"]}})
+    assert res.status == "ok", res.error
+    got = res.value["models"]
+    assert set(got) == {"ctr", "ctr_local"}
+    for name in ("ctr", "ctr_local"):
+        assert got[name]["scores"] == pytest.approx(device.predict(name, samples), abs=1e-7)
+        assert got[name]["served_from"] == "M" and got[name]["version"] == 1
+    assert got["ctr"]["scores"] != got["ctr_local"]["scores"]
+    bad = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": as_dicts(samples),
+                                                                          "models": ["ctr", 3]}})
+    assert bad.status == "error" and "payload.models" in bad.error
 
 
 def test_infer_on_a_fresh_device_ranks_with_the_global_model(tmp_path, sandbox, tasks, global_blob, data):
@@ -480,6 +588,7 @@ def test_hostile_config_rows_and_events_change_nothing(device, data):
     cases = [
         ("coda_train", EXHAUSTED, {"config": {"t": 9, "t_prime": 3}}, ["t_prime"]),
         ("coda_train", EXHAUSTED, {"config": {"din_mlp": "wide"}}, ["din_mlp"]),
+        ("coda_train", EXHAUSTED, {"config": {"update_scope": "last+head"}}, ["update_scope"]),
         ("coda_train", EXHAUSTED, {"today": "monday"}, ["today"]),
         ("coda_train", EXHAUSTED, {"experiment.local_arm": "yes"}, ["experiment.local_arm"]),
         ("coda_train", "not an event", {}, ["event must be an object"]),

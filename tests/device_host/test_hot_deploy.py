@@ -193,7 +193,9 @@ def test_coda_model_changes_hot_deploy_and_roll_back(tmp_path, sandbox):
     """coda_train and coda_filter v1 train; coda_filter v2 changes the classifier's width in its code,
     a coda_train release changes the DIN's MLP by per-release config; the running host trains them (the script migrates the stored model: same-shaped
     parameters kept, the rest fresh), and after a rollback v1 trains its own architecture again."""
-    from walle.device_host.coda_rows import sample_to_row
+    from walle.device_host.sample_client import item_row
+    fields = ["sample_id", "day", "ts", "label", "item_id", "item_cats", "hist_items", "hist_cats", "profile"]
+    sample_to_row = lambda s, **columns: item_row(s, fields, columns)  # noqa: E731  (as coda_fetch's pull writes)
     from walle.platform.coda.global_model import train_global
     rng = np.random.default_rng(0)
     platform, stop, host = platform_and_device(tmp_path, sandbox)

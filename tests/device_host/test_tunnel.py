@@ -199,6 +199,9 @@ def test_task_ops_restrict_topics_and_read_resources(live, tmp_path):
     assert got["metadata"] == {"kind": "json"}
     raw = ops["tunnel.down"]("blob/raw")
     assert raw["encoding"] == "base64" and raw["data"] == "AP9yYXc="
+    # format "info": what a task compares to decide whether to download, without the bytes
+    info = ops["tunnel.down"]("conf/thresholds", format="info")
+    assert info == {"name": "conf/thresholds", "version": "v1", "digest": got["digest"], "metadata": {"kind": "json"}}
     with pytest.raises(TunnelError, match="NOT_FOUND"):
         ops["tunnel.down"]("conf/missing")
     # cached by digest: a corrupted cache file is detected and fetched again

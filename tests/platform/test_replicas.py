@@ -34,7 +34,9 @@ class Replica:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "walle.platform.cli", "--state", state, "--data-dir", str(folder),
                  "platform", "serve", "--insecure", *coda, "--host", "127.0.0.1", "--port", "0"],
-                stdout=log, stderr=subprocess.STDOUT)
+                # polling for revision changes effectively off: a notice on a watch stream can only
+                # come from the change being pushed (LISTEN/NOTIFY)
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WALLE_STATE_FALLBACK_POLL": "3600"})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.proc.poll() is None:
             m = re.search(r"serving on 127\.0\.0\.1:(\d+)", self.log.read_text(errors="replace"))
@@ -120,10 +122,19 @@ def test_a_release_through_one_replica_reaches_a_device_watching_the_other(tmp_p
             v2 = a.admin.SubmitTask(admin_pb2.SubmitTaskRequest(archive=_hello(tmp_path, 2), author="ana"),
                                     metadata=op, timeout=60)
             known = a.device.GetActiveTasks(info, metadata=dev, timeout=10).revision
-            rel = b.admin.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=v2.version),
-                                        metadata=op, timeout=30)
-            assert rel.bundle_digest == v2.bundle_digest and rel.created_by == "ana"
-            assert _updated(a, dev, info, known, f"hello@{v2.version}") == [f"hello@{v2.version}"]
+            stream = a.device.WatchTasks(device_pb2.WatchRequest(device=info, known_revision=known),
+                                         metadata=dev, timeout=60)
+            try:
+                live = next(stream)  # the stream is up before the release is made
+                rel = b.admin.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=v2.version),
+                                            metadata=op, timeout=30)
+                assert rel.bundle_digest == v2.bundle_digest and rel.created_by == "ana"
+                notice = next(stream)  # pushed from B's commit through PostgreSQL to A's watcher
+                assert int(notice.revision) > int(live.revision)
+            finally:
+                stream.cancel()
+            assert [f"{t.name}@{t.version}" for t in a.device.GetActiveTasks(info, metadata=dev, timeout=10).tasks] \
+                == [f"hello@{v2.version}"]
             # ...and B's own device list moved too.
             assert [t.version for t in b.device.GetActiveTasks(info, metadata=dev, timeout=10).tasks] == [v2.version]
         finally:

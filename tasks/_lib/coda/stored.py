@@ -5,8 +5,11 @@ rebuilds the net from what is stored, and a script whose architecture changed (a
 release) migrates the stored parameters: same name and shape are kept, the rest start fresh.
 
 Parameters cross the host-child channel at most once each way per run: `begin_update` brings them
-in, `commit` (or `create` for a new model) sends them out."""
-from walle import HostAPIError, model
+in, `commit` (or `create` for a new model) sends them out; a commit of the same architecture sends
+only what changed (of the embedding tables, the rows the update touched)."""
+from walle import HostAPIError, model, tunnel
+
+from coda import nets
 
 
 def info_or_none(name):
@@ -27,6 +30,29 @@ def ensure_from_resource(name, resource):
     return info
 
 
+def base_resource(info):
+    """{"name", "digest"} of the resource M0 was created from ({} for a model made by a script)."""
+    got = info["m0_meta"].get("resource") if isinstance(info.get("m0_meta"), dict) else None
+    return got if isinstance(got, dict) else {}
+
+
+def follow_resource(name, resource):
+    """(info, restarted): the model, restarted from the resource when a newer version of it was
+    published than the one its M0 came from (paper 5.2: each day's personal model starts from that
+    day's cloud model). Restarting makes the resource both M0 and M, as a new version; M's own
+    updates since are dropped, M0 is the backup again. Only the resource's info crosses the tunnel
+    unless it changed."""
+    info = info_or_none(name)
+    if info is None:
+        return model.create(name=name, resource=resource, exist_ok=True), True
+    if info["M0"].get("source") != "resource:" + resource:
+        return info, False  # a model the script made itself: not the cloud's to replace
+    latest = tunnel.down(resource, format="info")
+    if base_resource(info).get("digest") == latest["digest"]:
+        return info, False
+    return model.create(name=name, resource=resource, replace=True), True
+
+
 def base_config(info):
     """The config of M0, the model as it was created (the global model it started from): the
     architecture a release asks for is this plus the release's own overrides, so a rolled-back
@@ -43,7 +69,7 @@ class Update:
     def __init__(self, name, net, arch):
         self.name, self.net, self.arch = name, net, arch
         got = model.begin_update(name=name)
-        self.base_version = got["version"]
+        self.base_version, self.base = got["version"], got["params"]
         self.fresh = net.adopt(got["params"])  # names that did not fit: a changed architecture
         self.done = False
 
@@ -54,7 +80,13 @@ class Update:
     def commit(self, extra_meta=None):
         meta = {"arch": self.arch, "config": self.net.config}
         meta.update(extra_meta or {})
-        res = model.commit(name=self.name, params=self.net.params(), meta=meta, base_version=self.base_version)
+        params = self.net.params()
+        delta = None if self.fresh else nets.delta(params, self.base)
+        if delta is None:
+            res = model.commit(name=self.name, params=params, meta=meta, base_version=self.base_version)
+        else:
+            res = model.commit(name=self.name, params=delta[0], rows=delta[1], meta=meta,
+                               base_version=self.base_version)
         self.done = True
         return res["version"]
 
