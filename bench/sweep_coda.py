@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arm", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
     ap.add_argument("--users", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=1, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (add seeds to a scan)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--out", default="bench-output/sweep_coda.json")
     ap.add_argument("--resume", action="store_true", help="skip arms already in --out")
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
         if name in done:
             continue
         print(f"== {name}: demo {demo} set {task} ({args.users} users, {args.seeds} seed(s))", file=sys.stderr)
-        res = run_arm(name, demo, task, args.users, list(range(args.seeds)), args.workers)
+        res = run_arm(name, demo, task, args.users, list(range(args.first_seed, args.first_seed + args.seeds)),
+                      args.workers)
         saved.append({"row": row_of(res), "results": res})
         out.write_text(json.dumps(saved, indent=1, default=str))
         print_table([row_of(res)], sys.stderr)
