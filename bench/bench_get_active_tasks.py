@@ -2,7 +2,10 @@
 
 The server runs as `walle platform serve` in its own process; load comes from client processes
 using grpc.aio on 127.0.0.1 (they share the 2 cores with the server, so figures are a lower bound).
-Prints requests/s, p50, p99 and the rule cost per device (measured in-process)."""
+Prints requests/s, p50, p99 and the rule cost per device (measured in-process). With h2load installed
+it also measures, in the same run, the floor under our handler: a bare grpc.aio server whose method
+returns b"" and one returning bytes the size of the reply, so the server CPU per request splits into
+grpcio's own cost per unary call, the reply's bytes, and walle's handler."""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +81,8 @@ def setup(data_dir: pathlib.Path, n_rules: int, n_devices: int, seed: int):
         for d in devices:
             hits += len(p.releases.resolve(d)[0])
     per_device = (time.perf_counter() - t0) / (3 * len(devices))
-    return tokens, [d.SerializeToString() for d in devices], per_device, hits / (3 * len(devices))
+    reply_size = len(p.active_tasks_bytes("dev0", devices[0].SerializeToString()))
+    return tokens, [d.SerializeToString() for d in devices], per_device, hits / (3 * len(devices)), reply_size
 
 
 def client_proc(address, tokens, devices, duration, concurrency, out_q):
@@ -123,7 +127,7 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="walle-bench-"))
     try:
         t0 = time.perf_counter()
-        tokens, devices, per_device, avg_hits = setup(tmp / "data", args.rules, args.devices, 7)
+        tokens, devices, per_device, avg_hits, reply_size = setup(tmp / "data", args.rules, args.devices, 7)
         print(f"setup: {args.rules} tasks+releases, {args.devices} devices in {time.perf_counter() - t0:.1f}s; "
               f"avg tasks per device {avg_hits:.1f}")
         print(f"rule evaluation (resolve, in-process): {per_device * 1e6:.1f} us per device for {args.rules} releases")
@@ -172,7 +176,9 @@ def main() -> None:
                 print(f"server CPU {cpu / n * 1e6:.0f} us/request (the Python load generators share the 2 cores "
                       f"and cost more CPU per request than the server: they bound this figure)")
             if shutil.which("h2load"):
-                h2load_phase(port, tokens[0], devices[0], server.pid, args.duration)
+                h2load_phase(port, tokens[0], devices[0], server.pid, args.duration, "walle GetActiveTasks")
+                for size in (0, reply_size):  # grpcio's own floor, then with the reply's bytes
+                    floor_phase(tokens[0], devices[0], args.duration, size)
             else:
                 print("h2load not found (Debian nghttp2-client): skipped the C load generator phase")
         finally:
@@ -182,7 +188,39 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def h2load_phase(port: int, token: str, device: bytes, pid: int, duration: float) -> None:
+def floor_phase(token: str, device: bytes, duration: float, size: int) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port), str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        h2load_phase(port, token, device, proc.pid, duration, f"empty grpc.aio method, {size} B reply")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def floor_server(port: int, size: int) -> None:
+    """A grpc.aio server whose GetActiveTasks does nothing but return `size` bytes: the per-request
+    cost of grpcio itself (bytes in and out, no protobuf, no interceptor)."""
+    import grpc
+    body = b"\x00" * size
+
+    async def method(request, context):
+        return body
+
+    async def run():
+        handler = grpc.unary_unary_rpc_method_handler(method)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_registered_method_handlers("walle.v1.DeviceService", {"GetActiveTasks": handler})
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+    asyncio.run(run())
+
+
+def h2load_phase(port: int, token: str, device: bytes, pid: int, duration: float, what: str) -> None:
     """The same server under h2load (C, raw gRPC frames): it costs far less CPU than Python
     clients, so the server, not the load generator, is what is measured. One device's request."""
     import re
@@ -204,7 +242,7 @@ def h2load_phase(port: int, token: str, device: bytes, pid: int, duration: float
         print("h2load failed:\n" + out[-2000:])
         return
     n = int(done.group(1))
-    print(f"h2load (8 connections x 16 streams, {duration:.0f}s): {float(rate.group(1)):,.0f} req/s, "
+    print(f"h2load, {what} (8 connections x 16 streams, {duration:.0f}s): {float(rate.group(1)):,.0f} req/s, "
           f"latency mean {lat.group(3)} (min {lat.group(1)}, max {lat.group(2)}), server CPU "
           f"{cpu / max(n, 1) * 1e6:.0f} us/request")
 
@@ -216,4 +254,7 @@ def _proc_cpu(pid: int) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--floor-server"]:
+        floor_server(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

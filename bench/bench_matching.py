@@ -116,8 +116,9 @@ def peak_rss_mb() -> float:
 def dask_rows(args) -> None:
     from distributed import Client, LocalCluster
 
-    print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'wall s':>8} {'recall@K':>9} "
-          f"{'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} {'client peak MB':>14} {'idle0':>6}", flush=True)
+    print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'ef':>4} {'wall s':>8} "
+          f"{'train/shards/search s':>22} {'recall@K':>9} {'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} "
+          f"{'client peak MB':>14} {'load1':>6} {'idle0':>6}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         for kind in args.datasets.split(","):
             x = make_data(kind, n, args.dim)
@@ -140,8 +141,10 @@ def dask_rows(args) -> None:
                 idle = wait_idle(args.wait_idle)
                 cpu0 = time.process_time() + sum(client.run(time.process_time).values())
                 t = time.perf_counter()
+                phases = {}
                 mt.knn_ivf_distributed(x, args.k, client=client, nprobe=args.nprobe, nlist=args.nlist or None,
-                                       on_block=keep)
+                                       ef_search=args.ef, points_per_list=args.train_points,
+                                       train_iter=args.train_iter, on_block=keep, timings=phases)
                 elapsed = time.perf_counter() - t
                 cpu = time.process_time() + sum(client.run(time.process_time).values()) - cpu0
                 peaks = client.run(peak_rss_mb)
@@ -152,8 +155,10 @@ def dask_rows(args) -> None:
             rec = mt.recall_at_k(np.stack([got[int(q)] for q in queries]), exact_q)
             nlist = args.nlist or mt.default_nlist(n)
             wpeak = "/".join(f"{v:.0f}" for v in peaks.values())
-            print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {elapsed:>8.1f} {rec:>9.3f} "
-                  f"{cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} {idle:>6.2f}", flush=True)
+            split = "/".join(f"{phases.get(p, 0):.0f}" for p in ("train", "shards", "search"))
+            print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {args.ef:>4} {elapsed:>8.1f} "
+                  f"{split:>22} {rec:>9.3f} {cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} "
+                  f"{os.getloadavg()[0]:>6.1f} {idle:>6.2f}", flush=True)
             del x
 
 
@@ -174,6 +179,9 @@ def main() -> None:
     ap.add_argument("--scheduler", default="", help="--dask: an existing cluster's scheduler address")
     ap.add_argument("--nprobe", type=int, default=16, help="--dask: lists probed per query")
     ap.add_argument("--nlist", type=int, default=0, help="--dask: IVF lists (default ~8 sqrt(n))")
+    ap.add_argument("--ef", type=int, default=64, help="--dask: HNSW quantizer candidates when finding the lists")
+    ap.add_argument("--train-points", type=int, default=40, help="--dask: k-means sample per list")
+    ap.add_argument("--train-iter", type=int, default=10, help="--dask: k-means iterations")
     args = ap.parse_args()
     if args.dask:
         print(f"faiss {faiss.__version__}, dask LocalCluster or --scheduler, dim {args.dim}, K={args.k}, "

@@ -1,10 +1,14 @@
 """PullBatches throughput of the CoDA sample-query service on 127.0.0.1, for the SQLite and Redis stores.
 
 Loads one day of synthetic matched samples (default 2,000 users x 12 batches x 25 samples, drawn from a
-shared pool so samples are stored once), serves them from a sync gRPC server, and runs several client
-processes (grpc.aio, many streams in flight) that each pull a device's 12 batches. Prints batches/s and
-per-batch latency (time from the request or the previous batch to this batch). Each backend's pull
-phase is bounded by --seconds; the load generator shares the 2 cores with the server.
+shared pool so samples are stored once), serves them from the platform's grpc.aio server (LoopServer,
+in this process), and runs several client processes (grpc.aio, many streams in flight) that each pull
+a device's 12 batches. Prints batches/s, per-batch latency (time from the request or the previous
+batch to this batch) and server CPU per batch, for each store twice, side by side:
+  - "per-request": batches assembled from the sample mapping and zlib-compressed on every pull
+    (Mappings(compressed_batches=False), the way every batch was served before);
+  - "stored": each batch stored compressed once by the daily job and served as stored bytes.
+Each pull phase is bounded by --seconds; the load generator shares the 2 cores with the server.
 
     .venv/bin/python bench/bench_sample_query.py [--users 2000] [--clients 2] [--inflight 8] [--seconds 3]
 """
@@ -23,13 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
 
 import grpc
 
 from walle.platform.coda.kvstore import RedisKV, SQLiteKV
 from walle.platform.coda.mappings import Mappings
 from walle.platform.coda.sample_service import SampleServicer, add_to_server, samples_from_batch
+from walle.platform.errors import Unauthenticated
+from walle.platform.server import LoopServer
 from walle.protos import coda_pb2, coda_pb2_grpc
 
 DAY = 20_000
@@ -52,10 +57,10 @@ def synthetic_pool(n: int, rng: random.Random) -> list[coda_pb2.Sample]:
     return pool
 
 
-def token_auth(context: grpc.ServicerContext) -> str:
+def token_auth(context) -> str:
     value = dict(context.invocation_metadata()).get("authorization", "")
     if not value.startswith("Bearer tok-"):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown device token")
+        raise Unauthenticated("missing or unknown device token")
     return "dev-" + value[len("Bearer tok-"):]
 
 
@@ -118,9 +123,9 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
     sys.exit("redis-server did not answer PING")
 
 
-def run(kind: str, store, args, pool) -> None:
+def run(kind: str, store, args, pool, stored: bool) -> dict:
     rng = random.Random(1)
-    mappings = Mappings(store)
+    mappings = Mappings(store, zlib_level=args.zlib_level, compressed_batches=stored)
     per_user = 12 * 25
     matched = {}
     for u in range(args.users):  # contiguous slices of a shared pool: K neighbours share samples
@@ -130,11 +135,9 @@ def run(kind: str, store, args, pool) -> None:
     summary = mappings.put_day(DAY, matched)
     load_s = time.perf_counter() - t0
 
-    servicer = SampleServicer(mappings, token_auth, user_for_device, daily_limit=12, zlib_level=args.zlib_level)
-    server = grpc.server(futures.ThreadPoolExecutor(args.threads), options=[("grpc.so_reuseport", 0)])
-    add_to_server(server, servicer)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    servicer = SampleServicer(mappings, token_auth, user_for_device, daily_limit=12)
+    server = LoopServer(lambda s: add_to_server(s, servicer), max_workers=args.threads)
+    port = server.port
 
     ctx = mp.get_context("spawn")  # never fork a process that runs gRPC
     out = ctx.Queue()
@@ -168,12 +171,11 @@ def run(kind: str, store, args, pool) -> None:
     lat = sorted(x for r in results for x in r[1])
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
     pulled_users = sum(1 for u in range(args.users) if mappings.pulls(f"dev-{u}", DAY) == 12)
-    print(f"[{kind}] load: {summary.users} users, {summary.batches} batches, {summary.samples} distinct samples "
-          f"({summary.sample_refs} refs) in {load_s:.2f} s")
-    print(f"[{kind}] pull: {total} batches in {wall:.2f} s wall -> {total / wall:,.0f} batches/s "
-          f"({args.clients} client procs x {args.inflight} streams); devices fully pulled: {pulled_users}")
-    print(f"[{kind}] per-batch latency ms: p50 {pct(0.50):.2f}  p90 {pct(0.90):.2f}  p99 {pct(0.99):.2f}  "
-          f"max {lat[-1] * 1000:.2f}; server CPU {cpu / max(total, 1) * 1e6:.0f} us/batch")
+    mode = "stored" if stored else "per-request"
+    print(f"[{kind}, {mode}] load: {summary.users} users, {summary.batches} batches, {summary.samples} distinct "
+          f"samples ({summary.sample_refs} refs) in {load_s:.2f} s; devices fully pulled: {pulled_users}", flush=True)
+    return {"store": kind, "mode": mode, "batches": total, "rate": total / wall, "p50": pct(0.50), "p99": pct(0.99),
+            "cpu_us": cpu / max(total, 1) * 1e6, "load_s": load_s, "load1": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -182,7 +184,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=40_000, help="distinct samples the users' matches come from")
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--inflight", type=int, default=8, help="streams in flight per client process")
-    ap.add_argument("--threads", type=int, default=4, help="server threads: more only contend for the GIL (16 -> ~1,400 batches/s with SQLite)")
+    ap.add_argument("--threads", type=int, default=4, help="server pool threads (store reads): more only contend for the GIL")
     ap.add_argument("--seconds", type=float, default=3.0, help="pull phase length per store")
     ap.add_argument("--zlib-level", type=int, default=6)
     ap.add_argument("--stores", default="sqlite,redis")
@@ -190,23 +192,27 @@ def main() -> None:
     pool = synthetic_pool(args.pool, random.Random(0))
     # Other work on the box skews every figure: print the load so a reader can tell.
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; sample ~{sum(len(s.SerializeToString()) for s in pool[:100]) // 100} B protobuf")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.stores.split(","):
-            if kind == "sqlite":
-                store = SQLiteKV(str(pathlib.Path(tmp) / "kv.sqlite3"))
-                run(kind, store, args, pool)
-                store.close()
-            elif kind == "redis":
-                proc, url = start_redis(tmp)
-                try:
-                    store = RedisKV(url)
-                    run(kind, store, args, pool)
+            if kind not in ("sqlite", "redis"):
+                sys.exit(f"unknown store {kind!r}: use sqlite and/or redis")
+            proc, url = start_redis(tmp) if kind == "redis" else (None, "")
+            try:
+                for stored in (False, True):  # before, then after, on a fresh store each
+                    store = (SQLiteKV(str(pathlib.Path(tmp) / f"kv-{stored}.sqlite3")) if kind == "sqlite"
+                             else RedisKV(url, namespace=b"bench:%d:" % stored))
+                    rows.append(run(kind, store, args, pool, stored))
                     store.close()
-                finally:
+            finally:
+                if proc is not None:
                     proc.terminate()
                     proc.wait(timeout=10)
-            else:
-                sys.exit(f"unknown store {kind!r}: use sqlite and/or redis")
+    print(f"\n{'store':<7} {'batches served as':<18} {'batches/s':>9} {'server CPU us/batch':>19} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'day load s':>10} {'load1':>6}")
+    for r in rows:
+        print(f"{r['store']:<7} {r['mode']:<18} {r['rate']:>9,.0f} {r['cpu_us']:>19.0f} {r['p50']:>7.2f} "
+              f"{r['p99']:>7.2f} {r['load_s']:>10.2f} {r['load1']:>6.2f}")
 
 
 if __name__ == "__main__":

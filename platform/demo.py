@@ -34,8 +34,11 @@ def tasks_dir() -> pathlib.Path:
     return pathlib.Path(str(marker)).resolve().parent.parent
 
 
-def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3, seeds: int = 1,
-             out_dir: str = "demo-output", workers: int = 4, coda: bool = True, options: dict | None = None) -> dict:
+def run_demo(obj, data_dir: str | None = None, *, dataset: str = "movielens-100k", users: int = 0, days: int = 3,
+             seeds: int = 1, out_dir: str = "demo-output", workers: int = 4, coda: bool = True,
+             coda_options: dict | None = None) -> dict:
+    """Part 1 (release rules), then the CoDA experiment; `coda_options`: more experiment.Config fields
+    (k, global_epochs, task_config, ...)."""
     tmp = None
     if not data_dir:
         tmp = tempfile.TemporaryDirectory(prefix="walle-demo-")
@@ -47,9 +50,9 @@ def run_demo(obj, data_dir: str | None = None, *, users: int = 0, days: int = 3,
             tmp.cleanup()
     if coda:
         from .coda.experiment import Config, Experiment, print_results
-        console.rule("[bold]CoDA on MovieLens-100k[/bold]")
-        exp = Experiment(Config(users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
-                                workers=workers, **(options or {})), console)
+        console.rule(f"[bold]CoDA on {dataset}[/bold]")
+        exp = Experiment(Config(dataset=dataset, users=users, days=days, seeds=tuple(range(seeds)), out_dir=out_dir,
+                                workers=workers, **(coda_options or {})), console)
         console.print(f"{len(exp.user_ids)} users as emulated devices, {days} days; "
                       f"train {len(exp.train)} / held-out test {len(exp.test)} interactions", highlight=False)
         res = exp.run()

@@ -125,13 +125,14 @@ def device_of(platform: Platform, context) -> str:
 
 
 class RevisionWatcher:
-    """One thread polls the state revision and calls every `on_change` callback when it changes,
-    whoever changed it (this server, another process, or the CLI on the data folder); it also
-    flushes devices' last-seen times every few seconds."""
+    """One thread waits for the state revision to change and calls every `on_change` callback when
+    it does, whoever changed it (this server, another replica, or the CLI on the data folder): pushed
+    on PostgreSQL, polled on SQLite (see PlatformState.wait_revision). It also flushes devices'
+    last-seen times every few seconds."""
 
-    def __init__(self, platform: Platform, interval: float = 0.2):
+    def __init__(self, platform: Platform, interval: float = 0.5):
         self.platform = platform
-        self.interval = interval
+        self.interval = interval  # the longest wait: bounds how long stop() takes
         self.revision = platform.state.revision()
         self.on_change: list[Callable[[int], None]] = []
         self._stop = threading.Event()
@@ -140,14 +141,15 @@ class RevisionWatcher:
 
     def _run(self) -> None:
         last_flush = time.monotonic()
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
             try:
-                rev = self.platform.state.revision()
+                rev = self.platform.state.wait_revision(self.revision, self.interval)
                 if time.monotonic() - last_flush > 5:
                     self.platform.flush_seen()
                     last_flush = time.monotonic()
             except Exception:
                 log.exception("revision poll failed")
+                self._stop.wait(self.interval)
                 continue
             if rev != self.revision:
                 self.revision = rev
@@ -172,10 +174,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self.watcher = watcher
         self._changed: asyncio.Event | None = None
 
-    async def GetActiveTasks(self, request, context):
-        # The hot path, served on the loop without a thread hop: our work here is a few microseconds,
-        # memoised per revision.
-        return self.platform.active_tasks(device_of(self.platform, context), request)
+    async def GetActiveTasks(self, request: bytes, context) -> bytes:
+        # The hot path, served on the loop without a thread hop: registered with no (de)serializers
+        # (add_device_service), it takes the request's bytes and answers with a reply serialized
+        # once per decision and revision.
+        return self.platform.active_tasks_bytes(device_of(self.platform, context), request)
 
     async def FetchBundle(self, request, context):
         await blocking(self.platform.authorize_blob, device_of(self.platform, context), request.digest)
@@ -206,6 +209,37 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             if self.watcher.revision != seen:
                 seen = self.watcher.revision
                 yield device_pb2.ListChanged(revision=str(seen))
+
+
+class _Handlers:
+    """Collects what a generated add_*Servicer_to_server function registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def generated_handlers(add_servicer: Callable, servicer) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """(service name, method -> handler) as the generated `add_servicer` would register them, so a
+    caller can swap a method's (de)serializers for pre-serialized bytes before registering."""
+    got = _Handlers()
+    add_servicer(servicer, got)
+    return got.service, dict(got.handlers)
+
+
+def register_handlers(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def add_device_service(server: grpc.aio.Server, servicer: DeviceServicer) -> None:
+    """DeviceService as generated, except GetActiveTasks takes and returns bytes: its replies are
+    serialized once, not per request, and a memoised request is never parsed."""
+    service, handlers = generated_handlers(device_pb2_grpc.add_DeviceServiceServicer_to_server, servicer)
+    handlers["GetActiveTasks"] = grpc.unary_unary_rpc_method_handler(servicer.GetActiveTasks)
+    register_handlers(server, service, handlers)
 
 
 class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
@@ -391,7 +425,7 @@ def build_server(platform: Platform, *, host: str = "127.0.0.1", port: int = 0, 
     health_servicer = health.aio.HealthServicer()
 
     def register(server: grpc.aio.Server) -> None:
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(platform, watcher), server)
+        add_device_service(server, DeviceServicer(platform, watcher))
         tunnel_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(platform), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(_admin_servicer(platform, authorize_admin), server)
         if extra:

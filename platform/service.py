@@ -25,9 +25,10 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 from walle.protos.datadir import keep_out_of_git
@@ -62,6 +63,14 @@ class Grant:
     digests: frozenset
     releases: frozenset
     tunnel: bool
+
+
+class Decision(NamedTuple):
+    """One memoised GetActiveTasks answer."""
+    reply: bytes       # the serialized ActiveTasks
+    grant: Grant
+    app_version: str
+    info: bytes        # the DeviceInfo as decided on (device and user ids from the credential)
 
 
 # (device_id, [(seq, ts_ms, payload bytes)]) -> (accepted, duplicates)
@@ -100,7 +109,7 @@ class Platform(Observe, GuardRPCs):
         self.blob_url_credential = False
         self.upload_handlers: dict[str, UploadHandler] = {}
         self._seen: dict[str, tuple[int, str, bytes]] = {}  # device -> (time, app version, DeviceInfo bytes)
-        self._memo: tuple[int, dict, int] = (-1, {}, 0)  # (revision, DeviceInfo bytes -> (reply, Grant), bytes)
+        self._memo: tuple[int, dict, int] = (-1, {}, 0)  # (revision, (request, device, user) -> Decision, bytes)
         self._seen_lock = threading.Lock()
         self._handed: dict[str, dict[Grant, float]] = {}  # device -> sets it was handed -> last time
         self._grants: dict[Grant, Grant] = {}
@@ -247,12 +256,44 @@ class Platform(Observe, GuardRPCs):
 
     # -- device-facing --------------------------------------------------------------------------
     def active_tasks(self, device_id: str, info: device_pb2.DeviceInfo) -> device_pb2.ActiveTasks:
-        size = info.ByteSize()
-        if size > MAX_DEVICE_INFO_BYTES:  # refused before anything is copied out of it
-            self._trim_due = True
-            check_device_info(info, size)
+        return device_pb2.ActiveTasks.FromString(self.active_tasks_bytes(device_id, info.SerializeToString()))
+
+    def active_tasks_bytes(self, device_id: str, raw: bytes) -> bytes:
+        """The serialized ActiveTasks for a device's serialized DeviceInfo (the gRPC hot path: bytes in,
+        bytes out). Devices poll with unchanged attributes and the decision is a pure function of
+        them, the device, its bound user and the release state, so each reply is decided and
+        serialized once per revision and found again by the request's bytes (the whole memo goes on
+        a change); a request that is refused is never memoised."""
         # The credential, not the request, says who the device is and whose it is.
         user = self.credentials.bound_user(device_id)
+        key = (raw, device_id, user)
+        rev = self.state.cached_revision()
+        memo = self._memo
+        if memo[0] != rev or memo[2] > MEMO_MAX_BYTES:
+            memo = self._memo = (rev, {}, 0)
+        hit = memo[1].get(key)
+        if hit is None:
+            hit = memo[1][key] = self._decide(device_id, user, raw)
+            self._memo = (rev, memo[1], memo[2] + 2 * len(raw) + len(device_id) + len(user) + len(hit.reply))
+        now = time.monotonic()
+        with self._seen_lock:
+            self._seen[device_id] = (int(time.time()), hit.app_version, hit.info)
+            held = self._handed.setdefault(device_id, {})
+            if hit.grant not in held:
+                self._unrecorded.update((device_id, r) for r in hit.grant.releases)
+                if len(held) > 8:  # keep the most recent few sets per device
+                    for old in sorted(held, key=held.get)[:len(held) - 8]:
+                        del held[old]
+            held[hit.grant] = now
+        return hit.reply
+
+    def _decide(self, device_id: str, user: str, raw: bytes) -> "Decision":
+        if len(raw) > MAX_DEVICE_INFO_BYTES:  # refused below, before anything is copied out of it
+            self._trim_due = True
+        try:
+            info = device_pb2.DeviceInfo.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument(f"the request is not a DeviceInfo message ({len(raw)} bytes that do not parse)") from None
         if info.user_id and info.user_id != user:
             if user:
                 raise PermissionDenied(
@@ -260,37 +301,16 @@ class Platform(Observe, GuardRPCs):
                     "the platform uses only the user bound at enrollment (re-enroll with --user-id to change it)")
             info.user_id = ""  # an unbound device has no user: what it claims is ignored, never trusted
         info.device_id, info.user_id = device_id, user
-        # Devices poll with unchanged attributes and the decision is a pure function of them and
-        # the release state, so replies are memoised per revision (the whole memo goes on a change).
-        key = info.SerializeToString(deterministic=True)
-        rev = self.state.cached_revision()
-        memo = self._memo
-        if memo[0] != rev or memo[2] > MEMO_MAX_BYTES:
-            memo = self._memo = (rev, {}, 0)
-        hit = memo[1].get(key)
-        if hit is None:
-            check_device_info(info, len(key))
-            tasks, _ = self.releases.resolve(info)
-            h = hashlib.sha256()
-            for t in tasks:
-                h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
-            reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60,
-                                           blob_url_base=self.blob_url_base,
-                                           blob_url_wants_credential=self.blob_url_credential)
-            hit = memo[1][key] = (reply, self._grant(tasks))
-            self._memo = (rev, memo[1], memo[2] + 2 * len(key) + reply.ByteSize())
-        reply, grant = hit
-        now = time.monotonic()
-        with self._seen_lock:
-            self._seen[device_id] = (int(time.time()), info.app_version, key)
-            held = self._handed.setdefault(device_id, {})
-            if grant not in held:
-                self._unrecorded.update((device_id, r) for r in grant.releases)
-                if len(held) > 8:  # keep the most recent few sets per device
-                    for old in sorted(held, key=held.get)[:len(held) - 8]:
-                        del held[old]
-            held[grant] = now
-        return reply
+        attrs = info.SerializeToString(deterministic=True)
+        check_device_info(info, max(len(raw), len(attrs)))
+        tasks, _ = self.releases.resolve(info)
+        h = hashlib.sha256()
+        for t in tasks:
+            h.update(f"{t.name}@{t.version}@{t.bundle_digest}@{t.release_id};".encode())  # config is per release
+        reply = device_pb2.ActiveTasks(tasks=tasks, revision=h.hexdigest()[:16], poll_after_seconds=60,
+                                       blob_url_base=self.blob_url_base,
+                                       blob_url_wants_credential=self.blob_url_credential)
+        return Decision(reply.SerializeToString(), self._grant(tasks), info.app_version, attrs)
 
     def _grant(self, tasks) -> "Grant":
         tunnel = any("tunnel" in t.manifest.apis for t in tasks)

@@ -3,7 +3,11 @@
 - sample mapping: sample id -> serialized `Sample` protobuf, stored ONCE however many users it was
   matched to (raw protobuf: per-sample compression does not pay; batches are compressed when served);
 - batch mapping: (user, day, batch id) -> sample ids, 25 per batch, a trailing fragment merged into the
-  batch before it when the result stays <= 40 (see `split_batches`).
+  batch before it when the result stays <= 40 (see `split_batches`);
+- served batches: (user, day, batch id) -> the serialized `SampleBatch` a device pulls, its samples
+  zlib-compressed ONCE when the day is written, so serving a batch is one read and a write of stored
+  bytes (no per-request assembly or compression). This costs storage per user (a sample shared by K
+  users is compressed into K batches); `compressed_batches=False` trades it back for CPU per pull.
 
 Only the last `keep_days` days are kept. Every day records which samples it references, so `expire`
 deletes a sample exactly when no kept day references it any more. The same store also holds each
@@ -13,6 +17,7 @@ Key layout (`day` is 10 zero-padded digits, so one day's keys share a prefix):
   s:<sample id>                         sample bytes
   D:<day> / P:<day>                     registry: days holding batch data / pull records
   d:<day>:B:<user>                      that user's batches for the day (JSON [[batch id, [sample ids]]])
+  d:<day>:z:<user>\\0<batch id>         the serialized SampleBatch served for that batch
   d:<day>:x:<sample id>                 the day references this sample
   d:<day>:c:<device id>                 pulls on this day (atomic counter)
   d:<day>:p:<device id>\\0<batch id>     this device pulled this batch of this day
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from typing import Iterable
 
-from walle.protos.coda_pb2 import Sample
+from walle.protos.coda_pb2 import Sample, SampleBatch
 
 from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -61,6 +67,33 @@ def split_batches(n: int, batch_size: int = 25, max_batch: int = 40) -> list[int
     return sizes
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_FIELD1 = [b"\x0a" + _varint(n) for n in range(1 << 14)]  # tag + length prefix for samples < 16 KB
+
+
+def sample_list_bytes(samples: list[bytes]) -> bytes:
+    """A serialized SampleList built from serialized Samples without re-parsing them
+    (field 1, length-delimited: tag 0x0A, varint length, bytes)."""
+    parts = []
+    for s in samples:
+        n = len(s)
+        parts.append(_FIELD1[n] if n < 16384 else b"\x0a" + _varint(n))
+        parts.append(s)
+    return b"".join(parts)
+
+
+def _batch_key(dk: bytes, user: str, batch_id: str) -> bytes:
+    return b"d:" + dk + b":z:" + user.encode() + b"\x00" + batch_id.encode()
+
+
 def _day_key(day: int) -> bytes:
     return b"%010d" % day
 
@@ -80,7 +113,7 @@ def _check_name(value: object, what: str) -> str:
 
 class Mappings:
     def __init__(self, store: KVStore, *, batch_size: int = 25, max_batch: int = 40, keep_days: int = 7,
-                 daily_limit: int = 12):
+                 daily_limit: int = 12, zlib_level: int = 6, compressed_batches: bool = True):
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1 (got {batch_size})")
         if max_batch < batch_size:
@@ -89,7 +122,11 @@ class Mappings:
             raise InvalidArgument(f"keep_days must be >= 1 (got {keep_days})")
         if daily_limit < 1:
             raise InvalidArgument(f"daily_limit must be >= 1 (got {daily_limit})")
+        if not 0 <= zlib_level <= 9:
+            raise InvalidArgument(f"zlib_level must be in 0..9 (got {zlib_level})")
         self.store = store
+        self.zlib_level = zlib_level
+        self.compressed_batches = compressed_batches
         self.batch_size = batch_size
         self.max_batch = max_batch
         self.keep_days = keep_days
@@ -136,7 +173,10 @@ class Mappings:
             plans[user] = batches
 
         dk = _day_key(day)
-        old_users = {k for k, _ in self.store.scan_prefix(b"d:" + dk + b":B:")}
+        old_lists = dict(self.store.scan_prefix(b"d:" + dk + b":B:"))
+        old_users = set(old_lists)
+        old_batches = {_batch_key(dk, k[len(dk) + 5:].decode(), bid)
+                       for k, raw in old_lists.items() for bid, _ids in json.loads(raw)}
         old_sids = {k[len(dk) + 5:].decode() for k, _ in self.store.scan_prefix(b"d:" + dk + b":x:")}
 
         items: list[tuple[bytes, bytes]] = [(b"D:" + dk, b"1")]
@@ -147,9 +187,17 @@ class Mappings:
             key = b"d:" + dk + b":B:" + user.encode()
             new_users.add(key)
             items.append((key, json.dumps(batches, separators=(",", ":")).encode()))
+        new_batches = set()
+        if self.compressed_batches:
+            for user, batches in plans.items():
+                for bid, ids in batches:
+                    key = _batch_key(dk, user, bid)
+                    new_batches.add(key)
+                    items.append((key, self._batch_message(day, bid, [blobs[sid] for sid in ids])))
         self.store.put_many(items)
 
         self.store.delete_many(old_users - new_users)
+        self.store.delete_many(old_batches - new_batches)
         gone = old_sids - blobs.keys()
         self.store.delete_many(b"d:" + dk + b":x:" + sid.encode() for sid in gone)
         removed = self._delete_unreferenced(gone)
@@ -197,6 +245,20 @@ class Mappings:
             if blob is None:
                 raise FailedPrecondition(f"sample {sid!r} is referenced by a batch but missing from the sample mapping")
         return blobs  # type: ignore[return-value]
+
+    def _batch_message(self, day: int, batch_id: str, samples: list[bytes]) -> bytes:
+        return SampleBatch(batch_id=batch_id, day=day, count=len(samples),
+                           zlib_samples=zlib.compress(sample_list_bytes(samples), self.zlib_level)).SerializeToString()
+
+    def batch_messages(self, user: str, day: int, batches: list[tuple[str, list[str]]]) -> list[bytes]:
+        """The serialized SampleBatch of each (batch id, sample ids) of the user's day, in order: the
+        bytes stored when the day was written (one MGET), or, for a batch stored without them
+        (compressed_batches=False, or written by an older version), assembled and compressed now."""
+        dk = _day_key(_check_day(day))
+        _check_name(user, "user pseudonym")
+        stored = self.store.mget([_batch_key(dk, user, bid) for bid, _ids in batches])
+        return [raw if raw is not None else self._batch_message(day, bid, self.get_samples(ids))
+                for (bid, ids), raw in zip(batches, stored)]
 
     def get_batch(self, user: str, day: int, batch_id: str) -> list[bytes]:
         for bid, ids in self.user_batches(user, day):

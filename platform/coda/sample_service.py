@@ -1,7 +1,8 @@
 """The CoDA sample-query gRPC service (paper section 4.2.1 "Sample Query", section 5.2): a device lists
 its user's matched-sample batches for a day and pulls them over one server stream, at most
 `daily_limit` (12) batches per device per day, each batch sent as zlib(SampleList) in a gRPC `bytes`
-field (no base64: the transport is binary).
+field (no base64: the transport is binary). The batches go out as the SampleBatch bytes the daily job
+stored (Mappings.batch_messages): one store read per stream, no per-request compression or encoding.
 
 Pulls are resumable: with no batch ids the stream carries the batches this device has not pulled yet.
 A batch counts as pulled once the transport has accepted it (`context.write` returned) with the stream
@@ -36,33 +37,10 @@ from walle.protos import coda_pb2, coda_pb2_grpc
 
 from walle.platform.errors import InvalidArgument, NotFound, ResourceExhausted
 
-from .mappings import Mappings
+from .mappings import Mappings, sample_list_bytes  # noqa: F401 (re-exported)
 
 # The calling device's id from the call's credential; raises Unauthenticated.
 Authenticate = Callable[[grpc.aio.ServicerContext], str]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_FIELD1 = [b"\x0a" + _varint(n) for n in range(1 << 14)]  # tag + length prefix for samples < 16 KB
-
-
-def sample_list_bytes(samples: list[bytes]) -> bytes:
-    """A serialized SampleList built from serialized Samples without re-parsing them
-    (field 1, length-delimited: tag 0x0A, varint length, bytes)."""
-    parts = []
-    for s in samples:
-        n = len(s)
-        parts.append(_FIELD1[n] if n < 16384 else b"\x0a" + _varint(n))
-        parts.append(s)
-    return b"".join(parts)
 
 
 def samples_from_batch(batch: coda_pb2.SampleBatch) -> list[coda_pb2.Sample]:
@@ -76,19 +54,16 @@ def samples_from_batch(batch: coda_pb2.SampleBatch) -> list[coda_pb2.Sample]:
 class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
     def __init__(self, mappings: Mappings, authenticate: Authenticate,
                  user_for_device: Callable[[str], str | None], today: Callable[[], int] | None = None,
-                 daily_limit: int = 12, zlib_level: int = 6, latest_day: Callable[[], int] | None = None):
+                 daily_limit: int = 12, latest_day: Callable[[], int] | None = None):
         """`today` (a day number) enables the kept-days window and counts the daily limit per calendar
         day; without it the limit is counted per requested day."""
         if daily_limit < 1:
             raise InvalidArgument(f"daily_limit must be >= 1 (got {daily_limit})")
-        if not 0 <= zlib_level <= 9:
-            raise InvalidArgument(f"zlib_level must be in 0..9 (got {zlib_level})")
         self.mappings = mappings
         self.authenticate = authenticate
         self.user_for_device = user_for_device
         self.today = today
         self.daily_limit = daily_limit
-        self.zlib_level = zlib_level
         self.latest_day = latest_day  # resolves day 0 in ListBatches: the newest prepared day
 
     # ---- shared checks ------------------------------------------------------------------------
@@ -127,8 +102,8 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
                                   pulled_today=min(pulled, self.daily_limit), daily_limit=self.daily_limit,
                                   today=limit_day)
 
-    def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[int, list[tuple[str, list[str]]]]:
-        """(limit day, the batches to send in order); raises before anything is sent or counted."""
+    def _select(self, device: str, request: coda_pb2.PullBatchesRequest) -> tuple[str, int, list[tuple[str, list[str]]]]:
+        """(user, limit day, the batches to send in order); raises before anything is sent or counted."""
         day = request.day
         if request.max_batches < 0:
             raise InvalidArgument(f"max_batches must be >= 0, 0 meaning up to the daily limit (got {request.max_batches})")
@@ -162,7 +137,7 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
                 chosen = chosen[:allowance]  # "the next batches": as many as the limit still allows
         if chosen and allowance < len(chosen):
             raise ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance))
-        return limit_day, chosen
+        return user, limit_day, chosen
 
     def _limit_message(self, limit_day: int, requested: int, allowance: int) -> str:
         if allowance <= 0:
@@ -170,14 +145,14 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
         return (f"requested {requested} batches but only {allowance} of the daily limit of "
                 f"{self.daily_limit} remain for day {limit_day}")
 
-    def _payload(self, ids: list[str]) -> bytes:
-        return zlib.compress(sample_list_bytes(self.mappings.get_samples(ids)), self.zlib_level)
-
     async def PullBatches(self, request: coda_pb2.PullBatchesRequest, context) -> None:
+        """Writes serialized SampleBatch messages (registered without a response serializer)."""
         device = self.authenticate(context)
-        limit_day, chosen = await asyncio.to_thread(self._select, device, request)
+        user, limit_day, chosen = await asyncio.to_thread(self._select, device, request)
         if not chosen:
             return
+        # Read before reserving: this await may be cancelled with nothing counted yet.
+        payloads = await asyncio.to_thread(self.mappings.batch_messages, user, request.day, chosen)
         day = request.day
         # From the reservation to the `try` below there is no await: a cancellation cannot fall between
         # reserving the allowance and the `finally` that settles it.
@@ -190,10 +165,8 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
             raise ResourceExhausted(self._limit_message(limit_day, len(chosen), allowance))
         sent: list[str] = []
         try:
-            for batch_id, ids in chosen[:granted]:
-                payload = await asyncio.to_thread(self._payload, ids)
-                await context.write(coda_pb2.SampleBatch(batch_id=batch_id, day=day, count=len(ids),
-                                                         zlib_samples=payload))
+            for (batch_id, _ids), payload in zip(chosen[:granted], payloads):
+                await context.write(payload)
                 # The transport accepted the batch with the stream still up. A cancellation (the client
                 # went away) raises at the await instead, leaving that batch and the rest unmarked.
                 sent.append(batch_id)
@@ -204,4 +177,10 @@ class SampleServicer(coda_pb2_grpc.SampleServiceServicer):
 
 
 def add_to_server(server: grpc.aio.Server, servicer: SampleServicer) -> None:
-    coda_pb2_grpc.add_SampleServiceServicer_to_server(servicer, server)
+    """SampleService as generated, except PullBatches writes the stored SampleBatch bytes as they are."""
+    from walle.platform.server import generated_handlers, register_handlers
+    service, handlers = generated_handlers(coda_pb2_grpc.add_SampleServiceServicer_to_server, servicer)
+    pull = handlers["PullBatches"]
+    handlers["PullBatches"] = grpc.unary_stream_rpc_method_handler(
+        pull.unary_stream, request_deserializer=pull.request_deserializer)
+    register_handlers(server, service, handlers)

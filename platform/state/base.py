@@ -98,6 +98,12 @@ class PlatformState(abc.ABC):
     def cached_revision(self, max_age: float = 0.2) -> int:
         """The revision read at most every `max_age` s; this object's own changes are seen at once."""
 
+    @abc.abstractmethod
+    def wait_revision(self, known: int, timeout: float) -> int:
+        """Block until the revision differs from `known` or `timeout` s have passed; returns the
+        revision then. Changes through this object wake waiters at once; changes by other processes
+        are pushed where the database can (PostgreSQL LISTEN/NOTIFY), else polled."""
+
     # -- audit and releases ---------------------------------------------------------------------
     @abc.abstractmethod
     def audit_entries(self, limit: int = 100) -> list[dict]:

@@ -13,6 +13,7 @@ from ..errors import ResourceExhausted
 from .base import PlatformState, Transaction
 
 SCHEMA_VERSION = 1
+POLL_S = 0.2  # revision polling where changes by other processes are not pushed
 LIVE_FOR_DEVICES = ("active", "fallback", "paused")
 RELEASE_FIELDS = ("id", "seq", "task", "version", "rule", "rollout", "stage", "channel", "state", "created_at",
                   "created_by", "note", "bundle_digest", "allow", "deny", "salt", "config")
@@ -155,7 +156,9 @@ class SqlTransaction(Transaction):
                    [int(time.time()), actor or "unknown", action, target, _json(detail)])
 
     def bump_revision(self) -> None:
-        self.state._bump(self.c, "revision")
+        rev = self.state._bump(self.c, "revision")
+        self.state._announce(self.c, rev)
+        self.state._local.bumped = True  # waiters in this process are woken after COMMIT
 
     def next_release_id(self) -> tuple[str, int]:
         seq = self.state._bump(self.c, "release_seq")
@@ -243,6 +246,8 @@ class SqlState(PlatformState):
         self._conns: list = []
         self._conns_lock = threading.Lock()
         self._rev_cache = (-1, 0.0)  # (revision, monotonic time read)
+        self._changed = threading.Condition()  # notified on every change this process learns of
+        self._change_seq = 0
         self._init_schema()
 
     # -- for subclasses -------------------------------------------------------------------------
@@ -256,6 +261,16 @@ class SqlState(PlatformState):
 
     def _migrate(self, c: Conn) -> None:
         """Bring an older database up to SCHEMA (inside the schema transaction)."""
+
+    def _announce(self, c: Conn, revision: int) -> None:
+        """Tell other processes, inside the transaction that made it, that the revision changed."""
+
+    def _watch(self) -> None:
+        """Start listening for other processes' changes, where the database can push them."""
+
+    def _poll_interval(self) -> float:
+        """How often a waiter re-reads the revision for changes made by other processes."""
+        return POLL_S
 
     # -- connections and transactions -----------------------------------------------------------
     @property
@@ -271,9 +286,13 @@ class SqlState(PlatformState):
     @contextmanager
     def _tx(self, serialize: bool = True) -> Iterator[Conn]:
         c = self.conn
+        self._local.bumped = False
         with self._write(c, serialize):
             yield c
         self._rev_cache = (-1, 0.0)  # after COMMIT, so no reader caches the old revision
+        if self._local.bumped:  # and waiters in this process learn of it at once
+            self._local.bumped = False
+            self._signal_change()
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
@@ -307,10 +326,12 @@ class SqlState(PlatformState):
 
     # -- revision -------------------------------------------------------------------------------
     def revision(self) -> int:
+        signalled = self._change_seq
         rev = int(self.conn.value("SELECT value FROM meta WHERE key='revision'"))
         # Every fresh read refreshes the cache: once a watcher has seen a change and woken devices,
-        # their pulls in this process see it too (never a stale list after the notice).
-        if rev >= self._rev_cache[0]:
+        # their pulls in this process see it too (never a stale list after the notice). A read that
+        # a change signal overtook is not cached: it may predate the change.
+        if rev >= self._rev_cache[0] and self._change_seq == signalled:
             self._rev_cache = (rev, time.monotonic())
         return rev
 
@@ -319,6 +340,28 @@ class SqlState(PlatformState):
         if time.monotonic() - at > max_age:
             rev = self.revision()
         return rev
+
+    def wait_revision(self, known: int, timeout: float) -> int:
+        self._watch()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                seen = self._change_seq
+            # Every change this process learns of (its own commits, a NOTIFY) empties the cache, so
+            # it is read again then; otherwise at most once per poll interval.
+            rev = self.cached_revision(max_age=self._poll_interval())
+            left = deadline - time.monotonic()
+            if rev != known or left <= 0:
+                return rev
+            with self._changed:
+                if self._change_seq == seen:  # nothing signalled since the read: sleep until one is
+                    self._changed.wait(min(left, self._poll_interval()))
+
+    def _signal_change(self) -> None:
+        self._rev_cache = (-1, 0.0)
+        with self._changed:
+            self._change_seq += 1
+            self._changed.notify_all()
 
     # -- audit and releases ---------------------------------------------------------------------
     def audit_entries(self, limit: int = 100) -> list[dict]:

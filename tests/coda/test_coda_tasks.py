@@ -515,6 +515,26 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
 
 
+def test_infer_scores_one_page_with_several_models_in_one_run(device, data):
+    """The demo's evaluation page: CoDA's and Local's models score the same candidates in one ask,
+    in the candidates' order (duplicated items allowed: the caller ranks)."""
+    device.create_ctr(data["catalog"], seed=4, name="ctr")
+    device.create_ctr(data["catalog"], seed=9, name="ctr_local")
+    samples = data["local"][-12:] + data["local"][-3:]
+    res = device.run("coda_infer", {"name": "page_view:home",
+                                    "payload": {"candidates": as_dicts(samples), "models": ["ctr", "ctr_local"]}})
+    assert res.status == "ok", res.error
+    got = res.value["models"]
+    assert set(got) == {"ctr", "ctr_local"}
+    for name in ("ctr", "ctr_local"):
+        assert got[name]["scores"] == pytest.approx(device.predict(name, samples), abs=1e-7)
+        assert got[name]["served_from"] == "M" and got[name]["version"] == 1
+    assert got["ctr"]["scores"] != got["ctr_local"]["scores"]
+    bad = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": as_dicts(samples),
+                                                                          "models": ["ctr", 3]}})
+    assert bad.status == "error" and "payload.models" in bad.error
+
+
 def test_infer_on_a_fresh_device_ranks_with_the_global_model(tmp_path, sandbox, tasks, global_blob, data):
     """Before coda_train ever ran, the first ask creates M from the global model and ranks with it."""
     (tmp_path / "fresh").mkdir()

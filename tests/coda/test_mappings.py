@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import threading
+import zlib
 
 import pytest
 
 from walle.platform.coda.mappings import Mappings, split_batches
 from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound
-from walle.protos.coda_pb2 import Sample
+from walle.protos.coda_pb2 import Sample, SampleBatch, SampleList
 
 
 def sample(sid: str, day: int = 1, owner: str = "u-owner") -> Sample:
@@ -114,6 +115,40 @@ def test_rerun_of_a_day_is_idempotent_and_cleans_up(kv):
     assert summary.removed_samples == 50          # r30..r79: no day references them now
     assert sample_keys(kv) == {f"r{i}" for i in range(30)}  # r10..r29 survive through day 2
     assert sample_keys(kv) == referenced(kv)
+
+
+def served_batches(kv) -> dict[bytes, bytes]:
+    return {k: v for k, v in kv.scan_prefix(b"d:") if b":z:" in k}
+
+
+def test_batches_are_stored_compressed_once_as_served(kv):
+    """Each user's batch is stored as the SampleBatch a device pulls; the bytes hold exactly the
+    batch's samples; a re-run drops batches it no longer has; a store written without them builds
+    the same message on request."""
+    m = Mappings(kv)
+    pool = [sample(f"c{i}") for i in range(90)]
+    m.put_day(4, {"alice": pool[:65], "bob": pool[10:35]})
+    assert len(served_batches(kv)) == 3  # alice 2, bob 1
+    chosen = m.user_batches("alice", 4)
+    got = [SampleBatch.FromString(b) for b in m.batch_messages("alice", 4, chosen)]
+    assert [(b.batch_id, b.day, b.count) for b in got] == [("4.0", 4, 25), ("4.1", 4, 40)]
+    assert list(SampleList.FromString(zlib.decompress(got[1].zlib_samples)).samples) == pool[25:65]
+
+    m.put_day(4, {"alice": pool[:10]})  # bob gone, alice down to one batch
+    assert [k.rsplit(b":z:", 1)[1] for k in served_batches(kv)] == [b"alice\x004.0"]
+    one = SampleBatch.FromString(m.batch_messages("alice", 4, m.user_batches("alice", 4))[0])
+    assert one.count == 10 and list(SampleList.FromString(zlib.decompress(one.zlib_samples)).samples) == pool[:10]
+
+    lean = Mappings(kv, compressed_batches=False)  # what an older writer left: no stored messages
+    lean.put_day(5, {"carol": pool[40:90]})
+    assert [k for k in served_batches(kv) if b"%010d" % 5 in k] == []
+    built = lean.batch_messages("carol", 5, lean.user_batches("carol", 5))
+    m.put_day(6, {"carol": pool[40:90]})
+    stored = m.batch_messages("carol", 6, m.user_batches("carol", 6))
+    assert [SampleBatch.FromString(b).zlib_samples for b in built] == \
+        [SampleBatch.FromString(b).zlib_samples for b in stored]  # the same samples, the same bytes
+    m.expire(100)
+    assert snapshot(kv) == {}
 
 
 def test_expire_keeps_last_seven_days_and_exact_sample_set(kv):

@@ -277,9 +277,14 @@ def test_killed_client_mid_pull_keeps_its_unsent_batches(env):
     samples = big_samples("k", 12 * 25, 6)
     env.mappings.put_day(6, {"alice": samples})
     all_ids = [f"6.{i}" for i in range(12)]
-    call = env.stub.PullBatches(coda_pb2.PullBatchesRequest(day=6), metadata=[("authorization", "Bearer tok-a")])
+    # No BDP window growth: flow control, not the time a batch takes to prepare (stored batches take
+    # none), keeps the server from handing all 12 to the transport before the cancel.
+    channel = grpc.insecure_channel(f"127.0.0.1:{env.server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    call = coda_pb2_grpc.SampleServiceStub(channel).PullBatches(coda_pb2.PullBatchesRequest(day=6),
+                                                                metadata=[("authorization", "Bearer tok-a")])
     first = next(call)
     call.cancel()  # the device is killed after receiving one batch
+    channel.close()
     assert first.batch_id == "6.0"
     marked = settled_marks(env, 6, all_ids)
     # Only what the transport took before the cancel counts; flow control holds back the rest.

@@ -94,6 +94,23 @@ def test_device_info_is_bounded(live):
     assert listed.ByteSize() < 4096  # nothing of the refused requests was kept
 
 
+def test_get_active_tasks_answers_from_bytes_decided_once(live):
+    """The hot path takes the request's bytes: garbage is a clear INVALID_ARGUMENT, and a repeated
+    request is answered from the memo with the same serialized reply, decided once per revision."""
+    live.submit(ROOT / "tasks" / "hello")
+    release(live.platform, "hello")
+    md = enroll(live, "phone-bytes")
+    code, details = code_of(lambda: _raw_get_active_tasks(live, md, b"\xff\xff\xff"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a DeviceInfo" in details
+    raw = info(os="android").SerializeToString()
+    first = _raw_get_active_tasks(live, md, raw)
+    decided = len(live.platform._memo[1])
+    again = _raw_get_active_tasks(live, md, raw)
+    assert again == first and len(first.tasks) == 1 and len(live.platform._memo[1]) == decided
+    assert _raw_get_active_tasks(live, md, info(os="ios").SerializeToString()).tasks  # another key, decided anew
+    assert len(live.platform._memo[1]) == decided + 1
+
+
 def test_decision_memo_is_capped_in_bytes(live, monkeypatch):
     monkeypatch.setattr(service_mod, "MEMO_MAX_BYTES", 20_000)
     live.submit(ROOT / "tasks" / "hello")

@@ -5,12 +5,14 @@ import json
 import pathlib
 import shutil
 import threading
+import time
 
 import pytest
 
 from walle.platform import errors
 from walle.platform.manifest import validate_task_dir
 from walle.platform.service import Platform
+from walle.platform.state.pgcluster import fresh_schema
 from walle.platform.state import open_state, state_url as default_state_url
 from walle.platform.state.sqlite import SQLiteState
 from walle.protos import admin_pb2, bundle, device_pb2
@@ -74,6 +76,56 @@ def test_another_writer_is_seen_by_a_fresh_read_and_then_by_the_cache(st, state_
         assert st.cached_revision(max_age=3600) == r0 + 1
     finally:
         other.close()
+
+
+def _wait_in_thread(state, known: int) -> tuple[threading.Thread, list]:
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(state.wait_revision(known, timeout=60)), daemon=True)
+    t.start()
+    return t, got
+
+
+def test_a_waiter_is_woken_by_a_change_through_the_same_object(st, monkeypatch):
+    """In-process changes wake waiters at once: with the poll interval at an hour, only the signal
+    sent after COMMIT can end this wait before its 60 s timeout."""
+    monkeypatch.setattr(st, "_poll_interval", lambda: 3600.0)
+    r0 = st.revision()
+    assert st.wait_revision(r0, timeout=0) == r0  # nothing changed: returns the same revision
+    t, got = _wait_in_thread(st, r0)
+    with st.transaction() as tx:
+        tx.bump_revision()
+    t.join(timeout=90)
+    assert got == [r0 + 1]
+
+
+@pytest.mark.postgres
+def test_a_change_by_another_replica_is_pushed(pg_state_url, monkeypatch):
+    """PostgreSQL pushes revision changes (LISTEN/NOTIFY): a change committed through another state
+    object (another replica) reaches this one's waiter with polling effectively off."""
+    monkeypatch.setenv("WALLE_STATE_FALLBACK_POLL", "3600")
+    a, b = open_state(pg_state_url), open_state(pg_state_url)
+    other_schema = open_state(fresh_schema(pg_state_url.split("?")[0]))
+    try:
+        r0 = a.revision()
+        assert a.wait_revision(r0, timeout=0) == r0  # starts the listener
+        assert a.listening.wait(30), "the LISTEN connection did not come up"
+        heard = a.notices_heard
+        t, got = _wait_in_thread(a, r0)
+        with other_schema.transaction() as tx:  # another schema on the same server: not our channel
+            tx.bump_revision()
+        with b.transaction() as tx:
+            tx.bump_revision()
+        t.join(timeout=90)
+        assert got == [r0 + 1]
+        until = time.monotonic() + 60  # the waiter may have read the change first; the notice follows
+        while a.notices_heard == heard and time.monotonic() < until:
+            time.sleep(0.01)
+        assert a.notices_heard == heard + 1  # one notice: ours, not the other schema's
+        assert a.listening.is_set()
+    finally:
+        for s in (a, b, other_schema):
+            s.close()
+    assert not a._listener.is_alive()  # close() ends the listening thread
 
 
 def test_a_failed_transaction_stores_nothing(st):

@@ -44,32 +44,19 @@ def inputs(net, data, idx=None, skip=()):
 
 
 def batch_grads(net, engine, data, idx, params):
-    """d(mean BCE)/d(param) on the rows `idx`, as {name: array}."""
-    net.mode, net.leaves = "sparse", []
-    net.host_tables = {k: params[k] for k in net.tables if k in params}
-    net.host_ids = {k: data.get(k)[idx] for k in net.input_names if k not in ("mask", "profile")}
-    try:
-        logit = net.forward(inputs(net, data, idx, tuple(net.host_ids)))
-        lab = np.ascontiguousarray(data.label[idx].reshape(-1, 1))
-        loss = nets.bce_with_logits(logit, F.const(lab, list(lab.shape)))
-        targets = [net.param(k) for k in net.names if k not in net.tables]
-        targets = targets + [leaf for table, ids, leaf in net.leaves]
-        got_p, got_g = engine.grad([loss], [F.const([1.0], [])], targets)
-        by_name = dict(zip([p.name for p in got_p], nets.read_all(got_g)))
-        missing = [t.name for t in targets if t.name not in by_name]
-        if missing:
-            raise RuntimeError(f"no gradient reached {missing}: the graph is broken")
-        grads = {k: by_name[k] for k in net.names if k not in net.tables}
-        for k in net.tables:
-            if k in params:
-                g = np.zeros_like(params[k])
-                for table, ids, leaf in net.leaves:
-                    if table == k:  # scatter-add: repeated ids accumulate, like one-hot^T @ grad
-                        np.add.at(g, ids.reshape(-1), by_name[leaf.name].reshape(-1, g.shape[1]))
-                grads[k] = g
-        return grads
-    finally:
-        net.mode, net.leaves, net.host_tables, net.host_ids = "gather", [], {}, {}
+    """d(mean BCE)/d(param) on the rows `idx`, as {name: array} (the graph is built once per batch
+    size, nets.GradGraph)."""
+    graph = net.graph("grad", len(idx), lambda: nets.GradGraph(net, engine, data, idx, params))
+    by_name, leaves = graph.run(data, idx, params)
+    grads = {k: by_name[k] for k in net.names if k not in net.tables}
+    for k in net.tables:
+        if k in params:
+            g = np.zeros_like(params[k])
+            for table, ids, leaf in leaves:
+                if table == k:  # scatter-add: repeated ids accumulate, like one-hot^T @ grad
+                    np.add.at(g, ids.reshape(-1), by_name[leaf].reshape(-1, g.shape[1]))
+            grads[k] = g
+    return grads
 
 
 SCOPES = ("all", "mlp", "last", "bias", "attention", "history")
@@ -156,12 +143,10 @@ def train(net, data, epochs, lr, seed, batch_size=32, on_step=None, allowed=None
 def predict(net, data):
     """P(label = 1) per sample, float32 [N], through the Gather lookups."""
     net.check_ids(data)
-    net.mode = "gather"
     out = []
     for s in range(0, data.n, PRED_CHUNK):
         idx = np.arange(s, min(s + PRED_CHUNK, data.n))
-        prob = nets.raw.sigmoid(net.forward(inputs(net, data, idx)))
-        out.append(prob.read().copy().reshape(-1))  # `prob` is alive while we copy
+        out.append(net.graph("infer", len(idx), lambda: nets.InferGraph(net, data, idx)).run(data, idx))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
