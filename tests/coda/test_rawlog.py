@@ -9,7 +9,7 @@ import time
 import pytest
 
 from walle.platform.coda.rawlog import KEY_BYTES, RawLogStore, open_raw_log
-from walle.platform.errors import InvalidArgument, Unavailable
+from walle.platform.errors import FailedPrecondition, InvalidArgument, Unavailable
 from walle.protos.coda_pb2 import BehaviorLog
 
 TS = 881_250_949
@@ -113,6 +113,19 @@ def test_two_handles_share_rows_and_one_pseudonym_key(raw_url):
         assert len(key) == KEY_BYTES and b.pseudonym_key() == key and a.pseudonym_key() == key
     with open_raw_log(raw_url) as c:  # kept: a new key would orphan every stored pseudonym
         assert c.pseudonym_key() == key
+
+
+def test_a_new_log_takes_an_injected_key_and_refuses_another(raw_url):
+    """A reproducible experiment injects its key; a log that already has one never changes it."""
+    key = bytes(range(KEY_BYTES))
+    with open_raw_log(raw_url) as a:
+        assert a.pseudonym_key(key) == key and a.pseudonym_key() == key
+        with pytest.raises(FailedPrecondition, match="another pseudonym key"):
+            a.pseudonym_key(bytes(KEY_BYTES))
+        with pytest.raises(InvalidArgument, match=f"must be {KEY_BYTES} bytes"):
+            a.pseudonym_key(b"short")
+    with open_raw_log(raw_url) as b:
+        assert b.pseudonym_key() == key
 
 
 def test_key_made_by_racing_processes_is_one(raw_url):
