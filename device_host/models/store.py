@@ -49,12 +49,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` so a crash leaves either the old file or the new one; `durable` also
-    survives a power cut (fsync of the file and its directory)."""
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_new(path: str, data: bytes, durable: bool) -> None:
+    """Create `path` (it must not exist) holding `data`; removed again if the write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -63,12 +60,44 @@ def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
             os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        os.unlink(path)
         raise
     os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` so a crash leaves either the old file or the new one; `durable` also
+    survives a power cut (fsync of the file and its directory)."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    _write_new(tmp, data, durable)
     os.replace(tmp, path)
     if durable:
         _fsync_dir(d)
+
+
+def atomic_write_linked(paths: list[str], data: bytes) -> None:
+    """`data` under every path of one directory, renamed in in order, each a crash-safe replace as
+    in atomic_write: written and fsynced once, the other names hard links to it (no file is ever
+    changed in place, every write renames a new one in, so names sharing a file stay independent).
+    Where the file system has no hard links, each path is written on its own."""
+    d = os.path.dirname(paths[0])
+    stamp = f"{os.getpid()}.{time.monotonic_ns()}.tmp"
+    temps = [os.path.join(d, f".{os.path.basename(p)}.{stamp}") for p in paths]
+    _write_new(temps[0], data, durable=True)
+    try:
+        for t in temps[1:]:
+            os.link(temps[0], t)
+    except OSError:
+        for t in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
+        for p in paths:
+            atomic_write(p, data)
+        return
+    for t, p in zip(temps, paths):
+        os.replace(t, p)
+    _fsync_dir(d)
 
 
 def apply_delta(base: dict[str, np.ndarray], params: Any, rows: Any) -> dict[str, np.ndarray]:
@@ -263,8 +292,7 @@ class ModelStore:
             data = self._blob(params, meta or {}, {"version": version, "base_version": None, "source": source})
             self._check_quota(name, 2 * len(data), ("M", "M0"))
             # M before M0: M0's existence is what marks the model as created.
-            atomic_write(self._path(name, "M"), data)
-            atomic_write(self._path(name, "M0"), data)
+            atomic_write_linked([self._path(name, "M"), self._path(name, "M0")], data)
         return self.info(name)
 
     def begin_update(self, name: str) -> dict[str, Any]:

@@ -34,6 +34,8 @@ def test_create_update_commit_rollback_keep_m0(store):
     info = store.create("ctr", params(1), {"arch": "din", "config": {"x": 1}})
     assert info["version"] == 1 and info["meta"] == {"arch": "din", "config": {"x": 1}}
     assert info["shapes"] == {"w": [3, 4], "b": [4]}
+    path = lambda slot: os.path.join(store.root, "ctr", f"{slot}.blob")  # noqa: E731
+    assert os.stat(path("M")).st_ino == os.stat(path("M0")).st_ino  # written once, M0 a second name of it
     with pytest.raises(AlreadyExists):
         store.create("ctr", params(2))
     got = store.begin_update("ctr")
@@ -43,6 +45,7 @@ def test_create_update_commit_rollback_keep_m0(store):
     now = store.load("ctr")
     assert now["served_from"] == "M" and same(now["params"], params(2, width=6)) and now["meta"]["n"] == 5
     assert same(store.load("ctr", "M0")["params"], params(1))
+    assert os.stat(path("M")).st_ino != os.stat(path("M0")).st_ino  # a commit renames a new M in
     back = store.rollback("ctr")
     assert back["version"] == 3 and back["restored_from"] == 1
     assert same(store.load("ctr")["params"], params(1)) and store.load("ctr")["meta"]["config"] == {"x": 1}
