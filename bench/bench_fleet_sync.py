@@ -25,11 +25,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 300
 
 
-def serve(data_dir: str, conn) -> None:
-    from walle.platform.server import build_server
+def serve(data_dir: str, conn, state: str = "", kv: str = "") -> None:
+    """One platform server process: `state` a state URL (default SQLite in data_dir); `kv` a CoDA
+    key-value store URL to also serve sample batches from (SampleService, the device's bound user)."""
+    import functools
+
+    from walle.platform.server import build_server, device_of
     from walle.platform.service import Platform
-    platform = Platform(data_dir)
-    _server, port, stop = build_server(platform, port=0, max_workers=64)
+    platform = Platform(data_dir, state=state)
+    extra = None
+    if kv:
+        from walle.platform.coda.kvstore import open_store
+        from walle.platform.coda.mappings import Mappings
+        from walle.platform.coda.sample_service import SampleServicer, add_to_server
+        servicer = SampleServicer(Mappings(open_store(kv)), functools.partial(device_of, platform), platform.device_user)
+        extra = functools.partial(add_to_server, servicer=servicer)
+    _server, port, stop = build_server(platform, port=0, max_workers=64, extra=extra)
     conn.send(port)
     conn.recv()  # until the parent says stop
     stop(0)

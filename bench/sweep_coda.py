@@ -20,7 +20,7 @@ import tempfile
 import time
 
 DEMO_OPTIONS = {"days": int, "k": int, "t": int, "t_prime": int, "max_rows": int, "global_epochs": int}
-ARMS = ("cloud", "calibrated", "local", "coda")
+ARMS = ("cloud", "calibration", "local", "coda")
 
 
 def parse_arm(text: str) -> tuple[str, dict, dict]:
@@ -66,35 +66,36 @@ def row_of(res: dict) -> dict:
     for arm in ARMS:
         if arm not in seeds[0]:
             continue
-        for metric in ("user_auc_mean", "pooled_auc", "hr@10", "ndcg@10", "hr_10", "ndcg_10"):
+        for metric in ("user_auc_mean", "pooled_auc", "hr@10", "ndcg@10"):
             vals = [s[arm].get(metric) for s in seeds if isinstance(s.get(arm), dict)]
             if any(v is not None for v in vals):
                 row[f"{arm}.{metric}"] = _mean(vals)
-    # Within-run differences: every arm of a run shares its global model and splits, while two runs
-    # differ (the pseudonym key is random, so the global model's sample order is too).
-    for a, b in (("coda", "cloud"), ("coda", "local"), ("local", "cloud")):
-        for metric in ("user_auc_mean", "pooled_auc"):
-            if row.get(f"{a}.{metric}") is not None and row.get(f"{b}.{metric}") is not None:
-                row[f"d.{a}-{b}.{metric}"] = row[f"{a}.{metric}"] - row[f"{b}.{metric}"]
+    # Paired per-user differences with their bootstrap CI (the demo's evaluation: results["paired"]);
+    # without them (older results) the difference of the arms' means in the same run.
+    for a, b in (("coda", "cloud"), ("coda", "local"), ("coda", "calibration"), ("local", "cloud")):
+        for metric, summary_key in (("auc", "user_auc_mean"), ("hr@10", "hr@10")):
+            ci = res.get("paired", {}).get(f"{a}-{b}", {}).get(metric)
+            if ci and ci.get("mean") is not None:
+                row[f"d.{a}-{b}.{metric}"] = ci["mean"]
+                row[f"ci.{a}-{b}.{metric}"] = (ci["lo"], ci["hi"])
+            elif row.get(f"{a}.{summary_key}") is not None and row.get(f"{b}.{summary_key}") is not None:
+                row[f"d.{a}-{b}.{metric}"] = row[f"{a}.{summary_key}"] - row[f"{b}.{summary_key}"]
     diag = [s.get("diagnostics", {}) for s in seeds]
     row["ctr.commit_rate"] = _mean([d.get("ctr", {}).get("commit_rate") for d in diag])
     row["ctr_local.commit_rate"] = _mean([d.get("ctr_local", {}).get("commit_rate") for d in diag])
     row["filter_keep_rate"] = _mean([d.get("filter_keep_rate") for d in diag])
-    for key in ("paired", "differences", "bootstrap"):  # h15e's paired per-user differences, when present
-        if key in res.get("summary", {}):
-            row[key] = res["summary"][key]
     return row
 
 
-SHORT = {"user_auc_mean": "uAUC", "pooled_auc": "pAUC", "hr@10": "HR10", "ndcg@10": "NDCG10",
-         "hr_10": "HR10", "ndcg_10": "NDCG10"}
+SHORT = {"user_auc_mean": "uAUC", "pooled_auc": "pAUC", "hr@10": "HR10", "ndcg@10": "NDCG10", "auc": "uAUC",
+         "calibration": "calib"}
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
     cols = []
     for r in rows:
         for k in r:
-            if "." in k and k not in cols and not k.endswith("commit_rate"):
+            if "." in k and k not in cols and not k.endswith("commit_rate") and not k.startswith("ci."):
                 cols.append(k)
     cols = sorted(cols, key=lambda k: (ARMS.index(k.split(".")[0]) if k.split(".")[0] in ARMS else 9, k))
     head = ["arm"] + [".".join(SHORT.get(p, p) for p in c.split(".")[-2:]) for c in cols] + \
@@ -102,12 +103,16 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
     lines = [head]
     for r in rows:
         cfg = ",".join(f"{k}={v}" for k, v in {**r["demo"], **r["set"]}.items()) or "(defaults)"
-        lines.append([r["arm"]] + [_f(r.get(c)) for c in cols] +
+        lines.append([r["arm"]] + [_f(r.get(c)) + _ci(r.get("ci." + c[2:])) for c in cols] +
                      [_f(r.get("ctr.commit_rate"), 2), _f(r.get("ctr_local.commit_rate"), 2),
                       _f(r.get("filter_keep_rate"), 2), f"{r['wall_s']:.0f}", cfg])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=out)
+
+
+def _ci(ci):
+    return "" if not ci else f" [{ci[0]:+.4f},{ci[1]:+.4f}]"
 
 
 def _f(v, digits=4):
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arm", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
     ap.add_argument("--users", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=1, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (add seeds to a scan)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--out", default="bench-output/sweep_coda.json")
     ap.add_argument("--resume", action="store_true", help="skip arms already in --out")
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
         if name in done:
             continue
         print(f"== {name}: demo {demo} set {task} ({args.users} users, {args.seeds} seed(s))", file=sys.stderr)
-        res = run_arm(name, demo, task, args.users, list(range(args.seeds)), args.workers)
+        res = run_arm(name, demo, task, args.users, list(range(args.first_seed, args.first_seed + args.seeds)),
+                      args.workers)
         saved.append({"row": row_of(res), "results": res})
         out.write_text(json.dumps(saved, indent=1, default=str))
         print_table([row_of(res)], sys.stderr)

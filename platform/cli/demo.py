@@ -23,12 +23,13 @@ from .context import Ctx, pass_ctx
 @click.option("--k", default=100, show_default=True, type=click.IntRange(1), help="Neighbours per user in the cloud's matching (Algorithm 1).")
 @click.option("--global-epochs", default=2, show_default=True, type=click.IntRange(1, 100), help="Epochs of the daily global model retraining.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Release config of the CoDA tasks, as `walle release create --set` (repeatable; e.g. sigma=0.5).")
+@click.option("--work-dir", type=click.Path(file_okay=False, exists=True), help="Where the emulated platform and devices keep their data (default: /dev/shm when it has 4 GB free, else the temp folder).")
 @click.option("--skip-coda", is_flag=True, help="Only part 1 (release rules), no CoDA experiment.")
 @click.option("--t", "t", type=int, help="Local samples of the last t days validate (default 1, time compressed).")
 @click.option("--t-prime", "t_prime", type=int, help="Local samples of (t, t'] days train (default 3).")
 @pass_ctx
-def demo(obj: Ctx, demo_dir, dataset, users, days, seeds, out_dir, workers, k, global_epochs, overrides, skip_coda,
-         t, t_prime):
+def demo(obj: Ctx, demo_dir, dataset, users, days, seeds, out_dir, workers, k, global_epochs, overrides, work_dir,
+         skip_coda, t, t_prime):
     """The end-to-end demo on embedded defaults: releases, then the CoDA work cycle on MovieLens-100k
     (or another --dataset)."""
     from ..coda import datasets
@@ -42,7 +43,7 @@ def demo(obj: Ctx, demo_dir, dataset, users, days, seeds, out_dir, workers, k, g
     options = {key: v for key, v in (("t", t), ("t_prime", t_prime)) if v is not None}
     run_demo(obj, demo_dir, dataset=dataset, users=users, days=days, seeds=seeds, out_dir=out_dir, workers=workers,
              coda=not skip_coda, coda_options=dict(options, k=k, global_epochs=global_epochs,
-                                                   task_config=parse_sets(overrides)))
+                                                   task_config=parse_sets(overrides), work_dir=work_dir or ""))
 
 
 def register(main: click.Group) -> None:

@@ -180,28 +180,30 @@ def dataset_export(root: Ctx, name, folder, users, parquet):
 @json_option
 @pass_ctx
 def global_model(root: Ctx, day, days_back, epochs, seed, name):
-    """Train the global DIN model on recent samples and publish it as a versioned resource."""
+    """Train the global DIN model on recent samples and publish it as a versioned resource. Items and
+    their categories come from the loaded catalog (`walle cloud catalog load`), as in the pipeline."""
     from walle.protos import admin_pb2
     from walle.platform.errors import FailedPrecondition
     from walle.platform.service import Platform
 
-    from . import movielens, samples as samplegen
+    from . import samples as samplegen
     from .global_model import catalog_config, train_global
-    data_dir = root.data_dir
-    ml = movielens.load()
-    platform = Platform(data_dir)
+    platform = Platform(root.data_dir)
     from .cloud import CodaCloud
-    coda = CodaCloud(platform, items=ml.items, users=ml.users)
+    coda = CodaCloud(platform)
+    items = coda.items
+    if items.empty:
+        raise FailedPrecondition("no item catalog: load one first with `walle cloud catalog load FILE`")
     with console.status("generating samples"):
         raw = coda.raw.frame(day_range=(max(0, day - 365), day))
         pool = []
         for d in range(max(1, day - days_back + 1), day + 1):
-            gen = samplegen.generate(raw[raw["day"] <= d], ml.items, ml.users, key=coda.key, day=d)
+            gen = samplegen.generate(raw[raw["day"] <= d], items, coda.users, key=coda.key, day=d)
             pool.extend(s for ss in gen.samples.values() for s in ss)
     if not pool:
         raise FailedPrecondition(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
     with console.status(f"training on {len(pool)} samples"):
-        data, metrics = train_global(pool, epochs=epochs, seed=seed, catalog=catalog_config(ml.items))
+        data, metrics = train_global(pool, epochs=epochs, seed=seed, catalog=catalog_config(items))
     params = platform.PublishResource(admin_pb2.PublishResourceRequest(
         name=name, data=data, metadata_json=json.dumps({"metrics": metrics, "day": day}), actor=root.actor))
     out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,

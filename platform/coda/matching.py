@@ -245,7 +245,7 @@ def _ivf_of(index: faiss.Index, nprobe: int, ef_search: int) -> faiss.IndexIVF:
 
 
 def build_ivf_shard(trained: np.ndarray, shard: np.ndarray, offset: int, nprobe: int = 16,
-                    ef_search: int = 64) -> ShardIndex:
+                    ef_search: int = 16) -> ShardIndex:
     """The shard of rows offset..: each row's `nprobe` nearest lists (found once), the row added to
     the nearest of them under its global id."""
     index = faiss.deserialize_index(trained)
@@ -287,7 +287,7 @@ def merge_sorted_topk(parts: list[tuple[np.ndarray, np.ndarray]], lo: int, k: in
 
 def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | None = None,
                         scheduler: str | None = None, n_shards: int | None = None, nlist: int | None = None,
-                        nprobe: int = 16, ef_search: int = 64, points_per_list: int = 40, train_iter: int = 10,
+                        nprobe: int = 16, ef_search: int = 16, points_per_list: int = 20, train_iter: int = 8,
                         query_block: int = QUERY_BLOCK,
                         on_block: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
                         timings: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:

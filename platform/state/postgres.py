@@ -73,6 +73,9 @@ class PostgresState(SqlState):
     def _announce(self, c: Conn, revision: int) -> None:
         c.run("SELECT pg_notify(?, ?)", [self.channel, str(revision)])
 
+    def _pushed(self) -> bool:
+        return self.listening.is_set()
+
     def _poll_interval(self) -> float:
         return self.fallback_poll_s if self.listening.is_set() else POLL_S
 

@@ -268,6 +268,10 @@ class SqlState(PlatformState):
     def _watch(self) -> None:
         """Start listening for other processes' changes, where the database can push them."""
 
+    def _pushed(self) -> bool:
+        """Whether other processes' changes are being pushed to this object right now."""
+        return False
+
     def _poll_interval(self) -> float:
         """How often a waiter re-reads the revision for changes made by other processes."""
         return POLL_S
@@ -347,9 +351,10 @@ class SqlState(PlatformState):
         while True:
             with self._changed:
                 seen = self._change_seq
-            # Every change this process learns of (its own commits, a NOTIFY) empties the cache, so
-            # it is read again then; otherwise at most once per poll interval.
-            rev = self.cached_revision(max_age=self._poll_interval())
+            # Where changes are pushed, every change this process learns of (its own commits, a
+            # NOTIFY) empties the cache, so it is read again then, else once per fallback interval.
+            # Otherwise the revision is read afresh on every poll.
+            rev = self.cached_revision(max_age=self._poll_interval()) if self._pushed() else self.revision()
             left = deadline - time.monotonic()
             if rev != known or left <= 0:
                 return rev

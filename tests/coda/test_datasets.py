@@ -237,10 +237,34 @@ def test_cloud_dataset_export_cli_writes_a_folder_the_catalog_load_takes(tmp_pat
 def test_demo_replays_a_folder_holding_an_implicit_log_without_profiles(tmp_path):
     _ml, folder = implicit_folder(tmp_path, 5)
     out_dir = tmp_path / "out"
-    out = CliRunner().invoke(walle_main, ["demo", "--dataset", str(folder), "--days", "3", "--workers", "2",
+    out = CliRunner().invoke(walle_main, ["demo", "--dataset", str(folder), "--days", "2", "--workers", "2",
                                           "--out", str(out_dir)])
     assert out.exit_code == 0, out.output[-3000:]
     seed = json.loads((out_dir / "results.json").read_text())["seeds"]["0"]
     assert seed["cost"]["task_runs_failed"] == 0 and seed["cost"]["task_runs"] >= 5 * 2, seed["cost"]["first_failure"]
     for arm in ("cloud", "local", "coda"):
         assert seed[arm]["test_samples"] > 0
+
+
+def test_an_exported_folder_runs_through_the_cloud_commands(tmp_path):
+    """`cloud dataset export` -> `cloud catalog load` -> `cloud pipeline --replay-movielens --dataset
+    FOLDER` -> `cloud global-model`: the model is sized by the loaded ML-1M catalog, not MovieLens-100k's."""
+    folder, data = tmp_path / "ml1m", tmp_path / "p"
+
+    def walle(*args):
+        out = CliRunner().invoke(walle_main, ["--data-dir", str(data), *args, "--json"])
+        assert out.exit_code == 0, out.output[-2000:]
+        return json.loads(out.output)
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(data), "cloud", "global-model", "--day", "1"])
+    assert out.exit_code == 5 and "no item catalog" in out.output
+    walle("cloud", "dataset", "export", "movielens-1m", str(folder), "--users", "6")
+    walle("cloud", "catalog", "load", str(folder / "catalog.csv"))
+    day1 = walle("cloud", "pipeline", "--replay-movielens", "3", "--dataset", str(folder), "--day", "1", "--k", "5")
+    assert day1["ingested"] > 0 and day1["samples"] > 0 and day1["users"] == 6
+    model = walle("cloud", "global-model", "--day", "1", "--epochs", "1")
+    assert model["metrics"]["n_train"] == day1["samples"]
+    from walle.platform.coda.global_model import load_global
+    from walle.platform.service import Platform
+    platform = Platform(data)
+    net = load_global(platform.blob(platform.resource("coda/global_model").digest))
+    assert net.config["n_items"] == 3883 + 1 and net.config["n_cats"] == 18 + 1

@@ -78,3 +78,10 @@ def test_one_seed_draws_no_error_bars_over_seeds(monkeypatch, tmp_path):
     pooled = [a for a in fig.axes if "difference to Cloud" in a.get_title()]
     assert not any(isinstance(c, ErrorbarContainer) for a in tops + pooled for c in a.containers)
     assert "one seed: no error bars over seeds" in fig._suptitle.get_text()
+
+
+def test_title_names_the_data_set(monkeypatch, tmp_path):
+    results = _results({0: SEED0})
+    assert "CoDA on MovieLens-100k: 50 users" in _draw(results, monkeypatch, tmp_path)._suptitle.get_text()
+    results["config"]["dataset"] = "movielens-1m"
+    assert "CoDA on movielens-1m: 50 users" in _draw(results, monkeypatch, tmp_path)._suptitle.get_text()
