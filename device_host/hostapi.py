@@ -48,6 +48,28 @@ MAX_RUN_EVENT_BYTES = 1 << 20  # all events of one run together
 MAX_LOG_CHARS = 4096
 
 
+_SIGNATURES: dict[tuple, inspect.Signature] = {}
+
+
+def _signature(fn: Callable) -> inspect.Signature:
+    """inspect.signature, remembered per code object and defaults: each run makes its ops afresh as
+    closures of the same functions, and inspecting them all cost more than a short task's work."""
+    code = getattr(fn, "__code__", None)
+    key = None
+    if code is not None:
+        key = (code, inspect.ismethod(fn), getattr(fn, "__defaults__", None),
+               tuple(sorted((getattr(fn, "__kwdefaults__", None) or {}).items())))
+    try:
+        cached = _SIGNATURES.get(key) if key is not None else None
+    except TypeError:  # an unhashable default
+        key, cached = None, None
+    if cached is None:
+        cached = inspect.signature(fn)
+        if key is not None:
+            _SIGNATURES[key] = cached
+    return cached
+
+
 class HostAPI:
     """Callable as `api_handler(op, args, kwargs)` for Sandbox.run."""
 
@@ -106,7 +128,7 @@ class HostAPI:
             if not callable(fn):
                 raise InvalidArgument(f"extra op {op!r} is not callable")
             self.ops[op] = fn
-        self._signatures = {op: inspect.signature(fn) for op, fn in self.ops.items()}
+        self._signatures: dict[str, inspect.Signature] = {}  # filled as ops are called
 
     def allowed_apis(self) -> set[str]:
         return set(self.ops)
@@ -115,10 +137,13 @@ class HostAPI:
         fn = self.ops.get(op)
         if fn is None:
             raise InvalidArgument(f"unknown host API op {op!r} (known: {', '.join(sorted(self.ops))})")
+        sig = self._signatures.get(op)
+        if sig is None:
+            sig = self._signatures[op] = _signature(fn)
         try:
-            self._signatures[op].bind(*args, **kwargs)
+            sig.bind(*args, **kwargs)
         except TypeError as exc:
-            raise InvalidArgument(f"bad arguments for {op}: {exc} (signature {op}{self._signatures[op]})") from None
+            raise InvalidArgument(f"bad arguments for {op}: {exc} (signature {op}{sig})") from None
         run = budget.current()
         if run is not None:
             run.check()

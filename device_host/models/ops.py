@@ -6,7 +6,8 @@ JSON object the store never interprets. The scripts own architectures, training 
   model.create(name, params=None, meta=None, resource=None, exist_ok=False, replace=False)
   model.load(name)                                  -> params of M (of M0 while M is write-locked)
   model.begin_update(name)                          -> params of M, copied to the buffer Mbuf
-  model.commit(name, params, base_version, meta=None)
+  model.commit(name, params, base_version, meta=None, rows=None)
+                                                    (rows: a delta commit, only changed table rows)
   model.discard(name)       model.rollback(name)
 
 `create(resource=...)` stores a down-tunnel resource that is a model blob (the cloud's global
@@ -61,8 +62,8 @@ def make_model_ops(store: ModelStore, fetch_resource: ResourceFetcher | None = N
     def begin_update(name: str) -> dict:
         return store.begin_update(check_name(name))
 
-    def commit(name: str, params: dict, base_version: int, meta: dict | None = None) -> dict:
-        return store.commit(check_name(name), params, meta, base_version)
+    def commit(name: str, params: dict, base_version: int, meta: dict | None = None, rows: dict | None = None) -> dict:
+        return store.commit(check_name(name), params, meta, base_version, rows)
 
     def discard(name: str) -> int:
         return store.discard(check_name(name))

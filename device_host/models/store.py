@@ -49,23 +49,95 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` so a crash leaves either the old file or the new one."""
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_new(path: str, data: bytes, durable: bool) -> None:
+    """Create `path` (it must not exist) holding `data`; removed again if the write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        os.unlink(path)
         raise
     os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` so a crash leaves either the old file or the new one; `durable` also
+    survives a power cut (fsync of the file and its directory)."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    _write_new(tmp, data, durable)
     os.replace(tmp, path)
+    if durable:
+        _fsync_dir(d)
+
+
+def atomic_write_linked(paths: list[str], data: bytes) -> None:
+    """`data` under every path of one directory, renamed in in order, each a crash-safe replace as
+    in atomic_write: written and fsynced once, the other names hard links to it (no file is ever
+    changed in place, every write renames a new one in, so names sharing a file stay independent).
+    Where the file system has no hard links, each path is written on its own."""
+    d = os.path.dirname(paths[0])
+    stamp = f"{os.getpid()}.{time.monotonic_ns()}.tmp"
+    temps = [os.path.join(d, f".{os.path.basename(p)}.{stamp}") for p in paths]
+    _write_new(temps[0], data, durable=True)
+    try:
+        for t in temps[1:]:
+            os.link(temps[0], t)
+    except OSError:
+        for t in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
+        for p in paths:
+            atomic_write(p, data)
+        return
+    for t, p in zip(temps, paths):
+        os.replace(t, p)
     _fsync_dir(d)
+
+
+def apply_delta(base: dict[str, np.ndarray], params: Any, rows: Any) -> dict[str, np.ndarray]:
+    """M's parameters `base` with a delta commit applied: each array of `params` replaces the one of
+    that name, or, for a name in `rows`, only those rows. Every name must be M's, every shape and
+    dtype must fit; a bad delta changes nothing."""
+    if not isinstance(params, dict) or not isinstance(rows, dict):
+        raise InvalidArgument("a delta commit needs params and rows as objects of name -> array")
+    if len(params) > blob.MAX_PARAMS:
+        raise InvalidArgument(f"params has {len(params)} arrays; at most {blob.MAX_PARAMS}")
+    out = dict(base)
+    for name in set(params) | set(rows):
+        if name not in base:
+            raise InvalidArgument(f"delta commit: {name!r} is not a parameter of the stored model "
+                                  "(a changed architecture commits in full)")
+        if name not in params:
+            raise InvalidArgument(f"delta commit: rows of {name!r} given without their values")
+        a, b = params[name], base[name]
+        if not isinstance(a, np.ndarray) or a.dtype != b.dtype:
+            raise InvalidArgument(f"delta commit: {name!r} must be a {b.dtype} array, got {type(a).__name__} "
+                                  f"{getattr(a, 'dtype', '')}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InvalidArgument(f"parameter {name!r} holds NaN or infinity")
+        if name not in rows:
+            if a.shape != b.shape:
+                raise InvalidArgument(f"delta commit: {name!r} has shape {list(a.shape)}, the model's is {list(b.shape)}")
+            out[name] = a
+            continue
+        ids = np.asarray(rows[name]) if isinstance(rows[name], (list, np.ndarray)) else None
+        if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or b.ndim < 1:
+            raise InvalidArgument(f"delta commit: rows[{name!r}] must be a list of row numbers")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= b.shape[0] or np.unique(ids).size != ids.size):
+            raise InvalidArgument(f"delta commit: rows[{name!r}] must be distinct row numbers in [0, {b.shape[0]})")
+        if a.shape != (ids.size,) + b.shape[1:]:
+            raise InvalidArgument(f"delta commit: {name!r} has shape {list(a.shape)} for {ids.size} rows of "
+                                  f"{list(b.shape)}")
+        merged = b.copy()
+        merged[ids.astype(np.int64)] = a
+        out[name] = merged
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -220,8 +292,7 @@ class ModelStore:
             data = self._blob(params, meta or {}, {"version": version, "base_version": None, "source": source})
             self._check_quota(name, 2 * len(data), ("M", "M0"))
             # M before M0: M0's existence is what marks the model as created.
-            atomic_write(self._path(name, "M"), data)
-            atomic_write(self._path(name, "M0"), data)
+            atomic_write_linked([self._path(name, "M"), self._path(name, "M0")], data)
         return self.info(name)
 
     def begin_update(self, name: str) -> dict[str, Any]:
@@ -231,22 +302,30 @@ class ModelStore:
             got = self.load(name, "M")
             data = self._read(name, got["served_from"])
             self._check_quota(name, len(data), ("Mbuf",))
-            atomic_write(self._path(name, "Mbuf"), data)
+            # Scratch: commit rewrites Mbuf in full before publishing it, so this copy needs no fsync.
+            atomic_write(self._path(name, "Mbuf"), data, durable=False)
         return got
 
-    def commit(self, name: str, params: dict, meta: dict | None, base_version: int) -> dict[str, Any]:
+    def commit(self, name: str, params: dict, meta: dict | None, base_version: int,
+               rows: dict | None = None) -> dict[str, Any]:
         """Write the trained parameters into Mbuf, then rename Mbuf over M under the write lock.
-        Refused if M changed since the update began (another writer committed or rolled back)."""
+        Refused if M changed since the update began (another writer committed or rolled back).
+
+        With `rows` it is a delta commit: `params` holds only what changed, and for each name in
+        `rows` (an embedding table, say) only the listed rows, in that order; the rest is M's. The
+        new M is assembled whole and published the same way, so a crash leaves the old or the new M."""
         d = self._require(name)
         if isinstance(base_version, bool) or not isinstance(base_version, int):
             raise InvalidArgument(f"base_version must be the integer version begin_update returned, got {base_version!r}")
         with self._flock(name, "update.lock"):
-            cur = self._current(name)[1]
+            slot, cur = self._current(name)
             if base_version != cur["version"]:
                 raise FailedPrecondition(f"model {name!r} changed to version {cur['version']} since this update "
                                          f"began from version {base_version}")
             if not os.path.exists(self._path(name, "Mbuf")):
                 raise FailedPrecondition(f"model {name!r} has no update in progress (call begin_update first)")
+            if rows is not None:
+                params = apply_delta(blob.unpack(self._read(name, slot))[0], params, rows)
             data = self._blob(params, meta or {}, {"version": cur["version"] + 1, "base_version": base_version,
                                                     "source": "commit"})
             self._check_quota(name, len(data), ("Mbuf", "M"))

@@ -35,6 +35,7 @@ MAX_ITEMS = 500_000  # values of any kind in one message (~40 MB of Python objec
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{},')
 
 
 class ProtocolError(Exception):
@@ -77,13 +78,22 @@ def _hook(obj: dict) -> object:
     return obj
 
 
+def _outside_strings(data: bytes) -> bytes:
+    """The brackets, braces and commas of `data` that are not inside a JSON string. Without a
+    backslash, strings are exactly '"[^"]*"', so splitting at quotes finds them (4x faster than the
+    string pattern, which is used when escapes are present)."""
+    if b"\\" in data:
+        return _STRING.sub(b"", data)
+    return b"".join(data.translate(None, _NOT_STRUCTURE).split(b'"')[0::2])
+
+
 def check_expansion(data: bytes) -> None:
     """Refuse a JSON frame that would decode into more than MAX_ITEMS values, MAX_CONTAINERS lists or
     objects, or nesting deeper than MAX_DEPTH. Counts at C speed, without building any object."""
     opens = data.count(b"[") + data.count(b"{")
     if opens <= MAX_DEPTH and data.count(b",") + opens < MAX_ITEMS:
         return  # the common small message: structure characters alone prove it is within bounds
-    bare = _STRING.sub(b"", data)  # brackets and commas inside strings are not structure
+    bare = _outside_strings(data)  # brackets and commas inside strings are not structure
     containers = bare.count(b"[") + bare.count(b"{")
     items = containers + bare.count(b",") + 1  # every value but a container's first follows a comma
     if containers > MAX_CONTAINERS:

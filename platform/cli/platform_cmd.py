@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pathlib
 import signal
 import subprocess
@@ -61,6 +62,10 @@ def platform_init(obj: Ctx, hosts, operator, force):
               help="Also serve the CoDA behaviour upload and sample-query service (catalog: `walle cloud catalog load`).")
 @click.option("--coda-day-seconds", type=float, default=0, metavar="N",
               help="Close the CoDA work-cycle day every N seconds (compressed days); 0: days are closed by `walle cloud pipeline`.")
+@click.option("--coda-kv", envvar="WALLE_CODA_KV", default="", metavar="URL",
+              help="CoDA mapping store: redis://host:port/db for replicas sharing no disk (default: SQLite in the data folder).")
+@click.option("--coda-raw-log", envvar="WALLE_CODA_RAW_LOG", default="", metavar="URL",
+              help="CoDA raw behaviour log: postgresql://... (default: the state's PostgreSQL if any, else SQLite in the data folder).")
 @click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None, help="Also serve the read-only web dashboard on this port.")
 @click.option("--blob-port", type=click.IntRange(0, 65535), default=None,
               help="Also serve bundles and resources over HTTPS by digest on this port (resumable, cacheable).")
@@ -77,7 +82,8 @@ def platform_init(obj: Ctx, hosts, operator, force):
 @click.option("--blob-url-credential", is_flag=True, hidden=True,
               help="Internal: --blob-url is the first process's access-checked blob server.")
 @pass_ctx
-def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, dashboard_port, blob_port,
+def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day_seconds, coda_kv, coda_raw_log,
+                   dashboard_port, blob_port,
                    blob_url, blob_public, metrics_port, processes, reuseport, blob_url_credential):
     """Serve the device, tunnel and admin gRPC APIs (TLS, operator-authenticated admin, health checking)."""
     from .. import pki
@@ -101,8 +107,9 @@ def platform_serve(obj: Ctx, host, port, workers, serve_insecure, coda, coda_day
     extra = None
     stop_clock = None
     if coda:
-        from ..coda.cloud import CodaCloud
-        coda_cloud = CodaCloud(platform)
+        from ..coda.cloud import KV_ENV, RAW_LOG_ENV, CodaCloud
+        os.environ.update({k: v for k, v in ((KV_ENV, coda_kv), (RAW_LOG_ENV, coda_raw_log)) if v})  # for --processes
+        coda_cloud = CodaCloud(platform, kv_url=coda_kv, raw_url=coda_raw_log)
         extra = coda_cloud.add_services
         if coda_day_seconds > 0 and not reuseport:
             stop_clock = coda_cloud.start_clock(coda_day_seconds)

@@ -28,30 +28,37 @@ def cloud():
               help="Also train the global model on the closed day's samples and publish it (0: no).")
 @data_dir_option
 @click.option("--replay-movielens", "replay_days", type=int, default=0, metavar="N_DAYS",
-              help="First ingest MovieLens-100k's logs for --day as if every user's device had uploaded them, "
+              help="First ingest --dataset's logs for --day as if every user's device had uploaded them, "
                    "with the data spread over N_DAYS simulated days (the last 10%% of each user is held out).")
+@click.option("--dataset", default="movielens-100k", show_default=True, metavar="NAME",
+              help="With --replay-movielens: a data set name (`walle cloud dataset list`) or a folder in the "
+                   "documented layout.")
 @click.option("--users", type=int, default=0, help="With --replay-movielens: only the first N users (0 = all).")
 @click.option("--k", type=int, default=100, show_default=True, help="Neighbours per user (Algorithm 1).")
-@click.option("--kv", default="", help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
+@click.option("--kv", envvar="WALLE_CODA_KV", default="",
+              help="Mapping store URL: sqlite:///path or redis://host:port/db (default: embedded SQLite).")
+@click.option("--raw-log", envvar="WALLE_CODA_RAW_LOG", default="", metavar="URL",
+              help="Raw behaviour log URL: sqlite:///path or postgresql://... (default: the state's PostgreSQL if any, "
+                   "else SQLite in the data folder).")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
 @json_option
 @pass_ctx
-def pipeline(root: Ctx, day, force, global_epochs, replay_days, users, k, kv, scheduler):
+def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, raw_log, scheduler):
     """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
     day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
 
-    from . import movielens
+    from . import datasets
     from .cloud import CodaCloud
     platform = Platform(root.data_dir)
     if replay_days:
         if day is None:
             raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
-        ml = movielens.load()
-        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, k=k, scheduler=scheduler)
+        ml = datasets.load(dataset).first_users(users)
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler)
         coda.today = day
     else:
-        coda = CodaCloud(platform, kv_url=kv, k=k, scheduler=scheduler, global_epochs=global_epochs)
+        coda = CodaCloud(platform, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler, global_epochs=global_epochs)
     advance = day is None
     day = coda.today if advance else day
     ingested = 0
@@ -59,14 +66,11 @@ def pipeline(root: Ctx, day, force, global_epochs, replay_days, users, k, kv, sc
         if replay_days:
             if not 1 <= day <= replay_days:
                 raise click.BadParameter(f"--day must be within 1..{replay_days}", param_hint="--day")
-            inter = ml.inter
-            if users:
-                inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:users])]
-            train, _test = movielens.assign_days(inter, replay_days)
+            train, _test = datasets.assign_days(ml.inter, replay_days)
             todays = train[train["day"] == day]
             for uid, rows in todays.groupby("user_id"):
-                recs = movielens.replay_logs(rows, uid, day)
-                a, _d = coda.raw.add(movielens.device_id(uid), str(uid), recs, day=day)
+                recs = datasets.replay_logs(rows, uid, day)
+                a, _d = coda.raw.add(ml.device_id(uid), str(uid), recs, day=day)
                 ingested += a
             status.update(f"day {day}: ingested {ingested} replayed records")
         t0 = time.perf_counter()
@@ -121,6 +125,51 @@ def catalog_load(root: Ctx, file):
                         f"features {', '.join(out['features']) or 'none'}", highlight=False)
 
 
+@cloud.group("dataset", cls=WalleGroup)
+def dataset_group():
+    """Public data sets the demo replays, and their conversion to the documented layout."""
+
+
+@dataset_group.command("list")
+@json_option
+@pass_ctx
+def dataset_list(root: Ctx):
+    """The registered data sets, the package that ships each, and how to cite it."""
+    from . import datasets
+    rows = [{"name": s.name, "default": s.name == datasets.DEFAULT, "summary": s.summary, "install": s.install,
+             "citation": s.citation, "licence": s.licence} for s in datasets.REGISTRY.values()]
+    if root.as_json:
+        print_json(rows)
+        return
+    t = Table("name", "data", "installed by", title="data sets (walle demo --dataset NAME)")
+    for r in rows:
+        t.add_row(r["name"] + (" (default)" if r["default"] else ""), r["summary"], r["install"])
+    Console().print(t)
+
+
+@dataset_group.command("export")
+@click.argument("name")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--users", type=int, default=0, help="Only the first N users (0 = all).")
+@click.option("--parquet", is_flag=True, help="Write Parquet instead of CSV.")
+@json_option
+@pass_ctx
+def dataset_export(root: Ctx, name, folder, users, parquet):
+    """Convert data set NAME to the documented layout in FOLDER: catalog (for `walle cloud catalog
+    load`), behaviour log and user profiles. `walle demo --dataset FOLDER` replays the folder. The files
+    are derived from licensed data: keep them out of version control."""
+    from . import datasets
+    ds = datasets.load(name).first_users(users)
+    files = datasets.export(ds, folder, parquet=parquet)
+    out = {"dataset": ds.name, "users": int(ds.inter["user_id"].nunique()), "behaviour_rows": len(ds.inter),
+           "items": len(ds.items), "files": {k: str(v) for k, v in files.items()}}
+    if root.as_json:
+        print_json(out)
+    else:
+        Console().print(f"{ds.name}: {out['users']} users, {out['behaviour_rows']} behaviour rows, {out['items']} items "
+                        f"-> {', '.join(out['files'].values())}", highlight=False)
+
+
 @cloud.command("global-model")
 @click.option("--day", type=int, required=True, help="Train on the samples of the days up to this one.")
 @click.option("--days-back", type=int, default=7, show_default=True, help="How many days of samples to use.")
@@ -131,28 +180,30 @@ def catalog_load(root: Ctx, file):
 @json_option
 @pass_ctx
 def global_model(root: Ctx, day, days_back, epochs, seed, name):
-    """Train the global DIN model on recent samples and publish it as a versioned resource."""
+    """Train the global DIN model on recent samples and publish it as a versioned resource. Items and
+    their categories come from the loaded catalog (`walle cloud catalog load`), as in the pipeline."""
     from walle.protos import admin_pb2
     from walle.platform.errors import FailedPrecondition
     from walle.platform.service import Platform
 
-    from . import movielens, samples as samplegen
+    from . import samples as samplegen
     from .global_model import catalog_config, train_global
-    data_dir = root.data_dir
-    ml = movielens.load()
-    platform = Platform(data_dir)
+    platform = Platform(root.data_dir)
     from .cloud import CodaCloud
-    coda = CodaCloud(platform, items=ml.items, users=ml.users)
+    coda = CodaCloud(platform)
+    items = coda.items
+    if items.empty:
+        raise FailedPrecondition("no item catalog: load one first with `walle cloud catalog load FILE`")
     with console.status("generating samples"):
         raw = coda.raw.frame(day_range=(max(0, day - 365), day))
         pool = []
         for d in range(max(1, day - days_back + 1), day + 1):
-            gen = samplegen.generate(raw[raw["day"] <= d], ml.items, ml.users, key=coda.key, day=d)
+            gen = samplegen.generate(raw[raw["day"] <= d], items, coda.users, key=coda.key, day=d)
             pool.extend(s for ss in gen.samples.values() for s in ss)
     if not pool:
         raise FailedPrecondition(f"no samples up to day {day}: upload logs or run `walle cloud pipeline` first")
     with console.status(f"training on {len(pool)} samples"):
-        data, metrics = train_global(pool, epochs=epochs, seed=seed, catalog=catalog_config(ml.items))
+        data, metrics = train_global(pool, epochs=epochs, seed=seed, catalog=catalog_config(items))
     params = platform.PublishResource(admin_pb2.PublishResourceRequest(
         name=name, data=data, metadata_json=json.dumps({"metrics": metrics, "day": day}), actor=root.actor))
     out = {"resource": params.name, "version": params.version, "digest": params.digest, "bytes": params.size,

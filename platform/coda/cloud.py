@@ -10,8 +10,11 @@ prepares today's matched samples and then advances it. A day is closed by one pr
 (`meta:closing:<day>`, taken with an atomic increment).
 
 Data folder: <platform data>/coda/ holds raw.sqlite3 (raw behaviour table), kv.sqlite3 (the embedded
-mapping store; or a Redis URL), catalog.json (the item catalog, see catalog.py) and pseudonym.key (the
-key of the user pseudonyms, mode 0600)."""
+mapping store), catalog.json (the item catalog, see catalog.py) and pseudonym.key (the key of the user
+pseudonyms, mode 0600). Past one machine (stateless replicas and a pipeline process sharing no
+disk) the raw table and the key live in PostgreSQL (`raw_url`, default: the platform state's
+PostgreSQL if it has one) and the mappings and the day in Redis (`kv_url`); the catalog is read from
+the published resource `coda/catalog` in the platform state, so nothing is read from the folder."""
 from __future__ import annotations
 
 import functools
@@ -19,7 +22,6 @@ import json
 import logging
 import os
 import pathlib
-import secrets
 import threading
 import time
 import zlib
@@ -31,12 +33,12 @@ import pandas as pd
 
 from walle.protos import coda_pb2
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from . import catalog as catalog_mod
 from . import matching, samples as samplegen
 from .kvstore import open_store
 from .mappings import Mappings
-from .rawlog import RawLogStore
+from .rawlog import open_raw_log
 from .sample_service import SampleServicer, add_to_server
 
 log = logging.getLogger("walle.coda")
@@ -67,6 +69,8 @@ def served_copy(sample: coda_pb2.Sample) -> coda_pb2.Sample:
     return out
 
 
+KV_ENV = "WALLE_CODA_KV"            # default mapping store URL (serving replicas, their workers, the pipeline)
+RAW_LOG_ENV = "WALLE_CODA_RAW_LOG"  # default raw log URL
 TODAY_KEY = b"meta:today"
 PREPARED_KEY = b"meta:prepared"
 BEHAVIOR_BATCH_TOPIC = "behavior.batch"  # zlib(BehaviorBatch): a device's aggregated behaviour
@@ -75,24 +79,30 @@ MAX_BATCH_BYTES = 16 << 20               # decompressed size of one behaviour ba
 
 class CodaCloud:
     def __init__(self, platform, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
-                 kv_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
+                 kv_url: str = "", raw_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
                  max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50,
                  global_epochs: int = 0, global_seed: int = 0, pseudonym_key: bytes | None = None):
         """`platform`: the Platform whose tunnel receives the logs and whose credentials
         authenticate devices. `items`: a fixed catalogue (item_id, genre_ids); None reads the
         catalog loaded with `walle cloud catalog load` (an empty one until then). `users`: optional
-        user profiles keyed by the user ids devices report. `global_epochs` > 0: closing day d also
-        retrains the global model on all samples of days 1..d and publishes it (`coda/global_model`).
-        `pseudonym_key`: the key of a NEW data folder's user pseudonyms (default: 32 random bytes;
-        a reproducible experiment derives it from its seed); a folder keeps the key it has."""
+        user profiles keyed by the user ids devices report. `kv_url` / `raw_url`: the mapping store
+        and the raw log (default $WALLE_CODA_KV / $WALLE_CODA_RAW_LOG, else the raw log goes where a
+        PostgreSQL platform state is, else both are files in the data folder). `global_epochs` > 0:
+        closing day d also retrains the global model on all samples of days 1..d and publishes it
+        (`coda/global_model`). `pseudonym_key`: the key of a NEW raw log's user pseudonyms (default:
+        32 random bytes; a reproducible experiment derives it from its seed); a log keeps its key."""
         self.platform = platform
         self.dir = pathlib.Path(platform.data_dir).resolve() / "coda"  # absolute: it goes into a sqlite:/// URL
         self.dir.mkdir(parents=True, exist_ok=True)
         self._items, self.users = items, users
         self.catalogs = catalog_mod.CatalogStore(self.dir)
-        self.key = self._load_key(pseudonym_key)
-        self.raw = RawLogStore(self.dir / "raw.sqlite3")
-        self.store = open_store(kv_url or f"sqlite:///{self.dir / 'kv.sqlite3'}")
+        state = getattr(platform.state, "url", "")
+        self.raw = open_raw_log(raw_url or os.environ.get(RAW_LOG_ENV, "")
+                                or (state if state.startswith(("postgresql://", "postgres://")) else "")
+                                or f"sqlite:///{self.dir / 'raw.sqlite3'}")
+        # kept with the raw log: every replica pseudonymizes alike
+        self.key = self.raw.pseudonym_key(pseudonym_key)
+        self.store = open_store(kv_url or os.environ.get(KV_ENV, "") or f"sqlite:///{self.dir / 'kv.sqlite3'}")
         self.mappings = Mappings(self.store, batch_size=batch_size, max_batch=max_batch, keep_days=keep_days,
                                  daily_limit=daily_limit)
         self.k, self.daily_limit, self.scheduler, self.hist_len = k, daily_limit, scheduler, hist_len
@@ -213,32 +223,28 @@ class CodaCloud:
     def items(self) -> pd.DataFrame:
         if self._items is not None:
             return self._items
-        return catalog_mod.items_frame(self.catalogs.load() or catalog_mod.empty())
+        return catalog_mod.items_frame(self._catalog_doc() or catalog_mod.empty())
+
+    def _catalog_doc(self) -> dict | None:
+        """The current catalog: the published resource (shared by every process on the platform
+        state), else this folder's copy (a folder from before catalogs were published)."""
+        try:
+            ref = self.platform.resource(catalog_mod.RESOURCE)
+        except NotFound:
+            return self.catalogs.load()
+        return json.loads(self.platform.blob(ref.digest))
 
     def load_catalog(self, frame: pd.DataFrame, actor: str = "operator") -> tuple[dict, object]:
         """Store a catalog in the documented layout (category ids kept from the previous one) and
         publish it to devices as the resource `coda/catalog`. Returns (document, resource ref)."""
         from walle.protos import admin_pb2
-        doc = catalog_mod.build(frame, self.catalogs.load())
+        doc = catalog_mod.build(frame, self._catalog_doc())
         data = catalog_mod.encode(doc)
         ref = self.platform.PublishResource(admin_pb2.PublishResourceRequest(
             name=catalog_mod.RESOURCE, data=data, actor=actor,
             metadata_json=json.dumps({"items": len(doc["items"]), "categories": len(doc["categories"])})))
         self.catalogs.save(doc)
         return doc, ref
-
-    def _load_key(self, initial: bytes | None) -> bytes:
-        if initial is not None and (not isinstance(initial, bytes) or len(initial) < 16):
-            raise InvalidArgument("pseudonym_key must be at least 16 bytes")
-        path = self.dir / "pseudonym.key"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(initial if initial is not None else secrets.token_bytes(32))
-        key = path.read_bytes()
-        if initial is not None and key != initial:
-            raise FailedPrecondition(f"{path} holds another pseudonym key; a data folder keeps its key")
-        return key
 
     # -- wiring ---------------------------------------------------------------------------------
     def user_of(self, device_id: str) -> str:

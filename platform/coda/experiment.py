@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pathlib
 import resource
 import tempfile
@@ -40,9 +41,10 @@ from walle.protos import admin_pb2, bundle
 from .. import manifest as manifest_mod
 from .. import pki
 from ..demo import tasks_dir
+from ..errors import InvalidArgument
 from ..server import build_server, tls_credentials
 from ..service import Platform
-from . import movielens
+from . import datasets, evaluation
 from . import samples as samplegen
 from .plot import plot
 from .simulator import Users
@@ -54,7 +56,8 @@ EVAL_KEY = b"walle-demo-evaluation"  # pseudonyms of the evaluator's own test sa
 
 @dataclass
 class Config:
-    users: int = 0            # 0 = every MovieLens user
+    dataset: str = datasets.DEFAULT  # a name of datasets.REGISTRY
+    users: int = 0            # 0 = every user of the data set
     days: int = 3             # simulated work cycles; day 1 only feeds the global model
     seeds: tuple[int, ...] = (0,)
     k: int = 100
@@ -70,6 +73,7 @@ class Config:
     workers: int = 4          # device threads in the emulated fleet
     task_config: dict = field(default_factory=dict)  # per-release config overrides (sigma, epochs, lr, ...)
     out_dir: str = "demo-output"
+    work_dir: str = ""        # where the platform and the fleet's device folders live; "" = work_root()
 
 
 @dataclass
@@ -83,12 +87,6 @@ class DeviceLog:
 def demo_key(purpose: str, seed: int) -> bytes:
     """A key the demo derives from its seed (never used outside the demo), so runs repeat exactly."""
     return hashlib.sha256(f"walle-demo:{purpose}:{seed}".encode()).digest()
-
-
-def movielens_catalog(items: pd.DataFrame) -> pd.DataFrame:
-    """MovieLens items in the catalog layout (docs/data-layout.md): item_id, categories "a|b", title."""
-    return pd.DataFrame({"item_id": items["item_id"], "categories": items["genres"].map("|".join),
-                         "title": items["title"]})
 
 
 class FleetApp:
@@ -120,14 +118,16 @@ class Experiment:
     def __init__(self, cfg: Config, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console()
-        self.ml = movielens.load()
+        self.ml = datasets.load(cfg.dataset)  # inter, items, users (or None), device_id, catalog
         inter = self.ml.inter
         if cfg.users:
             inter = inter[inter["user_id"].isin(sorted(inter["user_id"].unique())[:cfg.users])]
         self.user_ids = sorted(int(u) for u in inter["user_id"].unique())
-        self.train, self.test = movielens.assign_days(inter, cfg.days)
+        self.train, self.test = datasets.assign_days(inter, cfg.days)
         self.titles = dict(zip(self.ml.items["item_id"].astype(int), self.ml.items["title"]))
         self.phases: dict[str, float] = {}  # wall seconds of each fleet-wide step of the current seed
+        self.global_models: list[dict] = []  # the global model versions the cloud published this seed
+        self._eval_samples: dict | None = None
 
     # -- one seed -------------------------------------------------------------------------------
     def run_seed(self, seed: int, work: pathlib.Path) -> dict:
@@ -138,6 +138,7 @@ class Experiment:
         from .catalog import items_frame
         from .cloud import CodaCloud
         cfg, con = self.cfg, self.console
+        t_setup = time.perf_counter()
         keys = pki.init(work / "platform")  # TLS and signed bundles, as in production
         platform = Platform(work / "platform", keys=keys)
         coda = CodaCloud(platform, users=self.ml.users, k=cfg.k, global_epochs=cfg.global_epochs, global_seed=seed,
@@ -148,13 +149,13 @@ class Experiment:
         sandbox = Sandbox(workers=2)  # models train in the sandboxed children, in parallel
         fleet = channel = None
         try:
-            doc, _ref = coda.load_catalog(movielens_catalog(self.ml.items), actor="demo")  # `cloud catalog load`
+            doc, _ref = coda.load_catalog(self.ml.catalog(), actor="demo")  # `cloud catalog load`
             items = items_frame(doc)
             self._release_tasks(platform, seed)
             profile = work / "devices.jsonl"
             with profile.open("w") as f:
                 for u in self.user_ids:
-                    f.write(json.dumps({"device_id": movielens.device_id(u), "user_id": str(u), "os": "android",
+                    f.write(json.dumps({"device_id": self.ml.device_id(u), "user_id": str(u), "os": "android",
                                         "app_version": "2.3.0", "region": "cn"}) + "\n")
 
             def enroll(did: str, user: str) -> Credentials:  # each device pins the CA and the bundle key
@@ -166,6 +167,7 @@ class Experiment:
                           enroll=enroll, workers=cfg.workers, seed=seed, channel=channel)
             apps = {int(h.device_id.rsplit("-", 1)[1]): FleetApp(h) for h in fleet.devices}
             stats = fleet.sync_all()
+            self.phases["setup: platform, release, fleet enrol + sync"] = time.perf_counter() - t_setup
             installed = fleet.installed_counts()
             counts = ", ".join(f"{ref.split('@')[0]} x{n}" for ref, n in sorted(installed.items()))
             con.print(f"seed {seed}: {len(apps)} devices synced; installed {counts}", highlight=False)
@@ -174,19 +176,28 @@ class Experiment:
             logs = {uid: DeviceLog() for uid in apps}
             for day in range(1, cfg.days + 1):
                 self._each(apps, f"day {day}: users", lambda uid, a: (users.behave(a, uid, day), a.settle()))
+                t0 = time.perf_counter()
                 left = fleet.flush_all(timeout=60)  # each device's up tunnel (the uploads coda_samples queued)
+                self.phases[f"day {day}: uploads"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 res = coda.close_day()  # the daily pipeline (`walle cloud pipeline`): today becomes day + 1
+                self.phases[f"day {day}: global model"] = coda.global_seconds.get(day, 0.0)
+                self.phases[f"day {day}: cloud pipeline"] = time.perf_counter() - t0 - coda.global_seconds.get(day, 0.0)
                 con.print(f"  day {day}: cloud {res.raw_rows} behaviour rows, {res.samples} samples, "
                           f"{res.matched_users} users matched, {res.batches} batches "
                           f"({sum(res.seconds.values()):.1f}s){f'; {left} devices still uploading' if left else ''}",
                           highlight=False)
-                self._report_global(platform)  # retrained on days 1..day: the devices restart from it
+                self._report_global(platform, coda.global_seconds.get(day))  # the devices restart from it
                 if day == 1:
                     continue  # nothing matched yet: devices start the next day, from the global model
                 self._each(apps, f"day {day + 1} morning: fetch, filter, train, home page",
                            lambda uid, a: self._device_day(users, a, logs[uid], uid, day))
-            metrics = self._evaluate(platform, apps, items)
+            t0 = time.perf_counter()
+            metrics, per_user = self._evaluate(platform, apps, users, items)
             fleet.flush_all(timeout=30)  # the run reports of the evaluation pages too
+            self.phases["evaluation (pages built, asked, scored)"] = time.perf_counter() - t0
+            metrics["per_user"] = per_user
+            metrics["global_models"] = self.global_models
             metrics["cost"] = self._cost(logs)
             metrics["diagnostics"] = self._diagnostics(logs)
             metrics["release_stats"] = {r.task: {"delivered": r.stats.delivered, "ran": r.stats.ran,
@@ -194,7 +205,7 @@ class Experiment:
                                         for r in platform.ListReleases(admin_pb2.ReleaseFilter()).releases}
             metrics["sync"] = {"p50_s": getattr(stats, "p50", None)}
             metrics["cloud_day"] = coda.today
-            metrics["phase_seconds"], self.phases = self.phases, {}
+            metrics["phase_seconds"], self.phases, self.global_models = self.phases, {}, []
             return metrics
         finally:
             if fleet is not None:
@@ -213,7 +224,7 @@ class Experiment:
         tasks = {name: manifest_mod.validate_task_dir(tasks_dir() / name) for name in TASKS}
         unknown = sorted(set(overrides) - {p.name for m, _f in tasks.values() for p in m.config})
         if unknown:
-            raise ValueError(f"task config overrides {unknown} are declared by none of {', '.join(TASKS)}")
+            raise InvalidArgument(f"task config overrides {unknown} are declared by none of {', '.join(TASKS)}")
         for name, (m, files) in tasks.items():
             keys = {p.name for p in m.config}
             tv = platform.SubmitTask(admin_pb2.SubmitTaskRequest(archive=bundle.pack(files), author="demo",
@@ -260,54 +271,90 @@ class Experiment:
                                     for n, r in runs],
                            "values": [(n, r.value) for n, r in runs if r.status == "ok"]})
 
-    def _report_global(self, platform: Platform) -> None:
+    def _report_global(self, platform: Platform, seconds: float | None) -> None:
         info = platform.resource("coda/global_model")
         meta = json.loads(info.metadata_json)
         m = meta["metrics"]
+        self.global_models.append({"version": info.version, "digest": info.digest, "days": meta["days"],
+                                   "n_train": m["n_train"], "train_auc": m["train_auc"], "train_seconds": seconds})
         self.console.print(f"  global model {info.name}@{info.version}: {m['n_train']} samples of days "
                            f"{meta['days'][0]}..{meta['days'][1]}, train AUC {m['train_auc']:.3f} "
                            f"({info.size / 1024:.0f} KB)", highlight=False)
 
-    # -- evaluation -----------------------------------------------------------------------------
-    def test_samples(self, items: pd.DataFrame) -> dict[str, list]:
-        """Held-out samples: the test tail of each user, with histories of everything before it."""
-        test = self.test.copy()
-        test["day"] = self.cfg.days + 1
-        both = pd.concat([self.train, test], ignore_index=True)
-        raw = movielens.as_raw_frame(both)
-        return samplegen.generate(raw, items, self.ml.users, key=EVAL_KEY, day=self.cfg.days + 1).samples
+    # -- evaluation (the metrics and arms are defined in evaluation.py) -----------------------------
+    def eval_samples(self, items: pd.DataFrame) -> dict[int, tuple[list, list]]:
+        """user id -> (training samples, held-out samples) as the evaluator builds them from the data it
+        replays (never read from the cloud): held-out samples have histories of everything before them."""
+        if self._eval_samples is None:
+            test = self.test.copy()
+            test["day"] = self.cfg.days + 1
+            raw = datasets.as_raw_frame(pd.concat([self.train, test], ignore_index=True), self.ml.device_id)
+            gen = samplegen.generate(raw, items, self.ml.users, key=EVAL_KEY).samples
+            out = {}
+            for uid in self.user_ids:
+                ss = gen.get(samplegen.pseudonym(str(uid), EVAL_KEY), [])
+                out[uid] = ([s for s in ss if s.day <= self.cfg.days], [s for s in ss if s.day > self.cfg.days])
+            self._eval_samples = out
+        return self._eval_samples
 
-    def _evaluate(self, platform: Platform, apps: dict, items: pd.DataFrame) -> dict:
-        """The users' evaluation home pages: the held-out movies, ranked by each arm; clicks are labels."""
-        from .global_model import load_global, sample_dict
+    def eval_pages(self, users: Users, items: pd.DataFrame) -> dict[int, dict]:
+        """user id -> the evaluation page's candidates (held-out samples, then the home page's items in
+        the context of the training history), the clicks, and the training samples (calibration)."""
+        from .global_model import sample_dict
+        catalog = items["item_id"].to_numpy()
+        seen = self.train.groupby("user_id")["item_id"].agg(set).to_dict()
+        test = {int(u): g for u, g in self.test.groupby("user_id")}
+        out = {}
+        for uid, (train, heldout) in self.eval_samples(items).items():
+            rows = test.get(uid)
+            if not heldout or rows is None:
+                continue
+            clicked = set(rows.loc[rows["label"] == 1, "item_id"].astype(int))
+            page = evaluation.page_items(uid, rows["item_id"].astype(int).tolist(),
+                                         set(int(i) for i in seen.get(uid, ())) | set(rows["item_id"].astype(int)),
+                                         catalog)
+            shown = [{k: v for k, v in sample_dict(s).items() if k != "label"} for s in heldout]
+            out[uid] = {"candidates": shown + users.candidates(uid, self.cfg.days, page), "n_shown": len(shown),
+                        "labels": np.array([s.label for s in heldout], dtype=float),
+                        "page_relevant": np.array([i in clicked for i in page], dtype=float),
+                        "train": [sample_dict(s) for s in train],
+                        "train_labels": np.array([s.label for s in train], dtype=float)}
+        return out
+
+    def _evaluate(self, platform: Platform, apps: dict, users: Users, items: pd.DataFrame) -> tuple[dict, dict]:
+        """The users' evaluation pages: the devices score them with CoDA (`ctr`) and Local (`ctr_local`) in
+        one ask each; Cloud is the last published global model, Calibration is Cloud plus the user's offset.
+        Returns (arm -> summary, arm -> metric -> per-user values in user-id order)."""
+        from .global_model import load_global
         from .tasklib import coda_module
-        features, training, metrics = coda_module("features"), coda_module("training"), coda_module("metrics")
-        auc, logloss = metrics.auc, metrics.logloss
-        tests = self.test_samples(items)
+        features, training = coda_module("features"), coda_module("training")
+        pages = self.eval_pages(users, items)
         glob = load_global(platform.blob(platform.resource("coda/global_model").digest))  # the Cloud arm
-        pages = {}
+        asked: dict[int, dict] = {}
 
         def page(uid: int, app: FleetApp) -> None:
-            samples = tests.get(samplegen.pseudonym(str(uid), EVAL_KEY))
-            if not samples:
-                return
-            shown = [{k: v for k, v in sample_dict(s).items() if k != "label"} for s in samples]
-            y = np.array([s.label for s in samples], dtype=float)
-            cloud = training.predict(glob, features.batch(shown, glob.config["hist_len"], glob.config["profile_dim"]))
-            pages[uid] = (y, {"cloud": np.asarray(cloud, dtype=float),
-                              "local": np.array(Users.evaluation_page(app, shown, "ctr_local")),
-                              "coda": np.array(Users.evaluation_page(app, shown, "ctr"))})
+            if uid in pages:
+                asked[uid] = Users.evaluation_page(app, pages[uid]["candidates"], ["ctr", "ctr_local"])
         self._each(apps, "evaluation home pages", page)
-        out = {}
-        for arm in ("cloud", "local", "coda"):
-            y = np.concatenate([y for y, _ in pages.values()])
-            p = np.concatenate([ps[arm] for _, ps in pages.values()])
-            per_user = [(auc(y, ps[arm]), logloss(y, ps[arm])) for y, ps in pages.values()]
-            aucs = [a for a, _ in per_user if a is not None]
-            out[arm] = {"user_auc_mean": float(np.mean(aucs)), "users_with_auc": len(aucs),
-                        "pooled_auc": auc(y, p), "user_logloss_mean": float(np.mean([l for _, l in per_user])),
-                        "pooled_logloss": logloss(y, p), "test_samples": int(len(y))}
-        return out
+
+        def cloud_scores(key: str) -> list[np.ndarray]:  # one batched prediction, split back per user
+            flat = [c for u in order for c in pages[u][key]]
+            probs = np.asarray(training.predict(glob, features.batch(flat, glob.config["hist_len"],
+                                                                     glob.config["profile_dim"])), dtype=float)
+            return np.split(probs, np.cumsum([len(pages[u][key]) for u in order])[:-1])
+        order = sorted(asked)
+        out: dict[int, evaluation.UserPage] = {}
+        for uid, cloud, train_pred in zip(order, cloud_scores("candidates"), cloud_scores("train")):
+            pg, n = pages[uid], pages[uid]["n_shown"]
+            offset = evaluation.calibration_offset(pg["train_labels"], train_pred)
+            arms = {"cloud": cloud, "calibration": evaluation.calibrate(cloud, offset),
+                    "local": np.array(asked[uid]["ctr_local"]), "coda": np.array(asked[uid]["ctr"])}
+            out[uid] = evaluation.UserPage(pg["labels"], pg["page_relevant"],
+                                           {a: v[:n] for a, v in arms.items()}, {a: v[n:] for a, v in arms.items()})
+        summaries, per_user = {}, {"users": order}
+        for arm in evaluation.ARMS:
+            summaries[arm], per_user[arm] = evaluation.arm_results(out, arm)
+        return summaries, per_user
 
     def _cost(self, logs: dict[int, DeviceLog]) -> dict:
         walls = [r["wall_s"] for lg in logs.values() for r in lg.rounds]
@@ -328,7 +375,9 @@ class Experiment:
                 "batches_pulled": sum(lg.batches for lg in logs.values())}
 
     def _diagnostics(self, logs: dict[int, DeviceLog]) -> dict:
-        """What the tasks did: how much the filter kept, how often the gate let an update through."""
+        """What the tasks did: how much the filter kept, how often the gate let an update through, how
+        often the devices restarted from a new global model (and whether they ended on the last one)."""
+        last_global = self.global_models[-1]["digest"] if self.global_models else None
         received = kept = 0
         arms: dict[str, dict] = {}
         pages = [r["home_page"] for lg in logs.values() for r in lg.rounds if r.get("home_page")]
@@ -344,8 +393,11 @@ class Experiment:
                             if not isinstance(v, dict):
                                 continue
                             a = arms.setdefault(arm, {"runs": 0, "committed": 0, "skipped": 0, "gain": [],
-                                                      "n_train": []})
+                                                      "n_train": [], "restarted": 0, "base": {}})
                             a["runs"] += 1
+                            a["restarted"] += bool(v.get("restarted"))
+                            if v.get("base_resource"):  # the global model this device's M started from
+                                a["base"][id(lg)] = v["base_resource"].get("digest")
                             a["skipped"] += bool(v.get("skipped"))
                             a["committed"] += bool(v.get("committed"))
                             if v.get("committed") and v.get("before") is not None and v.get("after") is not None:
@@ -373,7 +425,10 @@ class Experiment:
                         "mean_validation_improvement_when_committed": {
                             m: float(np.mean([g for mm, g in a["gain"] if mm == m]))
                             for m in sorted({mm for mm, _ in a["gain"]})},
-                        "mean_train_samples": float(np.mean(a["n_train"])) if a["n_train"] else None}
+                        "mean_train_samples": float(np.mean(a["n_train"])) if a["n_train"] else None,
+                        "restarts_from_a_new_global": a["restarted"],
+                        "devices_on_the_last_global": sum(d == last_global for d in a["base"].values()),
+                        "devices_trained": len(a["base"])}
         return out
 
     # -- all seeds ------------------------------------------------------------------------------
@@ -382,16 +437,44 @@ class Experiment:
         out_dir = pathlib.Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = {"config": asdict(cfg), "users": len(self.user_ids),
-                   "split": movielens.split_stats(self.train, self.test), "seeds": {}}
-        t0 = time.perf_counter()
+                   "split": datasets.split_stats(self.train, self.test), "seeds": {}}
+        t0, cpu0 = time.perf_counter(), _cpu()
         for seed in cfg.seeds:
-            with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"walle-coda-{seed}-", dir=cfg.work_dir or work_root()) as tmp:
                 results["seeds"][str(seed)] = self.run_seed(seed, pathlib.Path(tmp))
-        results["elapsed_s"] = time.perf_counter() - t0
-        results["summary"] = summarize(results["seeds"])
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        t1 = time.perf_counter()
+        results["summary"] = evaluation.summarize(results["seeds"])
+        results["paired"] = evaluation.paired([s["per_user"] for s in results["seeds"].values()])
+        results["evaluation"] = {"negatives": evaluation.NEGATIVES, "calibration_alpha": evaluation.ALPHA,
+                                 "bootstrap_resamples": evaluation.BOOTSTRAP, "ks": list(evaluation.KS),
+                                 "method": "evaluation.py: pages, arms, metrics and the two-stage bootstrap"}
         plot(results, out_dir / "results.png")
+        results["report_seconds"] = time.perf_counter() - t1  # the bootstrap and the plot
+        results["elapsed_s"] = time.perf_counter() - t0
+        results["cpu_s"] = {k: v - cpu0[k] for k, v in _cpu().items()}  # this process and its sandbox children
+        results["load_average"] = os.getloadavg()
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         return results
+
+
+SHM = "/dev/shm"
+SHM_NEEDED = 4 << 30  # ~1.5 MB per emulated device for 943 devices, with room to spare
+
+
+def work_root() -> str | None:
+    """The emulated fleet's disk: RAM (/dev/shm) when it has room, else the system's temp folder. The
+    devices' and the platform's durability code runs all the same; on tmpfs its fsyncs and the final
+    clean-up of ~30 files per device cost next to nothing (a real fleet has one disk per phone)."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return SHM if st.f_bavail * st.f_frsize >= SHM_NEEDED and os.access(SHM, os.W_OK) else None
+
+
+def _cpu() -> dict:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"user": me.ru_utime, "sys": me.ru_stime, "children_user": kids.ru_utime, "children_sys": kids.ru_stime}
 
 
 def _status_mb(field: str) -> float:
@@ -417,31 +500,52 @@ def _peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def summarize(seeds: dict) -> dict:
-    out = {}
-    for arm in ("cloud", "local", "coda"):
-        out[arm] = {}
-        for metric in ("user_auc_mean", "pooled_auc", "user_logloss_mean", "pooled_logloss"):
-            vals = [s[arm][metric] for s in seeds.values() if s[arm][metric] is not None]
-            out[arm][metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)) if len(vals) > 1 else 0.0}
-    return out
+TABLE_METRICS = (("user_auc_mean", "per-user AUC"), ("pooled_auc", "pooled AUC"), ("pooled_logloss", "logloss"),
+                 ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"))  # results.json also has HR@5, NDCG@5
+PAIR_METRICS = (("auc", "per-user AUC"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("logloss", "per-user logloss"))
+ARM_LABELS = {"cloud": "Cloud", "calibration": "Calibration", "local": "Local", "coda": "CoDA"}
 
 
 def print_results(results: dict, console: Console) -> None:
     s = results["summary"]
     n_seeds = len(results["seeds"])
-    t = Table(title=f"Held-out test metrics ({results['users']} users, "
+    first = next(iter(results["seeds"].values()))
+    t = Table(title=f"Held-out test metrics ({results['users']} users, {results['config']['days']} days, "
                     + (f"mean ± std over {n_seeds} seeds)" if n_seeds > 1 else "one seed; --seeds 3 for a spread)"))
-    for col in ("arm", "per-user AUC", "pooled AUC", "per-user logloss", "pooled logloss"):
-        t.add_column(col)
-    for arm in ("cloud", "local", "coda"):
-        row = [arm.capitalize() if arm != "coda" else "CoDA"]
-        for metric in ("user_auc_mean", "pooled_auc", "user_logloss_mean", "pooled_logloss"):
-            m = s[arm][metric]
-            row.append(f"{m['mean']:.4f} ± {m['std']:.4f}" if n_seeds > 1 else f"{m['mean']:.4f}")
+    t.add_column("arm")
+    for _m, title in TABLE_METRICS:
+        t.add_column(title)
+    for arm in evaluation.ARMS:
+        row = [ARM_LABELS[arm]]
+        for metric, _title in TABLE_METRICS:
+            m = s[arm].get(metric) or {"mean": None}
+            cell = _fmt(m["mean"], "") if n_seeds == 1 or m["mean"] is None else f"{m['mean']:.4f} ± {m['std']:.4f}"
+            if metric == "user_auc_mean":
+                cell += f" ({first[arm]['users_with_auc']})"
+            row.append(cell)
         t.add_row(*row)
     console.print(t)
-    cost = next(iter(results["seeds"].values()))["cost"]
+    console.print(f"per-user AUC over the users with both classes (count in brackets); HR/NDCG over the "
+                  f"{first['coda']['users_with_click']} users with a held-out click, on a page of their held-out "
+                  f"items + {evaluation.NEGATIVES} never-rated ones", highlight=False)
+    p = Table(title="Paired per-user differences, mean [95% bootstrap CI over users and seeds]")
+    p.add_column("pair")
+    for _m, title in PAIR_METRICS:
+        p.add_column(f"Δ {title}")
+    for pair, by_metric in results["paired"].items():
+        a, b = pair.split("-")
+        cells = []
+        for metric, _title in PAIR_METRICS:
+            c = by_metric[metric]
+            if c["mean"] is None:
+                cells.append("-")
+                continue
+            excl = c["lo"] > 0 or c["hi"] < 0
+            cell = f"{c['mean']:+.4f} [{c['lo']:+.4f},{c['hi']:+.4f}]"
+            cells.append(f"[bold]{cell}[/bold]" if excl else cell)
+        p.add_row(f"{ARM_LABELS[a]} − {ARM_LABELS[b]}", *cells)
+    console.print(p)
+    cost = first["cost"]
     c = Table(title="Per-device cost of one round (filter + train)")
     c.add_column("measure")
     c.add_column("walle (this machine)")
@@ -452,11 +556,23 @@ def print_results(results: dict, console: Console) -> None:
     c.add_row("downloaded per trigger", _fmt(cost["kb_per_trigger"], "KB"), f"{PAPER_COST['kb_per_trigger']} KB")
     c.add_row("task runs (failed)", f"{cost['task_runs']} ({cost['task_runs_failed']})", "")
     console.print(c)
-    diag = next(iter(results["seeds"].values())).get("diagnostics", {})
+    diag = first.get("diagnostics", {})
     if diag.get("example_home_page_top5"):
         console.print(f"the devices ranked {diag['home_pages']} home pages (served from {diag['served_from']}); "
                       f"one user's top 5: {'; '.join(diag['example_home_page_top5'])}", highlight=False)
+    for arm in ("ctr", "ctr_local"):
+        d = diag.get(arm)
+        if d:
+            console.print(f"{arm}: {d['train_runs']} train runs, commit rate {d['commit_rate']:.0%}, "
+                          f"{d['restarts_from_a_new_global']} restarts from a new global model; "
+                          f"{d['devices_on_the_last_global']}/{d['devices_trained']} devices end on the last one",
+                          highlight=False)
+    if diag.get("filter_keep_rate") is not None:
+        console.print(f"filter keep rate {diag['filter_keep_rate']:.1%}; wall time {results['elapsed_s']:.0f} s "
+                      f"({', '.join(f'{k} {v:.0f}s' for k, v in first['phase_seconds'].items())})", highlight=False)
 
 
 def _fmt(v, unit: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f} {unit}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f} {unit}" if unit else f"{v:.4f}"

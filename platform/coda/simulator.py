@@ -14,8 +14,9 @@ What a simulated user does:
     training on the device;
   - it opens the home page: 20 movies it has not rated, ranked by the device (`page_view:home` ->
     coda_infer);
-  - at the end, the home page shows the user's held-out movies (never emitted, never uploaded) and
-    the user "clicks" the ones they rated >= 4: the evaluation page, one per model arm.
+  - at the end, the home page shows the user's held-out movies (never emitted, never uploaded) among
+    movies they never rated, and the user "clicks" the held-out ones they rated >= 4: the evaluation
+    page, scored by the device's model arms in one ask (evaluation.py defines the page).
 
 This module knows nothing of device storage, models or cloud tables (tests/coda/test_demo_e2e.py
 checks its imports): it only emits and asks."""
@@ -61,7 +62,8 @@ class Users:
             app.emit("profile", {"values": self.profiles[str(uid)]})
         today = rows[rows["day"] == day]
         for r in today.itertuples(index=False):
-            app.emit("rate", {"item_id": int(r.item_id), "value": float(r.rating), "ts": int(r.ts), "day": day})
+            app.emit(getattr(r, "event", "rate"),  # "click" / "view" rows of an implicit log
+                     {"item_id": int(r.item_id), "value": float(r.rating), "ts": int(r.ts), "day": day})
         app.emit("flush_behavior")
         return len(today)
 
@@ -80,21 +82,24 @@ class Users:
         rows = self.by_user[uid]
         return [int(i) for i in rows[rows["day"] <= day]["item_id"].tail(HIST_LEN)]
 
+    def candidates(self, uid: int, day: int, items: list[int]) -> list[dict]:
+        """`items` as home-page candidates in the context of the user's history up to `day`."""
+        hist = self.history(uid, day)
+        hist_cats = [(self.item_cats.get(h) or [0])[0] for h in hist]  # first category, as samples
+        return [{"item_id": int(i), "item_cats": self.item_cats.get(int(i), []), "hist_items": hist,
+                 "hist_cats": hist_cats, "profile": self.profiles.get(str(uid), [])} for i in items]
+
     def home_page(self, app: App, uid: int, day: int) -> dict:
         """20 movies the user has not rated, in the context of their history; the device ranks them."""
-        hist = self.history(uid, day)
         seen = set(self.by_user[uid]["item_id"].astype(int))
         rng = np.random.default_rng(uid * 1000 + day)
         pool = [int(i) for i in rng.choice(self.item_ids, size=3 * HOME_PAGE, replace=False) if int(i) not in seen]
-        cands = [{"item_id": i, "item_cats": self.item_cats.get(i, []), "hist_items": hist,
-                  "hist_cats": [(self.item_cats.get(h) or [0])[0] for h in hist],  # first category, as samples
-                  "profile": self.profiles.get(str(uid), [])} for i in pool[:HOME_PAGE]]
-        return app.ask("page_view:home", {"candidates": cands})
+        return app.ask("page_view:home", {"candidates": self.candidates(uid, day, pool[:HOME_PAGE])})
 
     @staticmethod
-    def evaluation_page(app: App, exposures: list[dict], model: str) -> list[float]:
-        """The held-out movies shown on the home page, ranked by `model` on the device; returns each
-        exposure's score (the user's clicks are the held-out labels, scored by the caller)."""
-        got = app.ask("page_view:home", {"candidates": exposures, "model": model})
-        score = dict(zip(got["ranking"], got["scores"]))
-        return [float(score[c["item_id"]]) for c in exposures]
+    def evaluation_page(app: App, candidates: list[dict], models: list[str]) -> dict[str, list[float]]:
+        """The evaluation home page (the held-out exposures and the page's items), scored on the
+        device by each of `models` in one ask; returns model -> scores in the candidates' order
+        (the caller ranks them and knows the user's clicks)."""
+        got = app.ask("page_view:home", {"candidates": candidates, "models": models})
+        return {m: [float(x) for x in got["models"][m]["scores"]] for m in models}

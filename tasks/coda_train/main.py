@@ -31,6 +31,8 @@ def train_arm(name, info, train, val, cfg):
     M_u and commits."""
     if not val:
         return skipped(f"no local samples of the last {cfg['t']} days to validate on", len(train))
+    if len(val) < cfg["min_val"]:
+        return skipped(f"{len(val)} validation samples, fewer than min_val={cfg['min_val']}", len(train), len(val))
     if not train:
         return skipped(f"no training samples (local samples of ({cfg['t']}, {cfg['t_prime']}] days or kept "
                        f"outside samples)", 0, len(val))
@@ -40,8 +42,8 @@ def train_arm(name, info, train, val, cfg):
     update = stored.Update(name, din.DIN(shape, cfg["seed"]), "din")
     val_data = features.batch(val, update.net.config["hist_len"], update.net.config["profile_dim"])
     train_data = features.batch(train, update.net.config["hist_len"], update.net.config["profile_dim"])
-    metric = gate.choose_metric(val_data)
-    res = gate.train_gated(update.net, train_data, val_data, metric, cfg["epochs"], cfg["lr"], cfg["seed"])
+    res = gate.train_update(update.net, train_data, val_data, cfg, gate.own_items(val))
+    metric = res["metric"]
     if res["improved"] or update.migrated:
         version = update.commit({"metric": metric, "val_before": res["before"], "val_after": res["after"],
                                  "n_train": len(train), "n_val": len(val), "migrated": update.fresh,

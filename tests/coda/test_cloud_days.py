@@ -254,7 +254,7 @@ def test_a_new_data_folder_takes_an_injected_pseudonym_key_and_keeps_it(tmp_path
     assert CodaCloud(Platform(tmp_path / "p")).key == key  # the folder keeps it
     with pytest.raises(FailedPrecondition, match="another pseudonym key"):
         CodaCloud(Platform(tmp_path / "p"), pseudonym_key=bytes(32))
-    with pytest.raises(InvalidArgument, match="at least 16 bytes"):
+    with pytest.raises(InvalidArgument, match="must be 32 bytes"):
         CodaCloud(Platform(tmp_path / "q"), pseudonym_key=b"short")
     assert CodaCloud(Platform(tmp_path / "r")).key != CodaCloud(Platform(tmp_path / "s")).key  # default: random
 

@@ -373,6 +373,28 @@ def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
     assert device.rows("outside") == []
 
 
+def test_train_release_config_limits_the_update_scope_and_min_val(device, data):
+    """A release with update_scope=last commits an update in which only the output layer moved
+    (MNN trained in the sandboxed child); min_val above the validation size skips training."""
+    device.config.update({"max_rows": 1000, "update_scope": "last", "reg_to_start": 0.1, "gate": "none"})
+    val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+    device.insert_local(val)
+    device.insert_local(copies(val, day=TODAY - 5, tag="same"))
+    device.create_ctr(data["catalog"])
+    start = device.net("ctr").params()
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert res.value["ctr"]["committed"] is True and device.models.info("ctr")["version"] == 2
+    end = device.net("ctr").params()
+    last = max(int(k[5:]) for k in end if k.startswith("mlp_w"))
+    moved = {k for k in end if not np.array_equal(start[k], end[k])}
+    assert moved == {f"mlp_w{last}", f"mlp_b{last}"}
+    device.config.update({"min_val": 121})
+    res = device.run("coda_train", EXHAUSTED)
+    assert res.status == "ok", res.error
+    assert "min_val" in res.value["ctr"]["skipped"] and device.models.info("ctr")["version"] == 2
+
+
 def test_train_table_rows_trigger_waits_for_train_at_kept_samples(device, data):
     device.insert_local(data["local"][-100:])
     device.insert_outside(data["outside"][:20], state="kept", scores=[0.5] * 20)
@@ -493,6 +515,26 @@ def test_infer_ranks_candidates_by_the_models_scores(device, data):
     assert res.value["ranking"] == [data["local"][-25 + i].item_id for i in sorted(range(25), key=lambda i: (-m0[i], i))]
 
 
+def test_infer_scores_one_page_with_several_models_in_one_run(device, data):
+    """The demo's evaluation page: CoDA's and Local's models score the same candidates in one ask,
+    in the candidates' order (duplicated items allowed: the caller ranks)."""
+    device.create_ctr(data["catalog"], seed=4, name="ctr")
+    device.create_ctr(data["catalog"], seed=9, name="ctr_local")
+    samples = data["local"][-12:] + data["local"][-3:]
+    res = device.run("coda_infer", {"name": "page_view:home",
+                                    "payload": {"candidates": as_dicts(samples), "models": ["ctr", "ctr_local"]}})
+    assert res.status == "ok", res.error
+    got = res.value["models"]
+    assert set(got) == {"ctr", "ctr_local"}
+    for name in ("ctr", "ctr_local"):
+        assert got[name]["scores"] == pytest.approx(device.predict(name, samples), abs=1e-7)
+        assert got[name]["served_from"] == "M" and got[name]["version"] == 1
+    assert got["ctr"]["scores"] != got["ctr_local"]["scores"]
+    bad = device.run("coda_infer", {"name": "page_view:home", "payload": {"candidates": as_dicts(samples),
+                                                                          "models": ["ctr", 3]}})
+    assert bad.status == "error" and "payload.models" in bad.error
+
+
 def test_infer_on_a_fresh_device_ranks_with_the_global_model(tmp_path, sandbox, tasks, global_blob, data):
     """Before coda_train ever ran, the first ask creates M from the global model and ranks with it."""
     (tmp_path / "fresh").mkdir()
@@ -546,6 +588,7 @@ def test_hostile_config_rows_and_events_change_nothing(device, data):
     cases = [
         ("coda_train", EXHAUSTED, {"config": {"t": 9, "t_prime": 3}}, ["t_prime"]),
         ("coda_train", EXHAUSTED, {"config": {"din_mlp": "wide"}}, ["din_mlp"]),
+        ("coda_train", EXHAUSTED, {"config": {"update_scope": "last+head"}}, ["update_scope"]),
         ("coda_train", EXHAUSTED, {"today": "monday"}, ["today"]),
         ("coda_train", EXHAUSTED, {"experiment.local_arm": "yes"}, ["experiment.local_arm"]),
         ("coda_train", "not an event", {}, ["event must be an object"]),

@@ -72,14 +72,29 @@ def test_short_coda_demo_end_to_end(tmp_path):
     exp = Experiment(Config(users=users, days=days, out_dir=str(tmp_path / "out"), workers=2))
     res = exp.run()
     seed = res["seeds"]["0"]
-    for arm in ("cloud", "local", "coda"):
+    for arm in ("cloud", "calibration", "local", "coda"):
         m = seed[arm]
         assert m["test_samples"] > 0 and 0.0 < m["pooled_auc"] < 1.0 and m["pooled_logloss"] > 0
+        assert 0 < m["users_with_auc"] <= users and 0 < m["users_with_click"] <= users
+        for k in (5, 10):
+            assert 0.0 <= m[f"ndcg@{k}"] <= m[f"hr@{k}"] <= 1.0
+        assert len(seed["per_user"][arm]["auc"]) == len(seed["per_user"]["users"])
+    # a constant per-user offset ranks like Cloud: same per-user AUC and HR, other probabilities
+    assert seed["per_user"]["calibration"]["auc"] == seed["per_user"]["cloud"]["auc"]
+    assert seed["calibration"]["hr@10"] == seed["cloud"]["hr@10"]
+    assert seed["calibration"]["pooled_logloss"] != seed["cloud"]["pooled_logloss"]
     assert seed["cloud_day"] == days + 1  # the pipeline closed every day: the cloud's own clock moved
+    # the cloud retrained the global model every day on all days so far; the devices restarted from each
+    gm = seed["global_models"]
+    assert [g["version"] for g in gm] == ["v1", "v2", "v3"] and [g["days"] for g in gm] == [[1, 1], [1, 2], [1, 3]]
+    assert gm[0]["n_train"] < gm[1]["n_train"] < gm[2]["n_train"]
+    diag = seed["diagnostics"]
+    for arm in ("ctr", "ctr_local"):
+        assert diag[arm]["devices_on_the_last_global"] == diag[arm]["devices_trained"] == users, diag[arm]
+        assert diag[arm]["restarts_from_a_new_global"] >= users  # at least the last morning's
     cost = seed["cost"]
     assert cost["task_runs"] >= users * (days - 1) and cost["task_runs_failed"] == 0, cost["first_failure"]
     assert cost["batches_pulled"] > 0 and 0 < cost["kb_per_trigger"] < 64
-    diag = seed["diagnostics"]
     assert diag["home_pages"] == users * (days - 1) and len(diag["example_home_page_top5"]) == 5
     assert diag["served_from"] == {"M": users * (days - 1)}
     assert 0 < diag["filter_kept"] <= diag["filter_scored"]
@@ -90,13 +105,24 @@ def test_short_coda_demo_end_to_end(tmp_path):
     # every device made its own samples every day and asked for its own batches every morning
     assert stats["coda_samples"]["ran"] == users and stats["coda_samples"]["runs"] >= users * days
     assert stats["coda_fetch"]["runs"] >= users * (days - 1)
-    # a home page each morning plus the two evaluation pages, all answered by the devices
-    assert stats["coda_infer"]["runs"] == users * (days - 1) + 2 * users
+    # a home page each morning plus one evaluation page (both device arms in one ask), all answered by the devices
+    assert stats["coda_infer"]["runs"] == users * (days - 1) + users
     out = json.loads((tmp_path / "out" / "results.json").read_text())
     assert out["summary"]["coda"]["pooled_auc"]["mean"] == pytest.approx(seed["coda"]["pooled_auc"])
+    for pair in ("coda-cloud", "coda-local", "coda-calibration", "local-cloud"):
+        for metric in ("auc", "hr@10", "ndcg@10", "hr@5", "ndcg@5", "logloss"):
+            c = out["paired"][pair][metric]
+            assert c["lo"] <= c["mean"] <= c["hi"] and c["seeds"] == 1 and c["users"] > 0, (pair, metric, c)
+    assert out["evaluation"]["negatives"] > 0 and out["seeds"]["0"]["phase_seconds"]
     assert (tmp_path / "out" / "results.png").stat().st_size > 5_000
     # held-out interactions were never emitted: the devices saw only the training days
     assert out["split"]["test_rows"] > 0 and out["split"]["days"] == days
+    # the same seed gives the same numbers (the pseudonym key comes from the seed; everything else is seeded)
+    again = Experiment(Config(users=users, days=days, out_dir=str(tmp_path / "again"), workers=2)).run()
+    for arm in ("cloud", "calibration", "local", "coda"):
+        assert again["seeds"]["0"][arm] == seed[arm], arm
+    assert again["paired"] == res["paired"]
+    assert [g["digest"] for g in again["seeds"]["0"]["global_models"]] == [g["digest"] for g in gm]
 
 
 def test_demo_part_one_over_tls():

@@ -155,7 +155,7 @@ def test_ivf_distributed_on_a_local_cluster():
             # every list probed: the sharded IVF is exact
             s_all, i_all = mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=50, query_block=700)
             blocks = []
-            mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=4, query_block=700,
+            mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=1, query_block=700,
                                    on_block=lambda lo, s, i: blocks.append((lo, s, i)))
         by_address = mt.knn_ivf_distributed(x, 15, scheduler=cluster.scheduler_address, nlist=50, nprobe=50)
     np.testing.assert_allclose(s_all, exact_s, atol=1e-5)
@@ -167,5 +167,8 @@ def test_ivf_distributed_on_a_local_cluster():
     shard = mt.build_ivf_shard(mt.train_ivf(mt._prepare(x), 50), mt._prepare(x)[:100], 7)
     moved = pickle.loads(pickle.dumps(shard))  # Dask can move a shard if it must
     assert moved.offset == 7 and moved.index.ntotal == 100
+    assert np.array_equal(moved.probe_lists, shard.probe_lists) and moved.probe_lists.shape == (100, 16)
+    d, i = mt.search_ivf_shard(moved, mt._prepare(x)[:3], mt.probes_of(moved, 7, 10), 5)
+    assert (i[:, 0] == [7, 8, 9]).all() and ((i >= 7) & (i < 107)).all()  # global ids; a row finds itself first
     with pytest.raises(InvalidArgument, match="client or a scheduler"):
         mt.knn_ivf_distributed(x, 5)

@@ -143,6 +143,33 @@ def test_decode_raises_only_protocol_error():
     assert protocol.decode(b"[" * protocol.MAX_DEPTH + b"]" * protocol.MAX_DEPTH) is not None
 
 
+def test_structure_inside_strings_is_found_the_same_with_and_without_escapes():
+    """check_expansion's fast scan (split at quotes, used when no string holds an escape) sees the
+    same structure as the exact string pattern, on random JSON and on both sides of the limits."""
+    import random
+    rng = random.Random(3)
+    alphabet = 'ab[]{},"\\\n/:'
+
+    def value(depth=0):
+        r = rng.random()
+        if depth > 4 or r < 0.35:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        if r < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {"".join(rng.choice(alphabet) for _ in range(3)): value(depth + 1) for _ in range(rng.randint(0, 3))}
+    keep = bytes(c for c in range(256) if c not in b'[]{},')
+    for _ in range(2000):
+        data = json.dumps(value()).encode()
+        assert protocol._outside_strings(data).translate(None, keep) == protocol._STRING.sub(b"", data).translate(None, keep)
+    deep = b"[" * (protocol.MAX_DEPTH + 1) + b"]" * (protocol.MAX_DEPTH + 1)
+    for text in ('"[[[[ plain"', '"[[[[ with \\" an escape"'):
+        framed = (b'[' + text.encode() + b',' + deep[1:-1] + b']')
+        with pytest.raises(protocol.ProtocolError, match="deeper"):
+            protocol.decode(framed)
+        shallow = b'[' + text.encode() + b',"' + b"[" * 70 + b'"]'  # 70 brackets, all inside a string
+        assert protocol.decode(shallow) == [json.loads(text), "[" * 70]
+
+
 # -- 1. host work is charged to the run ---------------------------------------------------------------
 
 CALLS_OP = "from walle import test\ndef main(event):\n    return test.op()\n"

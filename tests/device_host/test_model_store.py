@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 
@@ -33,6 +34,8 @@ def test_create_update_commit_rollback_keep_m0(store):
     info = store.create("ctr", params(1), {"arch": "din", "config": {"x": 1}})
     assert info["version"] == 1 and info["meta"] == {"arch": "din", "config": {"x": 1}}
     assert info["shapes"] == {"w": [3, 4], "b": [4]}
+    path = lambda slot: os.path.join(store.root, "ctr", f"{slot}.blob")  # noqa: E731
+    assert os.stat(path("M")).st_ino == os.stat(path("M0")).st_ino  # written once, M0 a second name of it
     with pytest.raises(AlreadyExists):
         store.create("ctr", params(2))
     got = store.begin_update("ctr")
@@ -42,6 +45,7 @@ def test_create_update_commit_rollback_keep_m0(store):
     now = store.load("ctr")
     assert now["served_from"] == "M" and same(now["params"], params(2, width=6)) and now["meta"]["n"] == 5
     assert same(store.load("ctr", "M0")["params"], params(1))
+    assert os.stat(path("M")).st_ino != os.stat(path("M0")).st_ino  # a commit renames a new M in
     back = store.rollback("ctr")
     assert back["version"] == 3 and back["restored_from"] == 1
     assert same(store.load("ctr")["params"], params(1)) and store.load("ctr")["meta"]["config"] == {"x": 1}
@@ -97,6 +101,46 @@ def test_scopes_are_isolated(tmp_path):
         stores.scope("../coda")
 
 
+def test_delta_commit_changes_only_what_it_names(store):
+    base = {"w": np.arange(20, dtype=np.float32).reshape(5, 4), "b": np.zeros(4, np.float32),
+            "c": np.ones(2, np.float32)}
+    store.create("m", base, {"arch": "x"})
+    got = store.begin_update("m")
+    rows = np.array([3, 1], np.int32)
+    rec = store.commit("m", {"w": np.full((2, 4), -1.0, np.float32), "b": np.ones(4, np.float32)}, {"arch": "y"},
+                       got["version"], rows={"w": rows})
+    now = store.load("m")
+    want = base["w"].copy()
+    want[[3, 1]] = -1.0
+    assert rec["version"] == 2 and now["meta"] == {"arch": "y"}
+    assert same(now["params"], {"w": want, "b": np.ones(4, np.float32), "c": base["c"]})
+    assert same(store.load("m", "M0")["params"], base) and not store.info("m")["has_buffer"]
+    got = store.begin_update("m")  # an empty delta: a metadata-only commit
+    assert store.commit("m", {}, {"arch": "z"}, got["version"], rows={})["version"] == 3
+    assert same(store.load("m")["params"], now["params"]) and store.load("m")["meta"] == {"arch": "z"}
+
+
+@pytest.mark.parametrize("changed, rows, words", [
+    ({"v": np.zeros(4, np.float32)}, {}, "not a parameter"),
+    ({}, {"w": [1]}, "without their values"),
+    ({"b": np.zeros(5, np.float32)}, {}, "shape"),
+    ({"b": np.zeros(4, np.float64)}, {}, "float32"),
+    ({"b": np.array([0, 1, np.nan, 0], np.float32)}, {}, "NaN"),
+    ({"w": np.zeros((2, 4), np.float32)}, {"w": [1, 1]}, "distinct"),
+    ({"w": np.zeros((1, 4), np.float32)}, {"w": [3]}, "distinct row numbers in [0, 3)"),
+    ({"w": np.zeros((1, 4), np.float32)}, {"w": [0.5]}, "list of row numbers"),
+    ({"w": np.zeros((2, 3), np.float32)}, {"w": [0, 1]}, "shape"),
+    ({"w": np.zeros((1, 4), np.float32)}, "w", "objects"),
+])
+def test_bad_delta_commits_change_nothing(store, changed, rows, words):
+    store.create("m", params(1))
+    got = store.begin_update("m")
+    with pytest.raises(InvalidArgument, match=re.escape(words)):
+        store.commit("m", changed, None, got["version"], rows=rows)
+    assert store.info("m")["version"] == 1 and same(store.load("m")["params"], params(1))
+    assert store.commit("m", params(2), None, got["version"])["version"] == 2  # the update is still open
+
+
 def test_ops_create_from_a_resource_blob_and_round_trip(tmp_path):
     fetched = []
     data = blob.pack(params(3), {"arch": "din", "config": {"n_items": 10}})
@@ -120,17 +164,38 @@ def test_ops_create_from_a_resource_blob_and_round_trip(tmp_path):
         blob.unpack(b"PK junk")
 
 
-def _child_commit_forever(root: str) -> None:
+def _delta(got: dict, v: int) -> tuple[dict, dict]:
+    """The delta commit to version v: b + 1 whole, and 1 added to row v % 3 of w only."""
+    r = v % 3
+    return {"b": got["params"]["b"] + 1, "w": got["params"]["w"][[r]] + 1}, {"w": [r]}
+
+
+def _expected(base: dict, v: int, mode: str) -> dict:
+    if mode == "full":
+        return {k: a + (v - 1) for k, a in base.items()}
+    w = base["w"].copy()
+    for u in range(2, v + 1):
+        w[u % 3] += 1
+    return {"w": w, "b": base["b"] + (v - 1)}
+
+
+def _child_commit_forever(root: str, mode: str) -> None:
     s = ModelStore(root)
     while True:
         got = s.begin_update("m")
         v = got["version"] + 1
-        s.commit("m", {k: a + 1 for k, a in got["params"].items()}, {"c": v}, got["version"])
+        if mode == "full":
+            s.commit("m", {k: a + 1 for k, a in got["params"].items()}, {"c": v}, got["version"])
+        else:
+            changed, rows = _delta(got, v)
+            s.commit("m", changed, {"c": v}, got["version"], rows=rows)
 
 
-def test_kill_9_during_commits_never_loses_the_model(store):
+@pytest.mark.parametrize("mode", ["full", "delta"])
+def test_kill_9_during_commits_never_loses_the_model(store, mode):
     """SIGKILL a committing child at random moments: M always loads whole, holding exactly the
-    committed version, and M0 stays the original."""
+    committed version (for delta commits: M's other rows with the committed rows applied), and M0
+    stays the original."""
     base = params(0)
     store.create("m", base)
     rng = random.Random(0)
@@ -143,7 +208,7 @@ def test_kill_9_during_commits_never_loses_the_model(store):
         pid = os.fork()
         if pid == 0:
             try:
-                _child_commit_forever(store.root)
+                _child_commit_forever(store.root, mode)
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.002, 0.06))
@@ -151,7 +216,7 @@ def test_kill_9_during_commits_never_loses_the_model(store):
         os.waitpid(pid, 0)
         got = store.load("m", "M")
         v = got["version"]
-        assert got["served_from"] == "M" and same(got["params"], {k: a + (v - 1) for k, a in base.items()})
+        assert got["served_from"] == "M" and same(got["params"], _expected(base, v, mode))
         assert v == 1 or got["meta"] == {"c": v}
         assert same(store.load("m", "M0")["params"], base)
         seen.add(v)

@@ -40,7 +40,7 @@ class Classifier(nets.Net):
         count = F.maximum(raw.reduce_sum(mask, [1], True), F.scalar(1.0))  # empty history -> 0 vector
         mean_w = mask / count
         score = F.reshape(raw.matmul(F.reshape(k, [-1, d2]), self.att_q, False, False), [-1, hist_len])
-        att_w = F.softmax(score + (mask - 1.0) * 1e9, 1) * mask
+        att_w = nets.masked_softmax(score, mask)
         w = F.concat([F.unsqueeze(mean_w, [1]), F.unsqueeze(att_w, [1])], 1)  # [B, 2, L]
         pooled = F.reshape(raw.matmul(w, k, False, False), [-1, 2 * d2])
         h = F.relu(nets.dense(pooled, self.w1, self.b1))

@@ -53,16 +53,20 @@ class DIN(nets.Net):
 
     def forward(self, x):
         c = self.config
-        d2, hist_len = 2 * c["dim"], c["hist_len"]
+        d2, hist_len, hidden = 2 * c["dim"], c["hist_len"], c["att_hidden"]
         q = self.field(x, "item", "item_cat")  # [B, 2D]
         k = self.field(x, "hist_items", "hist_cats")  # [B, L, 2D]
-        qb = raw.broadcast_to(F.reshape(q, [-1, 1, d2]), raw.shape(k))
-        att_in = F.reshape(F.concat([qb, k, qb - k, qb * k], -1), [-1, 4 * d2])
-        h = F.relu(nets.dense(att_in, self.att_w1, self.att_b1))
+        # The attention MLP's first layer on [q, k, q - k, q * k], by blocks of its weight:
+        # q (Wa + Wc) + k (Wb - Wc) + (q * k) Wd, the same sum without the [B*L, 8D] input (3x cheaper).
+        wa, wb, wc, wd = F.split(self.att_w1, [d2, d2, d2, d2], 0)
+        qk = raw.broadcast_to(F.reshape(q, [-1, 1, d2]), raw.shape(k)) * k
+        per_pos = raw.matmul(F.reshape(k, [-1, d2]), wb - wc, False, False) + \
+            raw.matmul(F.reshape(qk, [-1, d2]), wd, False, False)
+        per_row = raw.matmul(q, wa + wc, False, False) + self.att_b1
+        z = F.reshape(per_pos, [-1, hist_len, hidden]) + F.reshape(per_row, [-1, 1, hidden])
+        h = F.relu(F.reshape(z, [-1, hidden]))
         score = F.reshape(nets.dense(h, self.att_w2, self.att_b2), [-1, hist_len])
-        mask = x["mask"]
-        # Masked softmax; the final *mask zeroes rows with an empty history (softmax would be uniform).
-        w = F.softmax(score + (mask - 1.0) * 1e9, 1) * mask
+        w = nets.masked_softmax(score, x["mask"])  # an empty history pools to a 0 vector
         interest = F.reshape(raw.matmul(F.unsqueeze(w, [1]), k, False, False), [-1, d2])
         parts = [interest, q] + ([x["profile"]] if c["profile_dim"] else [])
         h = F.concat(parts, -1)

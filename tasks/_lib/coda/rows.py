@@ -22,6 +22,12 @@ def settings():
         raise ValueError(f"config t_prime ({cfg['t_prime']}) must be >= t ({cfg['t']})")
     if "din_mlp" in cfg:
         mlp_widths(cfg["din_mlp"])
+    if "update_scope" in cfg:
+        from coda.training import SCOPES  # only coda_train declares it; the others need no MNN
+        parts = cfg["update_scope"].split("+")
+        if not all(p in SCOPES for p in parts):
+            raise ValueError(f"config update_scope must be one or more of {list(SCOPES)} joined by '+', "
+                             f"got {cfg['update_scope']!r}")
     return cfg
 
 
@@ -58,9 +64,20 @@ def rows_of(table, where=None, order_by="ts"):
         offset = offset + PAGE
 
 
+KEY_COLUMNS = ("sample_id", "item_id", "label", "ts", "day") + LIST_COLUMNS
+DECODED = {}  # row content -> sample, for this run only (each run is a fresh process)
+
+
 def sample(row):
-    """A stored row -> the sample dict the features take; a malformed row is an error naming it."""
-    sid = row.get("sample_id")
+    """A stored row -> the sample dict the features take; a malformed row is an error naming it.
+    A script reads some rows more than once (a check pass, then the work): each is decoded once."""
+    key = tuple(row[c] if c in row else None for c in KEY_COLUMNS)
+    try:
+        if key in DECODED:
+            return dict(DECODED[key])
+    except TypeError:  # an unhashable value: not a stored row, decode it without the cache
+        key = None
+    sid = key[0] if key is not None else row.get("sample_id")
     if not isinstance(sid, str) or not sid:
         raise ValueError(f"a row has no sample_id (got {short(sid)})")
     s = {"sample_id": sid, "item_id": row.get("item_id") or 0, "label": row.get("label") or 0.0,
@@ -79,7 +96,9 @@ def sample(row):
     for col in ("day", "ts"):
         if isinstance(s[col], bool) or not isinstance(s[col], int):
             raise ValueError(f"row {sid!r}: column {col!r} must be an integer, got {short(s[col])}")
-    return s
+    if key is not None:
+        DECODED[key] = s
+    return dict(s)
 
 
 def delete_ids(table, ids, state=None):

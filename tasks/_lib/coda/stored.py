@@ -5,8 +5,11 @@ rebuilds the net from what is stored, and a script whose architecture changed (a
 release) migrates the stored parameters: same name and shape are kept, the rest start fresh.
 
 Parameters cross the host-child channel at most once each way per run: `begin_update` brings them
-in, `commit` (or `create` for a new model) sends them out."""
+in, `commit` (or `create` for a new model) sends them out; a commit of the same architecture sends
+only what changed (of the embedding tables, the rows the update touched)."""
 from walle import HostAPIError, model, tunnel
+
+from coda import nets
 
 
 def info_or_none(name):
@@ -66,7 +69,7 @@ class Update:
     def __init__(self, name, net, arch):
         self.name, self.net, self.arch = name, net, arch
         got = model.begin_update(name=name)
-        self.base_version = got["version"]
+        self.base_version, self.base = got["version"], got["params"]
         self.fresh = net.adopt(got["params"])  # names that did not fit: a changed architecture
         self.done = False
 
@@ -77,7 +80,13 @@ class Update:
     def commit(self, extra_meta=None):
         meta = {"arch": self.arch, "config": self.net.config}
         meta.update(extra_meta or {})
-        res = model.commit(name=self.name, params=self.net.params(), meta=meta, base_version=self.base_version)
+        params = self.net.params()
+        delta = None if self.fresh else nets.delta(params, self.base)
+        if delta is None:
+            res = model.commit(name=self.name, params=params, meta=meta, base_version=self.base_version)
+        else:
+            res = model.commit(name=self.name, params=delta[0], rows=delta[1], meta=meta,
+                               base_version=self.base_version)
         self.done = True
         return res["version"]
 
