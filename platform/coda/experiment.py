@@ -528,22 +528,19 @@ def print_results(results: dict, console: Console) -> None:
     console.print(f"per-user AUC over the users with both classes (count in brackets); HR/NDCG over the "
                   f"{first['coda']['users_with_click']} users with a held-out click, on a page of their held-out "
                   f"items + {evaluation.NEGATIVES} never-rated ones", highlight=False)
-    p = Table(title="Paired per-user differences, mean [95% bootstrap CI over users and seeds]")
-    p.add_column("pair")
-    for _m, title in PAIR_METRICS:
-        p.add_column(f"Δ {title}")
+    p = Table(title="Paired per-user differences (bold: the 95% bootstrap CI over users and seeds excludes 0)")
+    for col in ("pair", "metric", "mean", "95% CI", "users"):
+        p.add_column(col)
     for pair, by_metric in results["paired"].items():
         a, b = pair.split("-")
-        cells = []
-        for metric, _title in PAIR_METRICS:
+        for i, (metric, title) in enumerate(PAIR_METRICS):
             c = by_metric[metric]
             if c["mean"] is None:
-                cells.append("-")
                 continue
-            excl = c["lo"] > 0 or c["hi"] < 0
-            cell = f"{c['mean']:+.4f} [{c['lo']:+.4f},{c['hi']:+.4f}]"
-            cells.append(f"[bold]{cell}[/bold]" if excl else cell)
-        p.add_row(f"{ARM_LABELS[a]} − {ARM_LABELS[b]}", *cells)
+            style = "bold" if c["lo"] > 0 or c["hi"] < 0 else None
+            p.add_row(f"{ARM_LABELS[a]} − {ARM_LABELS[b]}" if i == 0 else "", title, f"{c['mean']:+.4f}",
+                      f"[{c['lo']:+.4f}, {c['hi']:+.4f}]", str(c["users"]), style=style,
+                      end_section=i == len(PAIR_METRICS) - 1)
     console.print(p)
     cost = first["cost"]
     c = Table(title="Per-device cost of one round (filter + train)")

@@ -373,6 +373,32 @@ def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
     assert device.rows("outside") == []
 
 
+def test_train_on_a_host_without_delta_commits_sends_the_whole_model(tmp_path, sandbox, tasks, data, global_blob):
+    """A host from before `model.commit(rows=...)` refuses the delta; the script commits in full."""
+    calls = []
+    dev = Device(tmp_path, sandbox, tasks, global_blob)
+
+    def old_commit(name: str, params: dict, base_version: int, meta: dict | None = None) -> dict:
+        calls.append(sorted(params))
+        return dev.ops["model.commit"](name, params, base_version, meta)
+    dev.extra_ops["model.commit"] = old_commit
+    try:
+        dev.put("today", TODAY)
+        dev.config.update({"max_rows": 1000})
+        val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
+        dev.insert_local(val)
+        dev.insert_local(copies(val, day=TODAY - 5, tag="same"))
+        dev.insert_outside(copies(val[:50], day=TODAY, tag="out"), state="kept", scores=[0.8] * 50)
+        dev.create_ctr(data["catalog"])
+        res = dev.run("coda_train", EXHAUSTED)
+        assert res.status == "ok", res.error
+        assert res.value["ctr"]["committed"] is True and dev.models.info("ctr")["version"] == 2
+        # the delta never reached the op (its signature refused rows=); the whole model did, once
+        assert calls == [sorted(dev.models.load("ctr")["params"])]
+    finally:
+        dev.close()
+
+
 def test_train_release_config_limits_the_update_scope_and_min_val(device, data):
     """A release with update_scope=last commits an update in which only the output layer moved
     (MNN trained in the sandboxed child); min_val above the validation size skips training."""

@@ -85,8 +85,13 @@ class Update:
         if delta is None:
             res = model.commit(name=self.name, params=params, meta=meta, base_version=self.base_version)
         else:
-            res = model.commit(name=self.name, params=delta[0], rows=delta[1], meta=meta,
-                               base_version=self.base_version)
+            try:
+                res = model.commit(name=self.name, params=delta[0], rows=delta[1], meta=meta,
+                                   base_version=self.base_version)
+            except HostAPIError as e:  # a host from before delta commits: send the whole model
+                if e.kind != "InvalidArgument" or "bad arguments for model.commit" not in str(e):
+                    raise
+                res = model.commit(name=self.name, params=params, meta=meta, base_version=self.base_version)
         self.done = True
         return res["version"]
 
