@@ -281,8 +281,9 @@ class ModelStore:
         """M0 and M (version 1, or the next version with replace=True, which also renews M0: a new
         architecture is a new model)."""
         d = self._dir(name)
-        os.makedirs(d, exist_ok=True)
-        _fsync_dir(self.root)
+        if not os.path.isdir(d):
+            os.makedirs(d, exist_ok=True)
+            _fsync_dir(self.root)  # the model's folder itself survives a power cut
         with self._flock(name, "update.lock"):
             version = 1
             if self.exists(name):
@@ -335,7 +336,10 @@ class ModelStore:
 
     def _publish(self, name: str, data: bytes) -> None:
         buf = self._path(name, "Mbuf")
-        atomic_write(buf, data)
+        d, base = os.path.split(buf)
+        tmp = os.path.join(d, f".{base}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        _write_new(tmp, data, durable=True)  # the data is on disk; the name that lasts is M's, below
+        os.replace(tmp, buf)
         with self.write_lock(name):
             os.replace(buf, self._path(name, "M"))
             _fsync_dir(self._dir(name))

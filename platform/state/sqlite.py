@@ -26,6 +26,11 @@ class SQLiteState(SqlState):
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
+    def cached_revision(self, max_age: float = 0.2) -> int:
+        # A read costs a few microseconds here (a local file in the page cache), so it is always
+        # fresh: a change made through another object or process (the CLI) is seen by the next call.
+        return self.revision()
+
     @contextmanager
     def _write(self, c: Conn, serialize: bool) -> Iterator[None]:
         with self._write_lock:  # every SQLite write transaction is serialised

@@ -71,7 +71,8 @@ def test_another_writer_is_seen_by_a_fresh_read_and_then_by_the_cache(st, state_
         r0 = st.cached_revision(max_age=3600)
         with other.transaction() as tx:
             tx.bump_revision()
-        assert st.cached_revision(max_age=3600) == r0  # within max_age, another writer is not seen yet
+        if not isinstance(st, SQLiteState):  # SQLite reads afresh every time (a few microseconds)
+            assert st.cached_revision(max_age=3600) == r0  # within max_age, another writer is not seen yet
         assert st.revision() == r0 + 1
         assert st.cached_revision(max_age=3600) == r0 + 1
     finally:

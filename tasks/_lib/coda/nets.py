@@ -187,6 +187,9 @@ def model_config(defaults, given, name, ranges):
     return cfg
 
 
+MAX_GRAPHS = 6  # cached graphs per net (each holds its intermediate buffers)
+
+
 class Net(nn.Module):
     """Named float32 parameters (in creation order) plus the lookup modes described above."""
 
@@ -230,6 +233,8 @@ class Net(nn.Module):
         """The cached graph of `kind` for batches of n rows (`build()` makes it the first time)."""
         key = (kind, n)
         if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:  # scoring pages of many sizes: keep the newest few
+                del self.graphs[next(iter(self.graphs))]
             self.graphs[key] = build()
         return self.graphs[key]
 
