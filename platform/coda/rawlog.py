@@ -240,14 +240,9 @@ class RawLogStore(RawLog):
 
 def open_raw_log(url: str) -> RawLog:
     """`sqlite:///abs/raw.sqlite3` (embedded) or `postgresql://user@host/db` (shared by replicas)."""
-    if not isinstance(url, str) or not url:
-        raise InvalidArgument(f"raw log URL must be a non-empty string (got {url!r})")
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
-        if not path or path == "/":
-            raise InvalidArgument(f"raw log URL {url!r} has no file path (use sqlite:///abs/path/raw.sqlite3)")
-        return RawLogStore(path)
-    if url.startswith(("postgresql://", "postgres://")):
-        from .rawlog_pg import PostgresRawLog
-        return PostgresRawLog(url)
-    raise InvalidArgument(f"raw log URL {url!r}: use sqlite:///path/raw.sqlite3 or postgresql://user@host/db")
+    from walle.platform.state.factory import split_store_url
+    kind, target = split_store_url(url, "raw log", "raw.sqlite3")
+    if kind == "sqlite":
+        return RawLogStore(target)
+    from .rawlog_pg import PostgresRawLog
+    return PostgresRawLog(target)

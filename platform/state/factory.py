@@ -15,16 +15,25 @@ def state_url(data_dir: str | os.PathLike, url: str = "") -> str:
     return url or os.environ.get(ENV, "") or f"sqlite:///{pathlib.Path(data_dir).resolve() / 'state.sqlite3'}"
 
 
-def open_state(url: str) -> PlatformState:
+def split_store_url(url: str, what: str, filename: str) -> tuple[str, str]:
+    """("sqlite", file path) or ("postgresql", url) of a store URL; a clear error for anything else.
+    `what` names the store in messages, `filename` is the example file name."""
     if not isinstance(url, str) or not url:
-        raise InvalidArgument(f"state URL must be a non-empty string (got {url!r})")
+        raise InvalidArgument(f"{what} URL must be a non-empty string (got {url!r})")
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if not path or path == "/":
-            raise InvalidArgument(f"state URL {url!r} has no file path (use sqlite:///abs/path/state.sqlite3)")
-        from .sqlite import SQLiteState
-        return SQLiteState(path)
+            raise InvalidArgument(f"{what} URL {url!r} has no file path (use sqlite:///abs/path/{filename})")
+        return "sqlite", path
     if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresState
-        return PostgresState(url)
-    raise InvalidArgument(f"state URL {url!r}: use sqlite:///path/state.sqlite3 or postgresql://user@host/db")
+        return "postgresql", url
+    raise InvalidArgument(f"{what} URL {url!r}: use sqlite:///path/{filename} or postgresql://user@host/db")
+
+
+def open_state(url: str) -> PlatformState:
+    kind, target = split_store_url(url, "state", "state.sqlite3")
+    if kind == "sqlite":
+        from .sqlite import SQLiteState
+        return SQLiteState(target)
+    from .postgres import PostgresState
+    return PostgresState(target)

@@ -354,13 +354,19 @@ def test_train_gate_rejects_a_worse_update(device, data):
     assert device.rows("outside") == []  # used samples are removed whether or not M was updated
 
 
-def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
-    device.put("experiment.local_arm", True)
+def a_day_that_validates_better(device, data) -> None:
+    """120 validation samples, the same samples as training data and 50 kept outside copies: an update
+    that fits them validates better."""
     device.config.update({"max_rows": 1000})
     val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
     device.insert_local(val)
     device.insert_local(copies(val, day=TODAY - 5, tag="same"))
     device.insert_outside(copies(val[:50], day=TODAY, tag="out"), state="kept", scores=[0.8] * 50)
+
+
+def test_train_commits_a_better_update_and_runs_the_local_arm(device, data):
+    device.put("experiment.local_arm", True)
+    a_day_that_validates_better(device, data)
     for name in ("ctr", "ctr_local"):
         device.create_ctr(data["catalog"], name=name)
     res = device.run("coda_train", EXHAUSTED)
@@ -384,11 +390,7 @@ def test_train_on_a_host_without_delta_commits_sends_the_whole_model(tmp_path, s
     dev.extra_ops["model.commit"] = old_commit
     try:
         dev.put("today", TODAY)
-        dev.config.update({"max_rows": 1000})
-        val = [s for s in data["local"] if s.day >= TODAY - 3][:120]
-        dev.insert_local(val)
-        dev.insert_local(copies(val, day=TODAY - 5, tag="same"))
-        dev.insert_outside(copies(val[:50], day=TODAY, tag="out"), state="kept", scores=[0.8] * 50)
+        a_day_that_validates_better(dev, data)
         dev.create_ctr(data["catalog"])
         res = dev.run("coda_train", EXHAUSTED)
         assert res.status == "ok", res.error
