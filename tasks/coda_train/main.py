@@ -75,7 +75,7 @@ def main(event):
     if today is None and "local" in tables:
         newest = storage.query("local", order_by="-day", limit=1)
         today = newest[0]["day"] if newest else None
-    if today is None:
+    if today is None or "local" not in tables:  # a new user: matched batches before any own behaviour
         return {name: skipped("no local samples to validate on") for name in arms}
     for r in rows.rows_of("local"):
         rows.sample(r)  # check before writing anything

@@ -442,6 +442,16 @@ def test_train_without_validation_samples_skips_and_says_why(device, data):
     assert "validate" in res.value["ctr"]["skipped"] and res.value["ctr"]["n_val"] == 0
 
 
+def test_train_on_a_device_with_batches_but_no_local_samples_yet_skips(device, data):
+    """A new user: the day is known and matched batches arrived, but the app logged no behaviour yet."""
+    device.insert_outside(data["outside"][:120], batch_id="b1", state="kept", scores=[0.9] * 120)
+    device.create_ctr(data["catalog"])
+    res = device.run("coda_train", {"name": "table_rows", "table": "outside"})
+    assert res.status == "ok", res.error
+    assert "no local samples" in res.value["ctr"]["skipped"]
+    assert len(device.rows("outside")) == 120  # nothing used up
+
+
 def test_train_without_a_global_model_fails_clearly(tmp_path, sandbox, tasks, data):
     dev = Device(tmp_path, sandbox, tasks, None)
     dev.put("today", TODAY)
