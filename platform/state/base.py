@@ -99,6 +99,12 @@ class PlatformState(abc.ABC):
         """The revision read at most every `max_age` s; this object's own changes are seen at once."""
 
     @abc.abstractmethod
+    def credentials_revision(self) -> int:
+        """A counter that every credential change (enrollment, revocation) raises, read afresh. Such
+        a change also bumps the revision; most revision changes (releases) leave this one alone, so
+        caches of credentials outlive them."""
+
+    @abc.abstractmethod
     def wait_revision(self, known: int, timeout: float) -> int:
         """Block until the revision differs from `known` or `timeout` s have passed; returns the
         revision then. Changes through this object wake waiters at once; changes by other processes

@@ -195,6 +195,7 @@ class SqlTransaction(Transaction):
         return rows[0] if rows else None
 
     def put_device(self, device_id: str, token_hash: str, enrolled_at: int, expires_at: int, user_id: str) -> None:
+        self.state._bump(self.c, "credentials")
         self.c.run("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked, user_id)
                       VALUES (?, ?, ?, ?, 0, ?)
                       ON CONFLICT(device_id) DO UPDATE SET token_hash=excluded.token_hash,
@@ -202,6 +203,7 @@ class SqlTransaction(Transaction):
                       user_id=excluded.user_id""", [device_id, token_hash, enrolled_at, expires_at, user_id])
 
     def revoke_device(self, device_id: str) -> bool:
+        self.state._bump(self.c, "credentials")
         return self.c.run("UPDATE devices SET revoked = 1 WHERE device_id = ?", [device_id]).rowcount > 0
 
     def put_operator(self, name: str, token_hash: str, created_at: int) -> None:
@@ -293,10 +295,10 @@ class SqlState(PlatformState):
         self._local.bumped = False
         with self._write(c, serialize):
             yield c
-        self._rev_cache = (-1, 0.0)  # after COMMIT, so no reader caches the old revision
-        if self._local.bumped:  # and waiters in this process learn of it at once
+        if self._local.bumped:  # after COMMIT, so no reader caches the old revision,
             self._local.bumped = False
-            self._signal_change()
+            self._rev_cache = (-1, 0.0)
+            self._signal_change()  # and waiters in this process learn of it at once
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
@@ -317,7 +319,8 @@ class SqlState(PlatformState):
         with self._tx() as c:
             for stmt in SCHEMA:
                 c.run(stmt.format(**self.types))
-            for key, value in (("revision", "0"), ("schema", str(SCHEMA_VERSION)), ("release_seq", "0")):
+            for key, value in (("revision", "0"), ("schema", str(SCHEMA_VERSION)), ("release_seq", "0"),
+                               ("credentials", "0")):
                 c.run("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", [key, value])
             self._migrate(c)
             # Older releases that still serve as fallbacks were called 'superseded'.
@@ -338,6 +341,9 @@ class SqlState(PlatformState):
         if rev >= self._rev_cache[0] and self._change_seq == signalled:
             self._rev_cache = (rev, time.monotonic())
         return rev
+
+    def credentials_revision(self) -> int:
+        return int(self.conn.value("SELECT value FROM meta WHERE key='credentials'"))
 
     def cached_revision(self, max_age: float = 0.2) -> int:
         rev, at = self._rev_cache

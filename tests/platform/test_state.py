@@ -185,6 +185,47 @@ def test_devices_credentials_and_fleet_counts(st):
     assert st.fleet_counts(since=2000)["by_app_version"] == []
 
 
+def test_credentials_revision_moves_with_credentials_only(st, state_url):
+    c0 = st.credentials_revision()
+    with st.transaction() as tx:
+        tx.bump_revision()  # a release: the credential caches may stay
+    assert st.credentials_revision() == c0
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1", 10, 0, "")
+    other = open_state(state_url)  # another replica sees both changes
+    try:
+        assert other.credentials_revision() == st.credentials_revision() > c0
+        with other.transaction() as tx:
+            tx.revoke_device("d1")
+        assert st.credentials_revision() > other.credentials_revision() - 1 > c0
+    finally:
+        other.close()
+
+
+def test_a_revocation_elsewhere_empties_the_credential_caches_but_a_release_does_not(st, state_url):
+    from walle.platform.auth import DeviceCredentials
+    here = DeviceCredentials(st)
+    _d, token = here.enroll("d1", user_id="alice")
+    assert here.verify(token) == "d1" and here.bound_user("d1") == "alice"
+    other_state = open_state(state_url)  # another replica
+    try:
+        with other_state.transaction() as tx:
+            tx.bump_revision()
+        # cached across the revision change: the answer holds even if the row is gone behind our back
+        reads = []
+        real = st.device_by_token
+        st.device_by_token = lambda h: reads.append(h) or real(h)
+        st.revision()  # this replica has seen the release (a fresh read refreshes the cache)
+        assert here.verify(token) == "d1" and reads == []
+        DeviceCredentials(other_state).revoke("d1")
+        st.revision()  # ... and the revocation (pushed or polled within 0.2 s in a server)
+        with pytest.raises(errors.Unauthenticated, match="revoked"):
+            here.verify(token)
+        assert len(reads) == 1
+    finally:
+        other_state.close()
+
+
 def test_operators(st):
     assert not st.any_operator()
     with st.transaction() as tx:
