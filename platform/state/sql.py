@@ -9,8 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..errors import ResourceExhausted
-from .base import PlatformState, Transaction
+from ..errors import ResourceExhausted, WalleError
+from .base import PlatformState, Transaction, UploadWrite
 
 SCHEMA_VERSION = 1
 POLL_S = 0.2  # revision polling where changes by other processes are not pushed
@@ -481,6 +481,69 @@ class SqlState(PlatformState):
             c.run("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES (?, ?, ?, 0, ?)",
                   [device_id, epoch, top + 1, int(time.time())])
             return top + 1, 0
+
+    def store_uploads(self, writes: list[UploadWrite], span: int, max_streams: int) -> list:
+        out: list = [None] * len(writes)
+        now = int(time.time())
+        with self._tx(serialize=False) as c:
+            # every epoch of these devices, in one read
+            slots: dict[tuple[str, int], list[int]] = {}  # (device, epoch) -> [k, hw]
+            ks: dict[str, list[int]] = {}  # device -> its slots' k
+            devices = sorted({w.device_id for w in writes})
+            for i in range(0, len(devices), 500):
+                part = devices[i:i + 500]
+                for d, epoch, k, hw in c.run("SELECT device_id, epoch, k, hw FROM up_streams WHERE device_id IN "
+                                             f"({','.join('?' * len(part))})", part).fetchall():
+                    slots[(d, epoch)] = [k, hw]
+                    ks.setdefault(d, []).append(k)
+            new_slots, by_table, raised = [], {}, {}
+            for i, w in enumerate(writes):
+                slot = slots.get((w.device_id, w.epoch))
+                if slot is None:
+                    taken = ks.setdefault(w.device_id, [])
+                    if len(taken) >= max_streams:
+                        out[i] = ResourceExhausted(
+                            f"device {w.device_id!r} has started {len(taken)} up-tunnel epochs; at most {max_streams} "
+                            "(a device picks a new epoch only when its data folder starts afresh)")
+                        continue
+                    slot = slots[(w.device_id, w.epoch)] = [max(taken, default=-1) + 1, 0]
+                    taken.append(slot[0])
+                    new_slots.append((w.device_id, w.epoch, slot[0], now))
+                base = slot[0] * span
+                for topic, rows in w.rows.items():
+                    table = REPORT_TABLES.get(topic, "events")
+                    for row in rows:
+                        row = (row[0], row[1] + base, *row[2:])
+                        by_table.setdefault(table, []).append(
+                            (i, topic, (*row[:3], topic, row[3]) if table == "events" else row))
+                if w.top > slot[1]:
+                    slot[1] = raised[(w.device_id, w.epoch)] = w.top
+                out[i] = ({topic: 0 for topic in w.rows}, (w.device_id, w.epoch))
+            # a slot another replica made meanwhile fails the whole transaction (the caller retries)
+            if new_slots:
+                c.many("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES (?, ?, ?, 0, ?)", new_slots)
+            for table, rows in by_table.items():
+                stored = self._insert_new(c, table, [r for _i, _t, r in rows])
+                for i, topic, row in rows:  # a (device, seq) twice in the batch counts once
+                    if (row[0], row[1]) in stored:
+                        stored.discard((row[0], row[1]))
+                        out[i][0][topic] += 1
+            if raised:
+                c.many(f"UPDATE up_streams SET hw = {self.greatest}(hw, ?) WHERE device_id=? AND epoch=?",
+                       [(hw, d, epoch) for (d, epoch), hw in raised.items()])
+        return [r if isinstance(r, WalleError) else (r[0], slots[r[1]][1]) for r in out]
+
+    def _insert_new(self, c: Conn, table: str, rows: list[tuple]) -> set[tuple[str, int]]:
+        """Insert report rows, skipping (device, seq) already stored; returns the keys stored now."""
+        cols = REPORT_COLUMNS[table]
+        one = f"({','.join('?' * len(cols))})"
+        stored: set[tuple[str, int]] = set()
+        for i in range(0, len(rows), 200):  # SQLite takes at most 32,766 parameters per statement
+            part = rows[i:i + 200]
+            stored.update((d, seq) for d, seq in c.run(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES {','.join([one] * len(part))} "
+                "ON CONFLICT(device_id, seq) DO NOTHING RETURNING device_id, seq", [v for r in part for v in r]).fetchall())
+        return stored
 
     def raise_stream_hw(self, device_id: str, epoch: int, seq: int) -> int:
         with self._tx(serialize=False) as c:
