@@ -129,7 +129,7 @@ def profiled(pids: dict[str, int], out: str):
         return
     import subprocess
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-    spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "200", "--pid",
+    spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "--gil", "--format", "raw", "--rate", "200", "--pid",
                                str(pid), "--output", f"{out}/{name}.txt"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
     time.sleep(1.0)  # attached before the phase starts

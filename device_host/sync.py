@@ -268,7 +268,7 @@ class TaskStore:
         tmp = task_dir / (CURRENT_FILE + ".tmp")
         try:
             with open(tmp, "w") as f:
-                json.dump(pointer, f, sort_keys=True)
+                f.write(json.dumps(pointer, sort_keys=True))  # dumps: the C encoder, not dump's pure-Python one
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -288,7 +288,7 @@ class TaskStore:
             marker = {"digest": task.bundle_digest,
                       "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(files.items())}}
             with open(tmp / MARKER_FILE, "w") as f:
-                json.dump(marker, f, sort_keys=True)
+                f.write(json.dumps(marker, sort_keys=True))
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())

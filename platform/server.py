@@ -254,6 +254,10 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             accepted, dups, max_seq = accepted + a, dups + d, max(max_seq, m)
         return tunnel_pb2.UploadAck(accepted=accepted, duplicates=dups, max_seq=max_seq)
 
+    async def UploadBatch(self, request, context):
+        a, d, m = await blocking(self.platform.upload, device_of(self.platform, context), request)
+        return tunnel_pb2.UploadAck(accepted=a, duplicates=d, max_seq=m)
+
     async def GetResource(self, request, context):
         await blocking(self.platform.authorize_resource, device_of(self.platform, context))
         return await blocking(self.platform.resource, request.name, request.version)
