@@ -528,9 +528,13 @@ class SqlState(PlatformState):
                     if (row[0], row[1]) in stored:
                         stored.discard((row[0], row[1]))
                         out[i][0][topic] += 1
-            if raised:
-                c.many(f"UPDATE up_streams SET hw = {self.greatest}(hw, ?) WHERE device_id=? AND epoch=?",
-                       [(hw, d, epoch) for (d, epoch), hw in raised.items()])
+            todo = [(d, epoch, hw) for (d, epoch), hw in raised.items()]
+            for i in range(0, len(todo), 500):  # one statement per 500 epochs, not one per epoch
+                part = todo[i:i + 500]
+                c.run(f"UPDATE up_streams SET hw = {self.greatest}(up_streams.hw, v.column3) FROM (VALUES "
+                      f"{','.join(['(?, CAST(? AS BIGINT), CAST(? AS BIGINT))'] * len(part))}) AS v "
+                      "WHERE up_streams.device_id = v.column1 AND up_streams.epoch = v.column2",
+                      [x for row in part for x in row])
         return [r if isinstance(r, WalleError) else (r[0], slots[r[1]][1]) for r in out]
 
     def _insert_new(self, c: Conn, table: str, rows: list[tuple]) -> set[tuple[str, int]]:
