@@ -520,8 +520,10 @@ class SqlState(PlatformState):
                     slot[1] = raised[(w.device_id, w.epoch)] = w.top
                 out[i] = ({topic: 0 for topic in w.rows}, (w.device_id, w.epoch))
             # a slot another replica made meanwhile fails the whole transaction (the caller retries)
-            if new_slots:
-                c.many("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES (?, ?, ?, 0, ?)", new_slots)
+            for i in range(0, len(new_slots), 500):
+                part = new_slots[i:i + 500]
+                c.run("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES "
+                      f"{','.join(['(?, ?, ?, 0, ?)'] * len(part))}", [x for row in part for x in row])
             for table, rows in by_table.items():
                 stored = self._insert_new(c, table, [r for _i, _t, r in rows])
                 for i, topic, row in rows:  # a (device, seq) twice in the batch counts once
