@@ -24,11 +24,11 @@ this process.
     python bench/bench_matching.py --dask --sizes 1000000,10000000 --workers 2 --nprobe 16
     python bench/bench_matching.py --dask --scheduler tcp://10.0.0.5:8786 --sizes 10000000
 
---profile: the per-user CPU of each step of the distributed search, in one process and one thread
-(no Dask), the previous way and the current way side by side on the same index and queries:
-previous = every shard adds its users through the quantizer and runs the quantizer again for every
-query block (W + 1 quantizer searches per user) and the shards' hits are merged with numpy lexsort;
-current = each user's nprobe lists found once (add_core + search_preassigned), merged in C++.
+--profile: the per-user CPU of the distributed search's steps, in one process and one thread (no
+Dask), the previous way and the current way side by side on the same trained quantizer: previous =
+each user's nprobe lists found once, then one IVF scan per user over them (search_preassigned);
+current = each user's nearest list found, then a cluster join: one matrix product per list against
+the members of the nprobe lists nearest to its centroid.
 
     python bench/bench_matching.py --profile --sizes 1000000 --nprobe 16
 """
@@ -125,7 +125,7 @@ def dask_rows(args) -> None:
     from distributed import Client, LocalCluster
 
     print(f"{'n':>9} {'data':<10} {'workers':>7} {'nlist':>6} {'nprobe':>6} {'ef':>4} {'wall s':>8} "
-          f"{'train/shards/search s':>22} {'recall@K':>9} {'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} "
+          f"{'train/assign/shards/search s':>28} {'recall@K':>9} {'cpu s':>8} {'exact q s':>9} {'worker peak MB':>22} "
           f"{'client peak MB':>14} {'load1':>6} {'idle0':>6}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         for kind in args.datasets.split(","):
@@ -134,10 +134,12 @@ def dask_rows(args) -> None:
             exact_q, t_q = exact_for(x, queries, args.k)
             got = {}
 
-            def keep(lo, sims, ids):  # keep only the sampled users' rows (all of them: 12 GB at 10M)
-                sel = queries[(queries >= lo) & (queries < lo + len(ids))]
-                for q in sel:
-                    got[int(q)] = ids[q - lo]
+            wanted = np.zeros(n, bool)
+            wanted[queries] = True
+
+            def keep(rows, sims, ids):  # keep only the sampled users' rows (all of them: 12 GB at 10M)
+                for r in np.flatnonzero(wanted[rows]):
+                    got[int(rows[r])] = ids[r]
 
             if args.scheduler:
                 client, cluster = Client(args.scheduler), None
@@ -163,72 +165,66 @@ def dask_rows(args) -> None:
             rec = mt.recall_at_k(np.stack([got[int(q)] for q in queries]), exact_q)
             nlist = args.nlist or mt.default_nlist(n)
             wpeak = "/".join(f"{v:.0f}" for v in peaks.values())
-            split = "/".join(f"{phases.get(p, 0):.0f}" for p in ("train", "shards", "search"))
+            split = "/".join(f"{phases.get(p, 0):.0f}" for p in ("train", "assign", "shards", "search"))
             print(f"{n:>9} {kind:<10} {len(peaks):>7} {nlist:>6} {args.nprobe:>6} {args.ef:>4} {elapsed:>8.1f} "
-                  f"{split:>22} {rec:>9.3f} {cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} "
+                  f"{split:>28} {rec:>9.3f} {cpu:>8.1f} {t_q:>9.1f} {wpeak:>22} {peak_rss_mb():>14.0f} "
                   f"{os.getloadavg()[0]:>6.1f} {idle:>6.2f}", flush=True)
             del x
 
 
 def profile_rows(args) -> None:
-    """Per-user CPU (us, one thread) of the steps of knn_ivf_distributed, previous vs current way."""
+    """Per-user CPU (us, one thread) of the steps of the distributed search, previous vs current way."""
     faiss.omp_set_num_threads(1)
-    shards = args.workers
-    print(f"{'n':>9} {'nlist':>6} {'nprobe':>6} {'way':<8} {'add us':>7} {'lists us':>8} {'scan us':>8} "
-          f"{'merge us':>8} {'total us':>8} {'recall@K':>9}  (per user, CPU of one thread, {shards} shards)", flush=True)
+    print(f"{'n':>9} {'nlist':>6} {'nprobe':>6} {'way':<8} {'lists us':>8} {'scan us':>8} {'total us':>8} "
+          f"{'recall@K':>9}  (per user, CPU of one thread, training excluded)", flush=True)
+    cpu = time.process_time
     for n in (int(v) for v in args.sizes.split(",")):
         x = make_data("clustered", n, args.dim)
         nq = min(n, args.queries * 10)
-        q = x[:nq]
+        queries = np.sort(np.random.default_rng(1).choice(n, nq, replace=False))
         nlist = args.nlist or mt.default_nlist(n)
-        exact, _ = exact_for(x, np.arange(nq), args.k)
+        exact, _ = exact_for(x, queries, args.k)
         trained = mt.train_ivf(x, nlist, points_per_list=args.train_points, niter=args.train_iter)
-        bounds = mt._blocks(n, shards)
-        cpu = time.process_time
 
-        # previous: add() runs the quantizer per user; each shard runs it again per query
+        # previous (session 3): each user's nprobe lists found once by the quantizer, the user added
+        # to the nearest; then one IVF scan per user over its own lists (search_preassigned)
         t = cpu()
-        old = []
-        for lo, hi in bounds:
-            idx = faiss.deserialize_index(trained)
-            mt._ivf_of(idx, args.nprobe, args.ef)
-            idx.add(x[lo:hi])
-            old.append((idx, lo))
-        add_old = (cpu() - t) / n
+        index = faiss.deserialize_index(trained)
+        ivf = faiss.extract_index_ivf(index)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(args.ef, args.nprobe)
+        sims, lists = quantizer.search(x, args.nprobe)
+        ids, nearest = np.arange(n, dtype=np.int64), np.ascontiguousarray(lists[:, 0])  # alive during add_core
+        ivf.add_core(n, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(nearest))
+        lists_old = (cpu() - t) / n
+        ivf.nprobe = args.nprobe
         t = cpu()
-        parts = []
-        for idx, lo in old:
-            d, i = idx.search(q, args.k + 1)
-            parts.append((np.where(i < 0, -np.inf, d).astype(np.float32), np.where(i < 0, -1, i + lo)))
+        _, i = ivf.search_preassigned(x[queries], args.k + 1, lists[queries], sims[queries])
         scan_old = (cpu() - t) / nq
-        t = cpu()
-        _, ids_old = mt.merge_topk(parts, 0, args.k)
-        merge_old = (cpu() - t) / nq
-        del old, parts
+        _, ids_old = mt._drop_self(np.zeros(i.shape, np.float32), i, queries, args.k)
+        del index, ivf, sims, lists
 
-        # current: lists found once per user, kept as the queries' probes
+        # current: each user's nearest list only, then one matrix product per list against the
+        # members of the nprobe lists nearest to the list's centroid
         t = cpu()
-        new = [mt.build_ivf_shard(trained, x[lo:hi], lo, args.nprobe, args.ef) for lo, hi in bounds]
-        build = cpu() - t
-        own = new[0]  # the profiled queries are the first shard's users
+        assigned = mt.assign_lists(trained, x, args.ef)
+        probes = mt.list_probes(mt.centroids_of(trained), args.nprobe)
+        order = np.argsort(assigned, kind="stable")
+        starts = np.searchsorted(assigned[order], np.arange(nlist + 1))
+        shard = mt.JoinShard(x[order], order, 0, starts)
+        lists_new = (cpu() - t) / n
         t = cpu()
-        probes = mt._ivf_of(own.index, args.nprobe, args.ef).quantizer.search(q, args.nprobe)
-        lists_new = (cpu() - t) / nq
-        add_new = build / n - lists_new
-        t = cpu()
-        parts = [mt.search_ivf_shard(s, q, (probes[0], probes[1]), args.k + 1) for s in new]
-        scan_new = (cpu() - t) / nq
-        t = cpu()
-        _, ids_new = mt.merge_sorted_topk(parts, 0, args.k)
-        merge_new = (cpu() - t) / nq
-        for way, add, lists, scan, merge, ids in (
-                ("previous", add_old, 0.0, scan_old, merge_old, ids_old),
-                ("current", add_new, lists_new, scan_new, merge_new, ids_new)):
-            total = add + lists + scan + merge
-            print(f"{n:>9} {nlist:>6} {args.nprobe:>6} {way:<8} {add * 1e6:>7.1f} {lists * 1e6:>8.1f} "
-                  f"{scan * 1e6:>8.1f} {merge * 1e6:>8.1f} {total * 1e6:>8.1f} {mt.recall_at_k(ids, exact):>9.3f}",
-                  flush=True)
-        print(f"(previous: 'scan' includes the quantizer run by every shard; load average {os.getloadavg()[0]:.1f})",
+        d, i = mt.search_join_shard(shard, shard.rows, starts, probes, args.k + 1)
+        scan_new = (cpu() - t) / n
+        _, ids = mt.merge_sorted_topk([(d, i)], order, args.k)
+        ids_new = np.empty_like(ids)
+        ids_new[order] = ids
+        for way, lists_us, scan, got in (("previous", lists_old, scan_old, ids_old),
+                                         ("current", lists_new, scan_new, ids_new[queries])):
+            print(f"{n:>9} {nlist:>6} {args.nprobe:>6} {way:<8} {lists_us * 1e6:>8.1f} {scan * 1e6:>8.1f} "
+                  f"{(lists_us + scan) * 1e6:>8.1f} {mt.recall_at_k(got, exact):>9.3f}", flush=True)
+        print(f"(previous: scan of {nq} sampled users; current: all {n}; load average {os.getloadavg()[0]:.1f})",
               flush=True)
 
 

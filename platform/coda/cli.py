@@ -40,7 +40,7 @@ def cloud():
 @click.option("--raw-log", envvar="WALLE_CODA_RAW_LOG", default="", metavar="URL",
               help="Raw behaviour log URL: sqlite:///path or postgresql://... (default: the state's PostgreSQL if any, "
                    "else SQLite in the data folder).")
-@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation; default: local.")
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation and, above 300,000 users, matching; default: local.")
 @json_option
 @pass_ctx
 def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, raw_log, scheduler):

@@ -311,7 +311,7 @@ class CodaCloud:
         matched: dict[str, list[coda_pb2.Sample]] = {}
         top10 = float("nan")
         if len(users) >= 2:
-            sims, idx = matching.knn(vectors, k=self.k)
+            sims, idx = matching.knn(vectors, k=self.k, scheduler=self.scheduler)
             top10 = float(np.nanmean(sims[:, :10]))
             cap = self.daily_limit * self.mappings.batch_size
             served = {u: [served_copy(x) for x in ss] for u, ss in gen.samples.items()}

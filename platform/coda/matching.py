@@ -6,6 +6,8 @@ for all of 100k users on 2 cores), HNSW (M=32) above; IVF by name. `knn_sharded`
 database into shards, searches every query block on every shard and merges the top K: exact, and
 the way to go when one index no longer fits one worker. Its per-shard functions run in a plain
 loop in-process, or as dask.distributed tasks with each shard pinned to a worker.
+`knn_ivf_distributed` is the approximate search past one machine (millions of users): a cluster
+join over IVF lists, the lists split across Dask workers.
 
 A user never matches itself: we search K+1 and drop the query's own row (or, if exact ties
 pushed it out, the last hit).
@@ -73,13 +75,18 @@ def build_index(x: np.ndarray, kind: str, *, hnsw_m: int = 32, hnsw_ef_construct
 
 
 def knn(vectors: np.ndarray, k: int = 100, *, index: str = "auto", exact_threshold: int = 300_000,
-        hnsw_ef_search: int = 128, ivf_nprobe: int = 64, hnsw_m: int = 32, ivf_nlist: int | None = None
-        ) -> tuple[np.ndarray, np.ndarray]:
+        hnsw_ef_search: int = 128, ivf_nprobe: int = 64, hnsw_m: int = 32, ivf_nlist: int | None = None,
+        scheduler: object = None) -> tuple[np.ndarray, np.ndarray]:
     """For every row, its k most similar other rows: (cosine similarities [n, k] descending,
     row indices [n, k]). k is clipped to n - 1. Approximate indexes may return -1 (similarity
-    -inf) where they found fewer than k neighbours."""
+    -inf) where they found fewer than k neighbours. With index "auto" and a dask.distributed
+    `scheduler` address ("tcp://host:port"), more than `exact_threshold` rows are matched on that
+    cluster (knn_ivf_distributed); otherwise in this process."""
     if k < 1:
         raise InvalidArgument(f"k must be >= 1, got {k}")
+    if (index == "auto" and isinstance(scheduler, str) and "://" in scheduler
+            and np.asarray(vectors).shape[0] > exact_threshold):
+        return knn_ivf_distributed(vectors, k, scheduler=scheduler)
     x = _prepare(vectors)
     n = x.shape[0]
     k = min(k, n - 1)
@@ -182,34 +189,18 @@ def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
     return hits / e.size
 
 
-# --- approximate search past one machine: IVF lists sharded across Dask workers ----------------
+# --- approximate search past one machine: a cluster join over IVF lists, split across workers ---
 #
-# One coarse quantizer is trained once on a sample (spherical k-means, assignments through an HNSW
-# graph so tens of thousands of lists train in seconds). The users are split into contiguous
-# shards, one per worker. Each worker finds, once, the `nprobe` nearest lists of each of its users
-# (the costliest step after the scan: ~40 us a user through the HNSW quantizer), adds its users to
-# their nearest list in its own copy of the index, and keeps those probes: the users are also the
-# queries. A block of queries is then scanned on every shard with the probes of the shard that owns
-# it (search_preassigned: the quantizer is never run twice for a user) and the shards' sorted top K
-# are merged in C++ (faiss.merge_knn_results). Total work is that of one index; the memory of the
-# lists and probes is divided by the number of workers.
-
-class ShardIndex:
-    """One worker's part: a faiss IVF index holding rows offset.. (their global ids), and the
-    probed lists (similarities, list ids) of each of those rows."""
-
-    def __init__(self, index: faiss.Index, offset: int, probe_sims: np.ndarray, probe_lists: np.ndarray):
-        self.index, self.offset, self.probe_sims, self.probe_lists = index, offset, probe_sims, probe_lists
-
-    def __sizeof__(self) -> int:  # what Dask counts against the worker's memory
-        return self.index.ntotal * (4 * self.index.d + 8) + self.probe_sims.nbytes + self.probe_lists.nbytes
-
-    def __reduce__(self):
-        return (ShardIndex._load, (faiss.serialize_index(self.index), self.offset, self.probe_sims, self.probe_lists))
-
-    @staticmethod
-    def _load(data: np.ndarray, offset: int, probe_sims: np.ndarray, probe_lists: np.ndarray) -> "ShardIndex":
-        return ShardIndex(faiss.deserialize_index(data), offset, probe_sims, probe_lists)
+# A coarse quantizer (spherical k-means) is trained once on a sample, and every user is assigned to
+# its nearest list (on the workers). Users are sorted by list and the sorted rows are cut into
+# contiguous shards of whole lists, one per worker. The users of one list are searched together
+# against the members of the `nprobe` lists nearest to that list's centroid: one matrix product
+# (BLAS) per list and a partial sort, instead of one IVF scan per user, and the quantizer runs once
+# per user, for the assignment, instead of once more for the probes. A block of lists is searched on every shard
+# against the candidates that shard holds, and the shards' sorted top K are merged in C++
+# (faiss.merge_knn_results). Total work is that of one index; each worker holds only its shard.
+# Measured at 1M users (dim 32, one thread): 49 CPU-s with recall 0.999, where one IVF scan per
+# user took 117 us of CPU per user with its lists found once (bench/bench_matching.py --profile).
 
 
 def default_nlist(n: int) -> int:
@@ -235,70 +226,130 @@ def train_ivf(x: np.ndarray, nlist: int, *, seed: int = 0, points_per_list: int 
     return faiss.serialize_index(index)
 
 
-def _ivf_of(index: faiss.Index, nprobe: int, ef_search: int) -> faiss.IndexIVF:
-    ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = nprobe
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):  # enough candidates for the nprobe nearest lists
-        quantizer.hnsw.efSearch = max(ef_search, nprobe)
-    return ivf
+def _load_ivf(trained: np.ndarray | bytes, ef_search: int = 16) -> tuple[faiss.Index, faiss.Index]:
+    """(the deserialized index, its quantizer); keep the first alive while using the second."""
+    index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = ef_search
+    return index, quantizer
 
 
-def build_ivf_shard(trained: np.ndarray, shard: np.ndarray, offset: int, nprobe: int = 16,
-                    ef_search: int = 16) -> ShardIndex:
-    """The shard of rows offset..: each row's `nprobe` nearest lists (found once), the row added to
-    the nearest of them under its global id."""
-    index = faiss.deserialize_index(trained)
-    ivf = _ivf_of(index, nprobe, ef_search)
-    sims, lists = ivf.quantizer.search(shard, nprobe)
-    ids = np.arange(offset, offset + len(shard), dtype=np.int64)
-    nearest = np.ascontiguousarray(lists[:, 0])
-    ivf.add_core(len(shard), faiss.swig_ptr(np.ascontiguousarray(shard)), faiss.swig_ptr(ids),
-                 faiss.swig_ptr(nearest))
-    return ShardIndex(index, offset, sims, lists)
+def centroids_of(trained: np.ndarray | bytes) -> np.ndarray:
+    """The trained lists' centroids [nlist, d]."""
+    index, quantizer = _load_ivf(trained)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer = faiss.downcast_index(quantizer.storage)
+    return quantizer.reconstruct_n(0, quantizer.ntotal)
 
 
-def probes_of(shard: ShardIndex, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """The probed lists of rows lo..hi (which this shard owns)."""
-    a, b = lo - shard.offset, hi - shard.offset
-    return shard.probe_sims[a:b], shard.probe_lists[a:b]
+def assign_lists(trained: np.ndarray | bytes, rows: np.ndarray, ef_search: int = 16) -> np.ndarray:
+    """The nearest list of each (normalized) row, found by the trained quantizer."""
+    index, quantizer = _load_ivf(trained, ef_search)
+    _, lists = quantizer.search(np.ascontiguousarray(rows), 1)
+    return lists[:, 0].astype(np.int32)
 
 
-def search_ivf_shard(shard: ShardIndex, queries: np.ndarray, probes: tuple[np.ndarray, np.ndarray],
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of `queries` among this shard's rows, scanning the lists named by `probes`."""
-    sims, lists = probes
-    ivf = faiss.extract_index_ivf(shard.index)
-    ivf.nprobe = lists.shape[1]
-    d, i = ivf.search_preassigned(queries, k, lists, sims)
-    d[i < 0] = -np.inf
+def list_probes(centroids: np.ndarray, nprobe: int) -> np.ndarray:
+    """For every list, the `nprobe` lists whose centroids are nearest to its own (itself first)."""
+    _, probes = faiss.knn(centroids, centroids, min(nprobe, len(centroids)), metric=faiss.METRIC_INNER_PRODUCT)
+    return probes
+
+
+class JoinShard:
+    """One worker's part: the rows of lists first..first+len(starts)-2, sorted by list, with their
+    global ids; list first+j holds rows starts[j]..starts[j+1]."""
+
+    def __init__(self, rows: np.ndarray, ids: np.ndarray, first: int, starts: np.ndarray):
+        self.rows, self.ids, self.first, self.starts = rows, ids, first, starts
+
+    def __sizeof__(self) -> int:  # what Dask counts against the worker's memory
+        return self.rows.nbytes + self.ids.nbytes + self.starts.nbytes
+
+
+def search_join_shard(shard: JoinShard, queries: np.ndarray, query_starts: np.ndarray, probes: np.ndarray,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (similarity, global id) of `queries` among this shard's rows. The queries are the
+    members of consecutive lists: list j's rows are queries[query_starts[j]:query_starts[j+1]],
+    searched against the members of its lists `probes[j]` that this shard holds."""
+    d = np.full((len(queries), k), -np.inf, np.float32)
+    i = np.full((len(queries), k), -1, np.int64)
+    last = shard.first + len(shard.starts) - 1
+    for j, plist in enumerate(probes):
+        qlo, qhi = query_starts[j], query_starts[j + 1]
+        held = [p - shard.first for p in plist if shard.first <= p < last]
+        spans = [(shard.starts[p], shard.starts[p + 1]) for p in held if shard.starts[p + 1] > shard.starts[p]]
+        if qhi == qlo or not spans:
+            continue
+        cand = np.concatenate([shard.rows[a:b] for a, b in spans])
+        ids = np.concatenate([shard.ids[a:b] for a, b in spans])
+        kk = min(k, len(cand))  # fewer candidates than k: the rest stays -1 / -inf
+        step = max(1, _SIMS_PER_STEP // len(cand))  # bounds the similarity matrix of a huge list
+        for lo in range(qlo, qhi, step):
+            hi = min(qhi, lo + step)
+            d[lo:hi, :kk], top = _top_k(queries[lo:hi] @ cand.T, kk)
+            i[lo:hi, :kk] = ids[top]
     return d, i
 
 
-def merge_sorted_topk(parts: list[tuple[np.ndarray, np.ndarray]], lo: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge the shards' sorted top (k+1) lists for query rows lo.. (in C++), then drop self."""
+_SIMS_PER_STEP = 4_000_000
+
+
+def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest values, descending, and their columns. A partition, then a sort of the
+    k: 2-3.5x faster than faiss's heap or reservoir selection at K = 100, which cost 10x the matrix
+    product itself (bench/bench_matching.py --profile)."""
+    part = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:] if k < sims.shape[1] else \
+        np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+    top = np.take_along_axis(sims, part, axis=1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
+
+
+def rows_of(shard: JoinShard, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi of the shard (shard positions): a block of queries, fetched where it lives."""
+    return shard.rows[lo:hi]
+
+
+def merge_sorted_topk(parts: list[tuple[np.ndarray, np.ndarray]], query_ids: np.ndarray,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the shards' sorted top (k+1) lists (in C++), then drop each query's own row."""
     if len(parts) == 1:
         d, i = parts[0]
     else:
         d, i = faiss.merge_knn_results(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
                                        keep_max=True)
-    return _drop_self(d, i, np.arange(lo, lo + len(d)), k)
+    return _drop_self(d, i, query_ids, k)
+
+
+def _list_blocks(starts: np.ndarray, query_block: int) -> list[tuple[int, int]]:
+    """Runs of whole consecutive lists (la, lb) holding about `query_block` rows each."""
+    blocks, la = [], 0
+    nlist = len(starts) - 1
+    while la < nlist:
+        lb = int(np.searchsorted(starts, starts[la] + query_block, side="right")) - 1
+        lb = min(max(lb, la + 1), nlist)
+        if starts[lb] > starts[la]:  # lists with no users need no search
+            blocks.append((la, lb))
+        la = lb
+    return blocks
 
 
 def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | None = None,
                         scheduler: str | None = None, n_shards: int | None = None, nlist: int | None = None,
                         nprobe: int = 16, ef_search: int = 16, points_per_list: int = 20, train_iter: int = 8,
                         query_block: int = QUERY_BLOCK,
-                        on_block: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                        on_block: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
                         timings: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Approximate KNN (cosine) of every row, the IVF lists split over Dask workers (one shard per
-    worker unless `n_shards`). With `on_block(lo, sims, ids)` each finished block of query rows is
-    handed over and nothing is kept (10M users x K=100 would be 12 GB); otherwise returns the
-    arrays like knn(). `client` or `scheduler` ("tcp://host:8786") picks the cluster. `ef_search`:
-    the HNSW quantizer's candidates when finding the nprobe lists; `points_per_list`/`train_iter`:
-    the k-means sample and iterations of the coarse quantizer. `timings` (a dict) receives the wall
-    seconds of "train" (in this process), "shards" (until the first block is back: the shards are
-    built then) and "search" (the rest)."""
+    """Approximate KNN (cosine) of every row by a cluster join over IVF lists, the lists split over
+    Dask workers (one shard per worker unless `n_shards`). With `on_block(rows, sims, ids)` each
+    finished block is handed over (`rows`: the global indices of its query rows) and nothing is
+    kept (10M users x K=100 would be 12 GB); otherwise returns the arrays like knn(). `client` or
+    `scheduler` ("tcp://host:8786") picks the cluster. `nprobe`: lists searched per list of users;
+    `ef_search`: the HNSW quantizer's candidates when assigning users to lists;
+    `points_per_list`/`train_iter`: the k-means sample and iterations of the coarse quantizer.
+    `timings` (a dict) receives the wall seconds of "train" (in this process), "assign" (on the
+    workers), "shards" (sorting and placing the shards) and "search"."""
     if k < 1:
         raise InvalidArgument(f"k must be >= 1, got {k}")
     if nprobe < 1:
@@ -326,47 +377,59 @@ def knn_ivf_distributed(vectors: np.ndarray, k: int = 100, *, client: object | N
     if not workers:
         raise InvalidArgument("the dask cluster has no workers")
     nlist = min(nlist or default_nlist(n), n)
-    nprobe = min(nprobe, nlist)
-    qblocks = [(lo, min(n, lo + query_block)) for lo in range(0, n, query_block)]
-    # A shard is a run of whole query blocks, so each block's probes live on one shard.
-    groups = [g for g in np.array_split(np.arange(len(qblocks)), min(n_shards or len(workers), len(qblocks))) if len(g)]
-    trained = train_ivf(x, nlist, points_per_list=points_per_list, niter=train_iter)
+    trained = np.frombuffer(train_ivf(x, nlist, points_per_list=points_per_list, niter=train_iter), np.uint8)
+    probes = list_probes(centroids_of(trained), min(nprobe, nlist))
     lap("train")
+
     t_fut = client.scatter(trained, broadcast=True, hash=False)
-    shard_futs, owner, rows = [], {}, []
+    chunks = _blocks(n, 4 * len(workers))
+    assigned = [client.submit(assign_lists, t_fut, client.scatter(x[lo:hi], hash=False), ef_search, pure=False)
+                for lo, hi in chunks]
+    lists = np.concatenate(client.gather(assigned))
+    del assigned
+    lap("assign")
+
+    order = np.argsort(lists, kind="stable")
+    starts = np.searchsorted(lists[order], np.arange(nlist + 1)).astype(np.int64)
+    del lists
+    blocks = _list_blocks(starts, query_block)
+    # A shard is a run of whole blocks, so each block's queries live on one shard.
+    groups = [g for g in np.array_split(np.arange(len(blocks)), min(n_shards or len(workers), len(blocks))) if len(g)]
+    shards, owner = [], {}
     for s, g in enumerate(groups):
-        slo, shi = qblocks[g[0]][0], qblocks[g[-1]][1]
+        la, lb = blocks[g[0]][0], blocks[g[-1]][1]
+        lo, hi = starts[la], starts[lb]
         w = [workers[s % len(workers)]]
-        data = client.scatter(x[slo:shi], workers=w, hash=False)
-        fut = client.submit(build_ivf_shard, t_fut, data, slo, nprobe, ef_search, workers=w, pure=False)
-        shard_futs.append((fut, w))
-        owner.update({int(b): (fut, w) for b in g})
-        rows.append(data)  # scattered data cannot be recomputed: hold it until the shards are built
+        fut = client.scatter(JoinShard(x[order[lo:hi]], order[lo:hi], la, starts[la:lb + 1] - lo), workers=w,
+                             hash=False)
+        shards.append((fut, w))
+        owner.update({int(b): (fut, w, lo) for b in g})
+    del x
+    lap("shards")
+
     out = None if on_block is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     window = 2 * len(workers) + 2  # blocks in flight: bounds client and worker memory
 
     def submit(b: int):
-        lo, hi = qblocks[b]
-        q = client.scatter(x[lo:hi], broadcast=True, hash=False)
-        own, w = owner[b]
-        probes = client.submit(probes_of, own, lo, hi, workers=w, pure=False)
-        parts = [client.submit(search_ivf_shard, f, q, probes, k + 1, workers=fw, pure=False) for f, fw in shard_futs]
-        fut = client.submit(merge_sorted_topk, parts, lo, k, pure=False)
-        return lo, fut, (q, probes, parts)  # held until gathered: a released scatter would be a lost dependency
+        la, lb = blocks[b]
+        own, w, base = owner[b]
+        q = client.submit(rows_of, own, starts[la] - base, starts[lb] - base, workers=w, pure=False)
+        qstarts, qprobes = starts[la:lb + 1] - starts[la], probes[la:lb]
+        parts = [client.submit(search_join_shard, f, q, qstarts, qprobes, k + 1, workers=fw, pure=False)
+                 for f, fw in shards]
+        rows = order[starts[la]:starts[lb]]
+        return rows, client.submit(merge_sorted_topk, parts, rows, k, pure=False)
 
-    pending = iter(range(len(qblocks)))
+    pending = iter(range(len(blocks)))
     in_flight = collections.deque(submit(b) for _, b in zip(range(window), pending))
-    while in_flight:  # oldest first: blocks come back in order, `window` of them being computed
-        lo, fut, held = in_flight.popleft()
+    while in_flight:  # oldest first, `window` blocks being computed
+        rows, fut = in_flight.popleft()
         sims, ids = client.gather(fut)
-        if rows:
-            lap("shards")
-        rows.clear()  # every shard is built (this block needed them all): workers keep only the indexes
-        del fut, held  # dropping the last reference releases them (an explicit release() would twice)
+        del fut  # dropping the last reference releases the block's tasks
         if on_block is not None:
-            on_block(lo, sims, ids)
+            on_block(rows, sims, ids)
         else:
-            out[0][lo:lo + len(sims)], out[1][lo:lo + len(ids)] = sims, ids
+            out[0][rows], out[1][rows] = sims, ids
         nxt = next(pending, None)
         if nxt is not None:
             in_flight.append(submit(nxt))

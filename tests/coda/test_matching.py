@@ -141,9 +141,7 @@ def test_bad_input_is_refused(rand):
 
 @pytest.mark.slow
 def test_ivf_distributed_on_a_local_cluster():
-    import pickle
-
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(40, 16))
@@ -152,23 +150,55 @@ def test_ivf_distributed_on_a_local_cluster():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
         with Client(cluster) as client:
-            # every list probed: the sharded IVF is exact
+            # every list probed: the cluster join is exact
             s_all, i_all = mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=50, query_block=700)
             blocks = []
             mt.knn_ivf_distributed(x, 15, client=client, nlist=50, nprobe=1, query_block=700,
-                                   on_block=lambda lo, s, i: blocks.append((lo, s, i)))
+                                   on_block=lambda rows, s, i: blocks.append((rows, s, i)))
+            # the pipeline's call: past exact_threshold rows and given a cluster, knn matches there
+            with get_task_stream(client) as on_cluster:
+                via_knn = mt.knn(x, 15, exact_threshold=1000, scheduler=cluster.scheduler_address)
+            with get_task_stream(client) as nothing:
+                mt.knn(x, 15, exact_threshold=1000, scheduler="threads")  # not a cluster: in this process
         by_address = mt.knn_ivf_distributed(x, 15, scheduler=cluster.scheduler_address, nlist=50, nprobe=50)
+    assert any("search_join_shard" in str(t["key"]) for t in on_cluster.data) and not nothing.data
+    assert mt.recall_at_k(via_knn[1], exact_i) > 0.95
     np.testing.assert_allclose(s_all, exact_s, atol=1e-5)
     assert mt.recall_at_k(i_all, exact_i) > 0.999 and mt.recall_at_k(by_address[1], exact_i) > 0.999
-    assert sorted(lo for lo, _, _ in blocks) == list(range(0, 4000, 700))  # every row once, nothing kept
-    approx = np.vstack([i for _, _, i in sorted(blocks, key=lambda b: b[0])])
+    rows = np.concatenate([r for r, _, _ in blocks])
+    assert len(blocks) > 2 and np.array_equal(np.sort(rows), np.arange(4000))  # every row once, nothing kept
+    approx = np.empty((4000, 15), np.int64)
+    approx[rows] = np.vstack([i for _, _, i in blocks])
     assert not (approx == np.arange(4000)[:, None]).any()  # never matched to itself
-    assert 0.8 < mt.recall_at_k(approx, exact_i) < 1.0  # fewer lists probed: approximate
-    shard = mt.build_ivf_shard(mt.train_ivf(mt._prepare(x), 50), mt._prepare(x)[:100], 7)
-    moved = pickle.loads(pickle.dumps(shard))  # Dask can move a shard if it must
-    assert moved.offset == 7 and moved.index.ntotal == 100
-    assert np.array_equal(moved.probe_lists, shard.probe_lists) and moved.probe_lists.shape == (100, 16)
-    d, i = mt.search_ivf_shard(moved, mt._prepare(x)[:3], mt.probes_of(moved, 7, 10), 5)
-    assert (i[:, 0] == [7, 8, 9]).all() and ((i >= 7) & (i < 107)).all()  # global ids; a row finds itself first
+    assert 0.8 < mt.recall_at_k(approx, exact_i) < 1.0  # only each user's own list searched: approximate
     with pytest.raises(InvalidArgument, match="client or a scheduler"):
         mt.knn_ivf_distributed(x, 5)
+
+
+def test_a_join_shard_searches_only_the_probed_lists_it_holds(monkeypatch):
+    rng = np.random.default_rng(5)
+    rows = mt._prepare(rng.normal(size=(10, 4)))
+    ids = np.arange(100, 110)
+    # the shard holds lists 3, 4, 5 with 4, 0 and 6 rows
+    shard = mt.JoinShard(rows, ids, 3, np.array([0, 4, 4, 10]))
+    queries = mt._prepare(rng.normal(size=(3, 4)))
+    # query list A (rows 0-1) probes lists 3 and 9 (not held); query list B (row 2) probes 4 (empty) and 5
+    d, i = mt.search_join_shard(shard, queries, np.array([0, 2, 3]), np.array([[3, 9], [4, 5]]), 5)
+    exact_a = np.argsort(-(queries[:2] @ rows[:4].T), axis=1)
+    assert np.array_equal(i[:2, :4], ids[exact_a])  # all 4 rows of list 3, best first, global ids
+    assert (i[:2, 4] == -1).all() and np.isneginf(d[:2, 4]).all()  # fewer candidates than k: padded
+    exact_b = np.argsort(-(queries[2:] @ rows[4:].T), axis=1)[:, :5]
+    assert np.array_equal(i[2:], ids[4:][exact_b])
+    np.testing.assert_allclose(d[2:], np.sort(queries[2:] @ rows[4:].T, axis=1)[:, ::-1][:, :5], atol=1e-6)
+    monkeypatch.setattr(mt, "_SIMS_PER_STEP", 5)  # a list too big for one similarity matrix: row by row
+    d2, i2 = mt.search_join_shard(shard, queries, np.array([0, 2, 3]), np.array([[3, 9], [4, 5]]), 5)
+    assert np.array_equal(i2, i)
+    np.testing.assert_allclose(d2, d, atol=1e-6)
+
+
+def test_list_blocks_cover_every_user_once_and_skip_empty_lists():
+    starts = np.array([0, 5, 5, 5, 30, 31, 31, 40])  # lists 1, 2 and 5 are empty; list 3 holds 25 rows
+    blocks = mt._list_blocks(starts, 10)
+    assert blocks == [(0, 3), (3, 4), (4, 7)]  # a list bigger than a block is one block
+    assert sum(starts[b] - starts[a] for a, b in blocks) == 40
+    assert mt._list_blocks(np.array([0, 0, 0]), 10) == []
