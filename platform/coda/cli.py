@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import click
@@ -82,7 +83,8 @@ def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, 
     summary = {"day": day, "today": coda.today, "ingested": ingested, "raw_rows": result.raw_rows, "users": result.users,
                "samples": result.samples, "matched_users": result.matched_users, "batches": result.batches,
                "stored_samples": result.stored_samples, "expired": result.expired,
-               "mean_top10_cosine": round(result.vector_top10_cosine, 4),
+               "mean_top10_cosine": _rounded(result.vector_top10_cosine),
+               "matching_recall": _rounded(result.matching_recall),
                "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "total_seconds": round(elapsed, 3)}
     if root.as_json:
         print_json(summary)
@@ -91,10 +93,15 @@ def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, 
     t.add_row("ingestion", f"{ingested} new records ({result.raw_rows} rows of history)", f"{result.seconds['load']:.2f}")
     t.add_row("samples", f"{result.samples} samples, {result.users} user vectors", f"{result.seconds['samples']:.2f}")
     t.add_row("matching", f"{result.matched_users} users matched, K={k}, mean top-10 cosine "
-              f"{result.vector_top10_cosine:.3f}", f"{result.seconds['matching']:.2f}")
+              f"{result.vector_top10_cosine:.3f}, recall@K {result.matching_recall:.3f} (200 sampled users)",
+              f"{result.seconds['matching']:.2f}")
     t.add_row("mappings", f"{result.batches} batches, {result.stored_samples} samples stored, "
               f"{result.expired} expired", f"{result.seconds['mappings']:.2f}")
     Console().print(t)
+
+
+def _rounded(v: float) -> float | None:
+    return None if math.isnan(v) else round(v, 4)  # NaN is not JSON: fewer than 2 users, no matching
 
 
 @cloud.group("catalog", cls=WalleGroup)

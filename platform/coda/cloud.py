@@ -56,6 +56,7 @@ class DayResult:
     expired: int
     seconds: dict = field(default_factory=dict)
     vector_top10_cosine: float = float("nan")
+    matching_recall: float = float("nan")  # recall@K on 200 sampled users against exact search
 
 
 def served_copy(sample: coda_pb2.Sample) -> coda_pb2.Sample:
@@ -309,10 +310,11 @@ class CodaCloud:
         step(f"day {day}: {gen.n_samples} samples, {len(users)} user vectors")
         t0 = time.perf_counter()
         matched: dict[str, list[coda_pb2.Sample]] = {}
-        top10 = float("nan")
+        top10 = recall = float("nan")
         if len(users) >= 2:
             sims, idx = matching.knn(vectors, k=self.k, scheduler=self.scheduler)
             top10 = float(np.nanmean(sims[:, :10]))
+            recall = matching.sampled_recall(vectors, idx)
             cap = self.daily_limit * self.mappings.batch_size
             served = {u: [served_copy(x) for x in ss] for u, ss in gen.samples.items()}
             for row, user in enumerate(users):
@@ -335,4 +337,4 @@ class CodaCloud:
         return DayResult(day=day, raw_rows=len(raw), users=len(users), samples=gen.n_samples,
                          matched_users=len(matched), batches=getattr(summary, "batches", 0),
                          stored_samples=getattr(summary, "samples", 0), expired=expired, seconds=t,
-                         vector_top10_cosine=top10)
+                         vector_top10_cosine=top10, matching_recall=recall)

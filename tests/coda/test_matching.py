@@ -202,3 +202,12 @@ def test_list_blocks_cover_every_user_once_and_skip_empty_lists():
     assert blocks == [(0, 3), (3, 4), (4, 7)]  # a list bigger than a block is one block
     assert sum(starts[b] - starts[a] for a, b in blocks) == 40
     assert mt._list_blocks(np.array([0, 0, 0]), 10) == []
+
+
+def test_sampled_recall_measures_what_an_index_lost(rand):
+    _, exact = mt.knn(rand, 10, index="flat")
+    assert mt.sampled_recall(rand, exact, sample=50) == 1.0
+    worse = exact.copy()
+    worse[:, 5:] = (exact[:, 5:] + 1) % len(rand)  # half of each row replaced by other rows
+    rows = np.sort(np.random.default_rng(0).choice(len(rand), 50, replace=False))
+    assert mt.sampled_recall(rand, worse, sample=50) == mt.recall_at_k(worse[rows], exact[rows]) < 1.0
