@@ -120,8 +120,30 @@ def load_samples(kv_url: str, users: set[str], batches: int) -> None:
     store.close()
 
 
+@contextlib.contextmanager
+def profiled(pids: dict[str, int], out: str):
+    """py-spy (a dev tool, not a dependency) sampling each process while the block runs: collapsed
+    stacks in <out>/<name>.txt (only with --profile)."""
+    if not out:
+        yield
+        return
+    import subprocess
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "--gil", "--format", "raw", "--rate", "200", "--pid",
+                               str(pid), "--output", f"{out}/{name}.txt"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+    time.sleep(1.0)  # attached before the phase starts
+    try:
+        yield
+    finally:
+        for s in spies:
+            s.send_signal(signal.SIGINT)
+        for s in spies:
+            s.wait(timeout=60)
+
+
 def run_size(n_devices: int, n_fleets: int, replicas: int, state: str, kv: str, batches: int,
-             sample_devices: int, tmp: pathlib.Path) -> dict:
+             sample_devices: int, tmp: pathlib.Path, profile: str = "") -> dict:
     import grpc
 
     from walle.platform.manifest import validate_task_dir
@@ -152,6 +174,7 @@ def run_size(n_devices: int, n_fleets: int, replicas: int, state: str, kv: str, 
                             daemon=True)
             p.start()
             fleets.append((p, a))
+        fleet_cpu = lambda: sum(cpu_s(p.pid) for p, _c in fleets)  # noqa: E731
         users: set[str] = set()
         for _p, c in fleets:
             users.update(c.recv())
@@ -183,15 +206,17 @@ def run_size(n_devices: int, n_fleets: int, replicas: int, state: str, kv: str, 
         notice_ms = (cpu() - c0) * 1e3 / len(fleets)
         assert noticed == len(fleets), f"only {noticed} of {len(fleets)} watch streams saw the change"
 
-        c0 = cpu()
-        for _p, c in fleets:
-            c.send(("release",))
-        t0 = time.time()
-        admin.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=tv.version), timeout=60)
-        res = [c.recv() for _p, c in fleets]
-        synced_s = max(r[5] for r in res) - t0
-        installed = sum(r[1] for r in res)
-        release_cpu = cpu() - c0
+        spied = {**{f"server{i}": p for i, p in enumerate(pids)}, **{f"fleet{i}": p.pid for i, (p, _c) in enumerate(fleets)}}
+        with profiled(spied, profile):
+            c0, f0 = cpu(), fleet_cpu()
+            for _p, c in fleets:
+                c.send(("release",))
+            t0 = time.time()
+            admin.CreateRelease(admin_pb2.CreateReleaseRequest(task="hello", version=tv.version), timeout=60)
+            res = [c.recv() for _p, c in fleets]
+            synced_s = max(r[5] for r in res) - t0
+            installed = sum(r[1] for r in res)
+            release_cpu, release_fleet_cpu = cpu() - c0, fleet_cpu() - f0
 
         load_samples(kv or f"sqlite:///{tmp / 'platform0' / 'kv.sqlite3'}", users, batches)
         pullers = [min(n, sample_devices // n_fleets + (1 if i < sample_devices % n_fleets else 0))
@@ -204,6 +229,7 @@ def run_size(n_devices: int, n_fleets: int, replicas: int, state: str, kv: str, 
         assert served == sum(pullers) * batches, f"{served} batches served, {sum(pullers) * batches} expected"
         return {"devices": n_devices, "fleets": n_fleets, "installed": installed, "synced_s": synced_s,
                 "gat_us": gat_us, "notice_ms": notice_ms, "release_cpu_ms_per_device": release_cpu / n_devices * 1e3,
+                "fleet_cpu_ms_per_device": release_fleet_cpu / n_devices * 1e3,
                 "batch_us": batch_us, "rss_base_mb": rss0, "rss_kb_per_device": (rss1 - rss0) * 1024 / n_devices,
                 "failed": sum(r[2] for r in res)}
     finally:
@@ -251,10 +277,12 @@ def main() -> None:
                     help="state:replicas per row (sqlite serves from one process only)")
     ap.add_argument("--batches", type=int, default=12, help="sample batches each pulling device pulls")
     ap.add_argument("--sample-devices", type=int, default=1000, help="devices that pull sample batches")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="sample every server and fleet process with py-spy during the release round")
     args = ap.parse_args()
     signal.alarm(TIME_LIMIT_S)  # bounded: never hang a CI run
     print(f"{'state':<10} {'repl':>4} {'devices':>7} {'installed':>9} {'release->synced s':>17} "
-          f"{'GetActiveTasks us':>17} {'notice ms':>9} {'release ms/dev':>14} {'batch us':>8} "
+          f"{'GetActiveTasks us':>17} {'notice ms':>9} {'release ms/dev':>14} {'fleet ms/dev':>12} {'batch us':>8} "
           f"{'server KB/dev':>13} {'base MB':>7} {'load1':>5}", flush=True)
     for config in args.configs.split(","):
         kind, replicas = config.split(":")
@@ -264,12 +292,13 @@ def main() -> None:
             tmp = pathlib.Path(tempfile.mkdtemp(prefix="walle-bench-scale-"))
             try:
                 with backend(kind, tmp) as (state, kv):
-                    r = run_size(n, args.fleets, int(replicas), state, kv, args.batches, args.sample_devices, tmp)
+                    r = run_size(n, args.fleets, int(replicas), state, kv, args.batches, args.sample_devices, tmp,
+                                 f"{args.profile}/{kind}{replicas}-{n}" if args.profile else "")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             print(f"{kind:<10} {replicas:>4} {r['devices']:>7} {r['installed']:>9} {r['synced_s']:>17.2f} "
                   f"{r['gat_us']:>17.0f} {r['notice_ms']:>9.1f} {r['release_cpu_ms_per_device']:>14.2f} "
-                  f"{r['batch_us']:>8.0f} {r['rss_kb_per_device']:>13.1f} {r['rss_base_mb']:>7.0f} "
+                  f"{r['fleet_cpu_ms_per_device']:>12.2f} {r['batch_us']:>8.0f} {r['rss_kb_per_device']:>13.1f} {r['rss_base_mb']:>7.0f} "
                   f"{os.getloadavg()[0]:>5.1f}", flush=True)
 
 

@@ -76,6 +76,7 @@ class InstalledTask:
     reported: bool = False            # that report is queued (the up-tunnel key makes it exactly once)
     config_json: str = ""     # the release's task config (canonical JSON, covered by the signature)
     _files: dict[str, str] | None = field(default=None, repr=False)
+    _manifest_dict: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
@@ -107,10 +108,15 @@ class InstalledTask:
         """The release's task config: parameter -> value ({} for a task without config)."""
         return json.loads(self.config_json) if self.config_json else {}
 
+    def _manifest_json(self) -> dict:
+        if self._manifest_dict is None:  # the manifest never changes; its pointer is written twice per install
+            self._manifest_dict = json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)
+        return self._manifest_dict
+
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "digest": self.digest, "release_id": self.release_id,
                 "install_id": self.install_id, "delivered_as": self.delivered_as, "reported": self.reported,
-                "manifest": json_format.MessageToDict(self.manifest, preserving_proto_field_name=True),
+                "manifest": self._manifest_json(),
                 "config_json": self.config_json}
 
 
@@ -268,7 +274,7 @@ class TaskStore:
         tmp = task_dir / (CURRENT_FILE + ".tmp")
         try:
             with open(tmp, "w") as f:
-                json.dump(pointer, f, sort_keys=True)
+                f.write(json.dumps(pointer, sort_keys=True))  # dumps: the C encoder, not dump's pure-Python one
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -288,7 +294,7 @@ class TaskStore:
             marker = {"digest": task.bundle_digest,
                       "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(files.items())}}
             with open(tmp / MARKER_FILE, "w") as f:
-                json.dump(marker, f, sort_keys=True)
+                f.write(json.dumps(marker, sort_keys=True))
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())

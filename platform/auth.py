@@ -40,9 +40,9 @@ class DeviceCredentials:
     def __init__(self, state: PlatformState):
         self.state = state
         self._cache: dict[str, tuple[str, int]] = {}  # token hash -> (device id, expires_at)
-        self._cache_rev = -1
         self._users: dict[str, str] = {}  # device id -> bound user
-        self._users_rev = -1
+        self._rev = -1  # the revision both caches were last checked against
+        self._cred_rev = -1  # the credentials revision they hold
         self._lock = threading.Lock()
 
     def enroll(self, device_id: str = "", *, ttl_seconds: int = 0, actor: str = "operator",
@@ -71,19 +71,33 @@ class DeviceCredentials:
             tx.bump_revision()
         return device_id, token
 
+    def _generation(self) -> int:
+        """The credentials revision the caches hold, emptying them first if a credential changed.
+        Enrollments and revocations bump the revision AND the credentials revision; a release bumps
+        only the first, so the caches survive it (after a release every device would otherwise
+        be looked up again, twice, on the hot path)."""
+        rev = self.state.cached_revision()
+        if rev == self._rev:
+            return self._cred_rev
+        cred = self.state.credentials_revision()  # read after the revision: at least as new
+        with self._lock:
+            if cred != self._cred_rev:
+                self._cache.clear()
+                self._users.clear()
+                self._cred_rev = cred
+            self._rev = rev
+            return cred
+
     def bound_user(self, device_id: str) -> str:
         """The user bound to a device at enrollment ("" if none)."""
-        rev = self.state.cached_revision()
-        with self._lock:
-            if rev != self._users_rev:  # enrollments bump the revision
-                self._users.clear()
-                self._users_rev = rev
-            user = self._users.get(device_id)
+        gen = self._generation()
+        user = self._users.get(device_id)
         if user is None:
             row = self.state.device(device_id)
             user = row["user_id"] if row else ""
             with self._lock:
-                self._users[device_id] = user
+                if self._cred_rev == gen:  # not if a credential changed while we read
+                    self._users[device_id] = user
         return user
 
     def revoke(self, device_id: str, *, actor: str = "operator") -> dict:
@@ -108,19 +122,16 @@ class DeviceCredentials:
         if not token:
             raise Unauthenticated("missing device credential (authorization: Bearer <token>)")
         h = _hash(token)
-        rev = self.state.cached_revision()
-        with self._lock:
-            if rev != self._cache_rev:  # enrollments and revocations bump the revision
-                self._cache.clear()
-                self._cache_rev = rev
-            hit = self._cache.get(h)
+        gen = self._generation()
+        hit = self._cache.get(h)
         if hit is None:
             row = self.state.device_by_token(h)
             if row is None or row["revoked"]:
                 raise Unauthenticated("unknown or revoked device credential")
             hit = (row["device_id"], row["expires_at"])
             with self._lock:
-                self._cache[h] = hit
+                if self._cred_rev == gen:  # not if a credential changed while we read
+                    self._cache[h] = hit
         device_id, expires_at = hit
         if expires_at and time.time() >= expires_at:
             raise Unauthenticated(f"device credential for {device_id!r} expired")

@@ -38,16 +38,36 @@ _actor: contextvars.ContextVar[str] = contextvars.ContextVar("walle_actor", defa
 
 
 # -- one error translation for every service ----------------------------------------------------------
-class ErrorTranslation(grpc.aio.ServerInterceptor):
+class ErrorTranslation:
     """Known errors (WalleError) become their gRPC status with the same message and no traceback; any
     other exception is a bug: INTERNAL to the client (naming the method, not the internals) and a
-    traceback in the log. Admin calls also get one access-log line: actor, method, outcome, time."""
+    traceback in the log. Admin calls also get one access-log line: actor, method, outcome, time.
 
-    def __init__(self) -> None:
+    A stand-in for the server that `register` functions add their services to: every handler is
+    wrapped once, as it is registered (a server interceptor would run again for every call, a cost
+    each GetActiveTasks and upload paid)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_TranslatedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service, {m: _wrap(h, f"/{service}/{m}") if h is not None else h for m, h in handlers.items()})
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+
+class _TranslatedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
         self._wrapped: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
+    def service(self, details: grpc.HandlerCallDetails):
+        handler = self._inner.service(details)
         if handler is None:
             return None
         key = (details.method, id(handler))
@@ -77,8 +97,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
                 await stream.aclose()
     elif inspect.iscoroutinefunction(behavior):
         run = behavior
-    else:  # a synchronous handler would run in (and could block) a pool thread: not allowed here
-        raise TypeError(f"{method}: handlers must be coroutines or async generators (got {behavior!r})")
+    else:  # a synchronous handler would run in (and could block) a pool thread: refused when called
+        async def run(request, context):
+            raise TypeError(f"{method}: handlers must be coroutines or async generators (got {behavior!r})")
 
     def done(t0: float, context, outcome: str, detail: str = "") -> None:
         # logged before the status goes out, so the line exists once the client has its answer
@@ -254,6 +275,10 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServiceServicer):
             accepted, dups, max_seq = accepted + a, dups + d, max(max_seq, m)
         return tunnel_pb2.UploadAck(accepted=accepted, duplicates=dups, max_seq=max_seq)
 
+    async def UploadBatch(self, request, context):
+        a, d, m = await blocking(self.platform.upload, device_of(self.platform, context), request)
+        return tunnel_pb2.UploadAck(accepted=a, duplicates=d, max_seq=m)
+
     async def GetResource(self, request, context):
         await blocking(self.platform.authorize_resource, device_of(self.platform, context))
         return await blocking(self.platform.resource, request.name, request.version)
@@ -333,14 +358,15 @@ class LoopServer:
 
         async def start() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(
-                # outer ones (e.g. walle.platform.metrics) see the status ErrorTranslation settles on
-                interceptors=[*interceptors, ErrorTranslation()],
+                # interceptors (e.g. walle.platform.metrics) see the status the handlers' ErrorTranslation
+                # settles on
+                interceptors=list(interceptors),
                 # SO_REUSEPORT only when several processes serve one port on purpose: otherwise a
                 # stale server on the same port would silently take part of the traffic.
                 options=[("grpc.so_reuseport", 1 if reuseport else 0),
                          ("grpc.max_receive_message_length", MAX_MESSAGE),
                          ("grpc.max_send_message_length", MAX_MESSAGE)])
-            register(server)
+            register(ErrorTranslation(server))
             try:
                 bound = (server.add_secure_port(self.address, credentials) if credentials
                          else server.add_insecure_port(self.address))

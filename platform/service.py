@@ -34,13 +34,14 @@ from walle.protos import admin_pb2, bundle, device_pb2, tunnel_pb2
 from walle.protos.datadir import keep_out_of_git
 
 from .auth import DeviceCredentials, OperatorCredentials
-from .errors import InvalidArgument, NotFound, PermissionDenied
+from .errors import InvalidArgument, NotFound, PermissionDenied, WalleError
+from .groupcommit import GroupCommit
 from .guards import GuardRPCs
 from .manifest import strip_ignored, validate_task_files
 from .observe import Observe
 from .releases import MAX_DEVICE_INFO_BYTES, ReleaseManager, check_device_info, device_attrs, info_from_attrs, release_to_proto
 from .runnable import check_runnable
-from .state import PlatformState, open_state, state_url
+from .state import PlatformState, UploadWrite, open_state, state_url
 from .taskrepo import TaskRepository, TaskVersion
 
 log = logging.getLogger("walle.platform")
@@ -115,6 +116,7 @@ class Platform(Observe, GuardRPCs):
         self._grants: dict[Grant, Grant] = {}
         self._unrecorded: set[tuple[str, str]] = set()   # (device, release) not yet in device_releases
         self._trim_due = False
+        self._uploads: GroupCommit[UploadWrite] = GroupCommit(self._store_uploads)
 
     # -- tasks ----------------------------------------------------------------------------------
     def SubmitTask(self, req: admin_pb2.SubmitTaskRequest) -> admin_pb2.TaskVersion:
@@ -422,17 +424,54 @@ class Platform(Observe, GuardRPCs):
                 raise InvalidArgument(f"unknown upload topic {topic!r}")
         parsed = {t: self._parse_platform_records(device_id, t, recs) for t, recs in by_topic.items()
                   if t not in self.upload_handlers}
-        k, _hw = self.state.stream_slot(device_id, batch.epoch, MAX_EPOCHS_PER_DEVICE)
-        base = k * EPOCH_SPAN  # the stored seq: slot k of this device's epochs, then the device's seq
-        accepted = dups = 0
-        for topic, recs in by_topic.items():
-            if topic in self.upload_handlers:
-                a, d = self.upload_handlers[topic](device_id, [(base + seq, ts, p) for seq, ts, p in recs])
-            else:
-                a, d = self._store_platform_records(device_id, topic, base, parsed[topic])
-            accepted, dups = accepted + a, dups + d
         top = max((r.seq for r in records.records), default=0)
-        return accepted, dups, self.state.raise_stream_hw(device_id, batch.epoch, top)
+        write = UploadWrite(device_id, batch.epoch, top,
+                            {t: self._report_rows(device_id, t, recs) for t, recs in parsed.items()})
+        accepted = dups = 0
+        if any(t in self.upload_handlers for t in by_topic):
+            k, _hw = self.state.stream_slot(device_id, batch.epoch, MAX_EPOCHS_PER_DEVICE)
+            for topic, recs in by_topic.items():  # handlers count what they store their own way
+                if topic in self.upload_handlers:
+                    a, d = self.upload_handlers[topic](device_id, [(k * EPOCH_SPAN + seq, ts, p) for seq, ts, p in recs])
+                    accepted, dups = accepted + a, dups + d
+            stored, hw = self._store_upload(write)
+        else:  # the common case: committed together with other devices' uploads
+            stored, hw = self._uploads.submit(write)
+        for topic, n in stored.items():
+            accepted, dups = accepted + n, dups + len(write.rows[topic]) - n
+        if stored.get("run_report"):
+            self.after_run_reports({m.release_id for _seq, _ts, _payload, m in parsed["run_report"]})
+        return accepted, dups, hw
+
+    def _store_uploads(self, writes: list[UploadWrite]) -> list:
+        """One transaction for many devices' uploads; if it fails as a whole (e.g. two replicas made
+        the same device's epoch slot at once), each upload is stored on its own."""
+        try:
+            return self.state.store_uploads(writes, EPOCH_SPAN, MAX_EPOCHS_PER_DEVICE)
+        except WalleError:
+            raise
+        except Exception as e:
+            if len(writes) == 1:
+                raise
+            log.info("a batch of %d uploads failed as a whole (%s: %s); storing them one by one",
+                     len(writes), type(e).__name__, e)
+        out: list = []
+        for w in writes:
+            try:
+                out.append(self._store_upload(w))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _store_upload(self, write: UploadWrite) -> tuple[dict[str, int], int]:
+        """One device's upload, a transaction per step (the previous way, kept for batches that
+        upload handlers share and for retries): ({topic: rows newly stored}, high-water mark)."""
+        k, _hw = self.state.stream_slot(write.device_id, write.epoch, MAX_EPOCHS_PER_DEVICE)
+        base = k * EPOCH_SPAN  # the stored seq: slot k of this device's epochs, then the device's seq
+        stored = {}
+        for topic, rows in write.rows.items():
+            stored[topic] = self.state.add_reports(topic, [(r[0], r[1] + base, *r[2:]) for r in rows])
+        return stored, self.state.raise_stream_hw(write.device_id, write.epoch, write.top)
 
     def _parse_platform_records(self, device_id: str, topic: str, recs) -> list:
         """Parse and check run and delivery reports; a bad one refuses the batch with its reason."""
@@ -454,11 +493,12 @@ class Platform(Observe, GuardRPCs):
                                    f"{device_id!r}: a device reports only on releases it received")
         return parsed
 
-    def _store_platform_records(self, device_id: str, topic: str, base: int, parsed: list) -> tuple[int, int]:
+    @staticmethod
+    def _report_rows(device_id: str, topic: str, parsed: list) -> list[tuple]:
+        """The rows add_reports stores, numbered in the device's epoch."""
         rows = []
         for seq, ts_ms, payload, m in parsed:
             ts = int(ts_ms / 1000) or int(time.time())
-            seq += base
             if topic == "run_report":
                 rows.append((device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.duration_s,
                              m.peak_memory_kb, m.error[:2000], m.trigger))
@@ -466,10 +506,7 @@ class Platform(Observe, GuardRPCs):
                 rows.append((device_id, seq, ts, m.task, m.version, m.release_id, m.status, m.error[:2000]))
             else:
                 rows.append((device_id, seq, ts, payload.decode("utf-8", "replace")[:65536]))
-        accepted = self.state.add_reports(topic, rows)
-        if topic == "run_report" and accepted:
-            self.after_run_reports({m.release_id for _seq, _ts, _payload, m in parsed})
-        return accepted, len(parsed) - accepted
+        return rows
 
 
 def _malloc_trim() -> None:

@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import abc
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+
+@dataclass
+class UploadWrite:
+    """One device's checked up-tunnel batch for `store_uploads`: report rows per topic as
+    `add_reports` takes them, numbered in the device's epoch (the state adds the epoch's base)."""
+    device_id: str
+    epoch: int
+    top: int  # the batch's highest seq
+    rows: dict[str, list[tuple]]
 
 
 class Transaction(abc.ABC):
@@ -99,6 +110,12 @@ class PlatformState(abc.ABC):
         """The revision read at most every `max_age` s; this object's own changes are seen at once."""
 
     @abc.abstractmethod
+    def credentials_revision(self) -> int:
+        """A counter that every credential change (enrollment, revocation) raises, read afresh. Such
+        a change also bumps the revision; most revision changes (releases) leave this one alone, so
+        caches of credentials outlive them."""
+
+    @abc.abstractmethod
     def wait_revision(self, known: int, timeout: float) -> int:
         """Block until the revision differs from `known` or `timeout` s have passed; returns the
         revision then. Changes through this object wake waiters at once; changes by other processes
@@ -155,6 +172,14 @@ class PlatformState(abc.ABC):
     @abc.abstractmethod
     def stream_slot(self, device_id: str, epoch: int, max_streams: int) -> tuple[int, int]:
         """(k, high-water seq) of a device's up-tunnel epoch; a new epoch gets the next slot."""
+
+    @abc.abstractmethod
+    def store_uploads(self, writes: list[UploadWrite], span: int, max_streams: int) -> list:
+        """Many devices' upload batches in ONE transaction (group commit): for each, the epoch's
+        slot k (made if new, at most `max_streams` per device), its rows stored once with seq
+        k * span + seq, and the epoch's high-water mark raised to `top`. Returns per write either
+        ({topic: rows newly stored}, high-water mark) or the WalleError that refused it alone
+        (it stored nothing). Anything else raised means the transaction stored nothing at all."""
 
     @abc.abstractmethod
     def raise_stream_hw(self, device_id: str, epoch: int, seq: int) -> int: ...

@@ -9,8 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..errors import ResourceExhausted
-from .base import PlatformState, Transaction
+from ..errors import ResourceExhausted, WalleError
+from .base import PlatformState, Transaction, UploadWrite
 
 SCHEMA_VERSION = 1
 POLL_S = 0.2  # revision polling where changes by other processes are not pushed
@@ -195,6 +195,7 @@ class SqlTransaction(Transaction):
         return rows[0] if rows else None
 
     def put_device(self, device_id: str, token_hash: str, enrolled_at: int, expires_at: int, user_id: str) -> None:
+        self.state._bump(self.c, "credentials")
         self.c.run("""INSERT INTO devices (device_id, token_hash, enrolled_at, expires_at, revoked, user_id)
                       VALUES (?, ?, ?, ?, 0, ?)
                       ON CONFLICT(device_id) DO UPDATE SET token_hash=excluded.token_hash,
@@ -202,6 +203,7 @@ class SqlTransaction(Transaction):
                       user_id=excluded.user_id""", [device_id, token_hash, enrolled_at, expires_at, user_id])
 
     def revoke_device(self, device_id: str) -> bool:
+        self.state._bump(self.c, "credentials")
         return self.c.run("UPDATE devices SET revoked = 1 WHERE device_id = ?", [device_id]).rowcount > 0
 
     def put_operator(self, name: str, token_hash: str, created_at: int) -> None:
@@ -293,10 +295,10 @@ class SqlState(PlatformState):
         self._local.bumped = False
         with self._write(c, serialize):
             yield c
-        self._rev_cache = (-1, 0.0)  # after COMMIT, so no reader caches the old revision
-        if self._local.bumped:  # and waiters in this process learn of it at once
+        if self._local.bumped:  # after COMMIT, so no reader caches the old revision,
             self._local.bumped = False
-            self._signal_change()
+            self._rev_cache = (-1, 0.0)
+            self._signal_change()  # and waiters in this process learn of it at once
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
@@ -317,7 +319,8 @@ class SqlState(PlatformState):
         with self._tx() as c:
             for stmt in SCHEMA:
                 c.run(stmt.format(**self.types))
-            for key, value in (("revision", "0"), ("schema", str(SCHEMA_VERSION)), ("release_seq", "0")):
+            for key, value in (("revision", "0"), ("schema", str(SCHEMA_VERSION)), ("release_seq", "0"),
+                               ("credentials", "0")):
                 c.run("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", [key, value])
             self._migrate(c)
             # Older releases that still serve as fallbacks were called 'superseded'.
@@ -338,6 +341,9 @@ class SqlState(PlatformState):
         if rev >= self._rev_cache[0] and self._change_seq == signalled:
             self._rev_cache = (rev, time.monotonic())
         return rev
+
+    def credentials_revision(self) -> int:
+        return int(self.conn.value("SELECT value FROM meta WHERE key='credentials'"))
 
     def cached_revision(self, max_age: float = 0.2) -> int:
         rev, at = self._rev_cache
@@ -475,6 +481,75 @@ class SqlState(PlatformState):
             c.run("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES (?, ?, ?, 0, ?)",
                   [device_id, epoch, top + 1, int(time.time())])
             return top + 1, 0
+
+    def store_uploads(self, writes: list[UploadWrite], span: int, max_streams: int) -> list:
+        out: list = [None] * len(writes)
+        now = int(time.time())
+        with self._tx(serialize=False) as c:
+            # every epoch of these devices, in one read
+            slots: dict[tuple[str, int], list[int]] = {}  # (device, epoch) -> [k, hw]
+            ks: dict[str, list[int]] = {}  # device -> its slots' k
+            devices = sorted({w.device_id for w in writes})
+            for i in range(0, len(devices), 500):
+                part = devices[i:i + 500]
+                for d, epoch, k, hw in c.run("SELECT device_id, epoch, k, hw FROM up_streams WHERE device_id IN "
+                                             f"({','.join('?' * len(part))})", part).fetchall():
+                    slots[(d, epoch)] = [k, hw]
+                    ks.setdefault(d, []).append(k)
+            new_slots, by_table, raised = [], {}, {}
+            for i, w in enumerate(writes):
+                slot = slots.get((w.device_id, w.epoch))
+                if slot is None:
+                    taken = ks.setdefault(w.device_id, [])
+                    if len(taken) >= max_streams:
+                        out[i] = ResourceExhausted(
+                            f"device {w.device_id!r} has started {len(taken)} up-tunnel epochs; at most {max_streams} "
+                            "(a device picks a new epoch only when its data folder starts afresh)")
+                        continue
+                    slot = slots[(w.device_id, w.epoch)] = [max(taken, default=-1) + 1, 0]
+                    taken.append(slot[0])
+                    new_slots.append((w.device_id, w.epoch, slot[0], now))
+                base = slot[0] * span
+                for topic, rows in w.rows.items():
+                    table = REPORT_TABLES.get(topic, "events")
+                    for row in rows:
+                        row = (row[0], row[1] + base, *row[2:])
+                        by_table.setdefault(table, []).append(
+                            (i, topic, (*row[:3], topic, row[3]) if table == "events" else row))
+                if w.top > slot[1]:
+                    slot[1] = raised[(w.device_id, w.epoch)] = w.top
+                out[i] = ({topic: 0 for topic in w.rows}, (w.device_id, w.epoch))
+            # a slot another replica made meanwhile fails the whole transaction (the caller retries)
+            for i in range(0, len(new_slots), 500):
+                part = new_slots[i:i + 500]
+                c.run("INSERT INTO up_streams (device_id, epoch, k, hw, created_at) VALUES "
+                      f"{','.join(['(?, ?, ?, 0, ?)'] * len(part))}", [x for row in part for x in row])
+            for table, rows in by_table.items():
+                stored = self._insert_new(c, table, [r for _i, _t, r in rows])
+                for i, topic, row in rows:  # a (device, seq) twice in the batch counts once
+                    if (row[0], row[1]) in stored:
+                        stored.discard((row[0], row[1]))
+                        out[i][0][topic] += 1
+            todo = [(d, epoch, hw) for (d, epoch), hw in raised.items()]
+            for i in range(0, len(todo), 500):  # one statement per 500 epochs, not one per epoch
+                part = todo[i:i + 500]
+                c.run(f"UPDATE up_streams SET hw = {self.greatest}(up_streams.hw, v.column3) FROM (VALUES "
+                      f"{','.join(['(?, CAST(? AS BIGINT), CAST(? AS BIGINT))'] * len(part))}) AS v "
+                      "WHERE up_streams.device_id = v.column1 AND up_streams.epoch = v.column2",
+                      [x for row in part for x in row])
+        return [r if isinstance(r, WalleError) else (r[0], slots[r[1]][1]) for r in out]
+
+    def _insert_new(self, c: Conn, table: str, rows: list[tuple]) -> set[tuple[str, int]]:
+        """Insert report rows, skipping (device, seq) already stored; returns the keys stored now."""
+        cols = REPORT_COLUMNS[table]
+        one = f"({','.join('?' * len(cols))})"
+        stored: set[tuple[str, int]] = set()
+        for i in range(0, len(rows), 200):  # SQLite takes at most 32,766 parameters per statement
+            part = rows[i:i + 200]
+            stored.update((d, seq) for d, seq in c.run(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES {','.join([one] * len(part))} "
+                "ON CONFLICT(device_id, seq) DO NOTHING RETURNING device_id, seq", [v for r in part for v in r]).fetchall())
+        return stored
 
     def raise_stream_hw(self, device_id: str, epoch: int, seq: int) -> int:
         with self._tx(serialize=False) as c:

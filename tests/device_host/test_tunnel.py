@@ -1,6 +1,7 @@
 """Up tunnel against a real platform server: at-least-once with cloud-side dedup, order, persistence
 across restarts, the queue cap; down tunnel resources verified and cached by digest."""
 import json
+import zlib
 
 import grpc
 import pytest
@@ -9,7 +10,7 @@ from walle.device_host.tunnel import DownTunnel, TunnelError, UpTunnel, tunnel_o
 from walle.platform.auth import bearer_metadata
 from walle.platform.server import build_server
 from walle.platform.service import Platform
-from walle.protos import admin_pb2, device_pb2, tunnel_pb2
+from walle.protos import admin_pb2, device_pb2, tunnel_pb2, tunnel_pb2_grpc
 
 
 class Live:
@@ -53,17 +54,21 @@ class AckLost(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIntercepto
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
         continuation(details, request_iterator).result()  # the cloud stores the records
-
-        class Lost(grpc.RpcError):
-            def code(self):
-                return grpc.StatusCode.UNAVAILABLE
-
-            def details(self):
-                return "connection lost before the ack"
-        raise Lost()
+        raise AckLost.Lost()
 
     def intercept_unary_unary(self, continuation, details, request):
-        return continuation(details, request)
+        got = continuation(details, request)
+        if details.method.endswith("/UploadBatch"):  # the one-batch upload, a unary call
+            got.result()
+            raise AckLost.Lost()
+        return got
+
+    class Lost(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "connection lost before the ack"
 
 
 def test_records_arrive_once_in_order_even_when_acks_are_lost(live, tmp_path):
@@ -88,6 +93,54 @@ def test_records_arrive_once_in_order_even_when_acks_are_lost(live, tmp_path):
     assert [r[0] for r in rows] == seqs + more
     assert [json.loads(r[2])["i"] for r in rows] == list(range(10))
     up.close()
+
+
+def test_a_platform_without_upload_batch_gets_streams(tmp_path):
+    """A host talking to an older platform (no UploadBatch): one UNIMPLEMENTED, then Upload streams;
+    and an older host's Upload stream of one batch is stored as before."""
+    from walle.platform.server import LoopServer, TunnelServicer, generated_handlers, register_handlers
+    platform = Platform(tmp_path / "platform")
+    servicer = TunnelServicer(platform)
+    service, handlers = generated_handlers(tunnel_pb2_grpc.add_TunnelServiceServicer_to_server, servicer)
+    del handlers["UploadBatch"]  # what a platform from before it registers
+    old = LoopServer(lambda server: register_handlers(server, service, handlers), port=0)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{old.port}")
+        md = bearer_metadata(platform.EnrollDevice(admin_pb2.EnrollRequest(device_id="dev-old")).token)
+        up = UpTunnel(tmp_path / "dev" / "tunnel.sqlite3", channel, md)
+        up.send("event", {"i": 1})
+        assert up.flush_once() == 1 and not up._unary
+        up.send("event", {"i": 2})
+        assert up.flush_once() == 1
+        assert [json.loads(r["payload"])["i"] for r in platform.state.events("dev-old")] == [1, 2]
+        up.close()
+        channel.close()
+    finally:
+        old.stop(0)
+
+
+def test_one_batch_goes_as_a_unary_call_and_an_old_style_stream_still_works(live, tmp_path):
+    md = live.enroll("dev-u")
+    seen = []
+
+    class Spy(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            seen.append(details.method.rsplit("/", 1)[1])
+            return continuation(details, request)
+
+        def intercept_stream_unary(self, continuation, details, request_iterator):
+            seen.append(details.method.rsplit("/", 1)[1])
+            return continuation(details, request_iterator)
+    up = UpTunnel(tmp_path / "dev" / "tunnel.sqlite3", grpc.intercept_channel(live.channel, Spy()), md)
+    up.send("event", {"i": 1})
+    assert up.flush_once() == 1 and seen == ["UploadBatch"]
+    up.close()
+    # an older host streams its batch through Upload: stored the same way
+    recs = tunnel_pb2.UpRecords(records=[tunnel_pb2.UpRecord(seq=2, topic="event", ts_ms=1, payload=b'{"i": 2}')])
+    ack = tunnel_pb2_grpc.TunnelServiceStub(live.channel).Upload(iter([tunnel_pb2.UpBatch(
+        zlib_records=zlib.compress(recs.SerializeToString()), count=1, epoch=up.epoch)]), metadata=md, timeout=10)
+    assert (ack.accepted, ack.max_seq) == (1, 2)
+    assert [json.loads(r[2])["i"] for r in live.events("dev-u")] == [1, 2]
 
 
 def test_queue_survives_restart_and_seq_keeps_growing(live, tmp_path):

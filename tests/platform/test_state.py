@@ -185,6 +185,47 @@ def test_devices_credentials_and_fleet_counts(st):
     assert st.fleet_counts(since=2000)["by_app_version"] == []
 
 
+def test_credentials_revision_moves_with_credentials_only(st, state_url):
+    c0 = st.credentials_revision()
+    with st.transaction() as tx:
+        tx.bump_revision()  # a release: the credential caches may stay
+    assert st.credentials_revision() == c0
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1", 10, 0, "")
+    other = open_state(state_url)  # another replica sees both changes
+    try:
+        assert other.credentials_revision() == st.credentials_revision() > c0
+        with other.transaction() as tx:
+            tx.revoke_device("d1")
+        assert st.credentials_revision() > other.credentials_revision() - 1 > c0
+    finally:
+        other.close()
+
+
+def test_a_revocation_elsewhere_empties_the_credential_caches_but_a_release_does_not(st, state_url):
+    from walle.platform.auth import DeviceCredentials
+    here = DeviceCredentials(st)
+    _d, token = here.enroll("d1", user_id="alice")
+    assert here.verify(token) == "d1" and here.bound_user("d1") == "alice"
+    other_state = open_state(state_url)  # another replica
+    try:
+        with other_state.transaction() as tx:
+            tx.bump_revision()
+        # cached across the revision change: the answer holds even if the row is gone behind our back
+        reads = []
+        real = st.device_by_token
+        st.device_by_token = lambda h: reads.append(h) or real(h)
+        st.revision()  # this replica has seen the release (a fresh read refreshes the cache)
+        assert here.verify(token) == "d1" and reads == []
+        DeviceCredentials(other_state).revoke("d1")
+        st.revision()  # ... and the revocation (pushed or polled within 0.2 s in a server)
+        with pytest.raises(errors.Unauthenticated, match="revoked"):
+            here.verify(token)
+        assert len(reads) == 1
+    finally:
+        other_state.close()
+
+
 def test_operators(st):
     assert not st.any_operator()
     with st.transaction() as tx:
@@ -224,6 +265,46 @@ def test_up_streams_and_deliveries(st):
     st.record_deliveries({("d1", "r1"), ("d1", "r2")})
     st.record_deliveries({("d1", "r1")})
     assert st.delivered_releases("d1", {"r1", "r3"}) == {"r1"} and st.delivered_releases("d2", {"r1"}) == set()
+
+
+def test_many_uploads_are_stored_in_one_transaction(st):
+    from walle.platform.state import UploadWrite
+    span = 1000
+    dl = lambda d, seq, r="r1": (d, seq, 5, "t", "v1", r, "installed", "")  # noqa: E731
+    ev = lambda d, seq: (d, seq, 5, '{"a": %d}' % seq)  # noqa: E731
+    assert st.stream_slot("d2", 7, 3) == (0, 0)  # d2 already has one epoch
+    with st.transaction() as tx:
+        tx.put_device("d1", "h1", 1, 0, "")
+    out = st.store_uploads([
+        UploadWrite("d1", 11, 2, {"delivery": [dl("d1", 1), dl("d1", 2)]}),
+        UploadWrite("d2", 8, 4, {"delivery": [dl("d2", 3)], "event": [ev("d2", 4)]}),  # d2's second epoch: k = 1
+        UploadWrite("d1", 11, 3, {"delivery": [dl("d1", 2), dl("d1", 3)]}),  # seq 2 twice in one batch: once
+        UploadWrite("d3", 1, 1, {"delivery": [dl("d3", 1)]}),
+    ], span, 3)
+    assert out == [({"delivery": 2}, 3), ({"delivery": 1, "event": 1}, 4), ({"delivery": 1}, 3), ({"delivery": 1}, 1)]
+    assert [r["seq"] for r in st.reports("delivery", device_id="d1")] == [1, 2, 3]
+    assert [r["seq"] for r in st.reports("delivery", device_id="d2")] == [span + 3]
+    assert [(r["seq"], r["topic"]) for r in st.events("d2")] == [(span + 4, "event")]
+    assert st.stream_slot("d2", 8, 3) == (1, 4) and st.stream_slot("d1", 11, 3) == (0, 3)
+    # re-sent: duplicates; the high-water mark never goes down; a device over its epochs is refused alone
+    st.stream_slot("d3", 2, 3)
+    st.stream_slot("d3", 3, 3)
+    out = st.store_uploads([UploadWrite("d1", 11, 2, {"delivery": [dl("d1", 1)]}),
+                            UploadWrite("d3", 4, 1, {"delivery": [dl("d3", 1)]})], span, 3)
+    assert out[0] == ({"delivery": 0}, 3)
+    assert isinstance(out[1], errors.ResourceExhausted) and "at most 3" in str(out[1])
+    assert [r["seq"] for r in st.reports("delivery", device_id="d3")] == [1]
+
+
+def test_a_failed_upload_batch_stores_nothing_of_any_device(st):
+    from walle.platform.state import UploadWrite
+    dl = lambda d, seq: (d, seq, 5, "t", "v1", "r1", "installed", "")  # noqa: E731
+    bad = ("d2", 1, 5, "t", "v1", "r1", None, "")  # status may not be NULL: the database refuses it
+    with pytest.raises(Exception):
+        st.store_uploads([UploadWrite("d1", 1, 2, {"delivery": [dl("d1", 1), dl("d1", 2)]}),
+                          UploadWrite("d2", 1, 1, {"delivery": [bad]})], 1000, 3)
+    assert st.reports("delivery") == []
+    assert st.stream_slot("d1", 1, 3) == (0, 0)  # the slot made in the failed batch is gone too
 
 
 def test_submit_intents_and_audit(st):
