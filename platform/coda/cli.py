@@ -41,10 +41,16 @@ def cloud():
 @click.option("--raw-log", envvar="WALLE_CODA_RAW_LOG", default="", metavar="URL",
               help="Raw behaviour log URL: sqlite:///path or postgresql://... (default: the state's PostgreSQL if any, "
                    "else SQLite in the data folder).")
-@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port) for sample generation and, above 300,000 users, matching; default: local.")
+@click.option("--scheduler", default=None,
+              help="Dask scheduler address (tcp://host:port) for sample generation and, above 300,000 users, "
+                   "matching; default: local.")
+@click.option("--match-nprobe", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Matching on the --scheduler cluster: lists searched per list of users. Raise it when the "
+                   "reported matching recall is too low (more CPU).")
 @json_option
 @pass_ctx
-def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, raw_log, scheduler):
+def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, k, kv, raw_log, scheduler,
+             match_nprobe):
     """Close the work-cycle day: samples -> matching -> mappings for today's uploads, then advance the
     day. Runs beside a serving platform on the same data folder and store (the day is shared state)."""
     from walle.platform.service import Platform
@@ -56,10 +62,12 @@ def pipeline(root: Ctx, day, force, global_epochs, replay_days, dataset, users, 
         if day is None:
             raise click.BadParameter("--replay-movielens needs --day", param_hint="--day")
         ml = datasets.load(dataset).first_users(users)
-        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler)
+        coda = CodaCloud(platform, items=ml.items, users=ml.users, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler,
+                         match_nprobe=match_nprobe)
         coda.today = day
     else:
-        coda = CodaCloud(platform, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler, global_epochs=global_epochs)
+        coda = CodaCloud(platform, kv_url=kv, raw_url=raw_log, k=k, scheduler=scheduler, global_epochs=global_epochs,
+                         match_nprobe=match_nprobe)
     advance = day is None
     day = coda.today if advance else day
     ingested = 0

@@ -82,7 +82,8 @@ class CodaCloud:
     def __init__(self, platform, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
                  kv_url: str = "", raw_url: str = "", k: int = 100, daily_limit: int = 12, batch_size: int = 25,
                  max_batch: int = 40, keep_days: int = 7, scheduler: object = None, hist_len: int = 50,
-                 global_epochs: int = 0, global_seed: int = 0, pseudonym_key: bytes | None = None):
+                 global_epochs: int = 0, global_seed: int = 0, pseudonym_key: bytes | None = None,
+                 match_nprobe: int = 16):
         """`platform`: the Platform whose tunnel receives the logs and whose credentials
         authenticate devices. `items`: a fixed catalogue (item_id, genre_ids); None reads the
         catalog loaded with `walle cloud catalog load` (an empty one until then). `users`: optional
@@ -91,7 +92,9 @@ class CodaCloud:
         PostgreSQL platform state is, else both are files in the data folder). `global_epochs` > 0:
         closing day d also retrains the global model on all samples of days 1..d and publishes it
         (`coda/global_model`). `pseudonym_key`: the key of a NEW raw log's user pseudonyms (default:
-        32 random bytes; a reproducible experiment derives it from its seed); a log keeps its key."""
+        32 random bytes; a reproducible experiment derives it from its seed); a log keeps its key.
+        `match_nprobe`: lists searched per list of users when matching runs on a Dask `scheduler`
+        (past 300,000 users); more lists, higher recall, more CPU."""
         self.platform = platform
         self.dir = pathlib.Path(platform.data_dir).resolve() / "coda"  # absolute: it goes into a sqlite:/// URL
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ class CodaCloud:
         self.mappings = Mappings(self.store, batch_size=batch_size, max_batch=max_batch, keep_days=keep_days,
                                  daily_limit=daily_limit)
         self.k, self.daily_limit, self.scheduler, self.hist_len = k, daily_limit, scheduler, hist_len
-        self.global_epochs, self.global_seed = global_epochs, global_seed
+        self.global_epochs, self.global_seed, self.match_nprobe = global_epochs, global_seed, match_nprobe
         self.day_samples: dict[int, dict[str, list[coda_pb2.Sample]]] = {}
         self.global_seconds: dict[int, float] = {}  # wall seconds of each day's global model training
         platform.upload_handlers["behavior"] = self._on_behavior
@@ -312,7 +315,7 @@ class CodaCloud:
         matched: dict[str, list[coda_pb2.Sample]] = {}
         top10 = recall = float("nan")
         if len(users) >= 2:
-            sims, idx = matching.knn(vectors, k=self.k, scheduler=self.scheduler)
+            sims, idx = matching.knn(vectors, k=self.k, scheduler=self.scheduler, distributed_nprobe=self.match_nprobe)
             top10 = float(np.nanmean(sims[:, :10]))
             recall = matching.sampled_recall(vectors, idx)
             cap = self.daily_limit * self.mappings.batch_size

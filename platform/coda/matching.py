@@ -76,17 +76,17 @@ def build_index(x: np.ndarray, kind: str, *, hnsw_m: int = 32, hnsw_ef_construct
 
 def knn(vectors: np.ndarray, k: int = 100, *, index: str = "auto", exact_threshold: int = 300_000,
         hnsw_ef_search: int = 128, ivf_nprobe: int = 64, hnsw_m: int = 32, ivf_nlist: int | None = None,
-        scheduler: object = None) -> tuple[np.ndarray, np.ndarray]:
+        scheduler: object = None, distributed_nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """For every row, its k most similar other rows: (cosine similarities [n, k] descending,
     row indices [n, k]). k is clipped to n - 1. Approximate indexes may return -1 (similarity
     -inf) where they found fewer than k neighbours. With index "auto" and a dask.distributed
     `scheduler` address ("tcp://host:port"), more than `exact_threshold` rows are matched on that
-    cluster (knn_ivf_distributed); otherwise in this process."""
+    cluster (knn_ivf_distributed, `distributed_nprobe` lists per list); otherwise in this process."""
     if k < 1:
         raise InvalidArgument(f"k must be >= 1, got {k}")
     if (index == "auto" and isinstance(scheduler, str) and "://" in scheduler
             and np.asarray(vectors).shape[0] > exact_threshold):
-        return knn_ivf_distributed(vectors, k, scheduler=scheduler)
+        return knn_ivf_distributed(vectors, k, scheduler=scheduler, nprobe=distributed_nprobe)
     x = _prepare(vectors)
     n = x.shape[0]
     k = min(k, n - 1)

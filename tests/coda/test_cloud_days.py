@@ -306,3 +306,11 @@ def test_cli_catalog_load(tmp_path):
     out = CliRunner().invoke(walle_main, ["--data-dir", str(data), "cloud", "catalog", "load", str(bad)])
     assert out.exit_code == 2 and "appears twice" in out.output
     assert Platform(data).resource("coda/catalog").version == "v1"  # nothing stored
+
+
+def test_cli_pipeline_refuses_a_match_nprobe_below_one(tmp_path):
+    from click.testing import CliRunner
+
+    from walle.platform.cli import main as walle_main
+    out = CliRunner().invoke(walle_main, ["--data-dir", str(tmp_path / "p"), "cloud", "pipeline", "--match-nprobe", "0"])
+    assert out.exit_code == 2 and "--match-nprobe" in out.output and not (tmp_path / "p" / "coda").exists()

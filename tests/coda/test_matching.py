@@ -158,11 +158,12 @@ def test_ivf_distributed_on_a_local_cluster():
             # the pipeline's call: past exact_threshold rows and given a cluster, knn matches there
             with get_task_stream(client) as on_cluster:
                 via_knn = mt.knn(x, 15, exact_threshold=1000, scheduler=cluster.scheduler_address)
+            fewer = mt.knn(x, 15, exact_threshold=1000, scheduler=cluster.scheduler_address, distributed_nprobe=1)
             with get_task_stream(client) as nothing:
                 mt.knn(x, 15, exact_threshold=1000, scheduler="threads")  # not a cluster: in this process
         by_address = mt.knn_ivf_distributed(x, 15, scheduler=cluster.scheduler_address, nlist=50, nprobe=50)
     assert any("search_join_shard" in str(t["key"]) for t in on_cluster.data) and not nothing.data
-    assert mt.recall_at_k(via_knn[1], exact_i) > 0.95
+    assert mt.recall_at_k(via_knn[1], exact_i) > 0.95 > mt.recall_at_k(fewer[1], exact_i)  # the knob reaches it
     np.testing.assert_allclose(s_all, exact_s, atol=1e-5)
     assert mt.recall_at_k(i_all, exact_i) > 0.999 and mt.recall_at_k(by_address[1], exact_i) > 0.999
     rows = np.concatenate([r for r, _, _ in blocks])
