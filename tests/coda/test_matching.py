@@ -207,7 +207,7 @@ def test_list_blocks_cover_every_user_once_and_skip_empty_lists():
 
 def test_sampled_recall_measures_what_an_index_lost(rand):
     _, exact = mt.knn(rand, 10, index="flat")
-    assert mt.sampled_recall(rand, exact, sample=50) == 1.0
+    assert mt.sampled_recall(rand, exact, sample=50) > 0.99  # exact (two BLAS paths may round a near-tie apart)
     worse = exact.copy()
     worse[:, 5:] = (exact[:, 5:] + 1) % len(rand)  # half of each row replaced by other rows
     rows = np.sort(np.random.default_rng(0).choice(len(rand), 50, replace=False))
