@@ -434,7 +434,7 @@ class Platform(Observe, GuardRPCs):
                 if topic in self.upload_handlers:
                     a, d = self.upload_handlers[topic](device_id, [(k * EPOCH_SPAN + seq, ts, p) for seq, ts, p in recs])
                     accepted, dups = accepted + a, dups + d
-            stored, hw = self._store_upload(write)
+            stored, hw = self._store_upload(write, k)
         else:  # the common case: committed together with other devices' uploads
             stored, hw = self._uploads.submit(write)
         for topic, n in stored.items():
@@ -463,10 +463,12 @@ class Platform(Observe, GuardRPCs):
                 out.append(e)
         return out
 
-    def _store_upload(self, write: UploadWrite) -> tuple[dict[str, int], int]:
+    def _store_upload(self, write: UploadWrite, k: int | None = None) -> tuple[dict[str, int], int]:
         """One device's upload, a transaction per step (the previous way, kept for batches that
-        upload handlers share and for retries): ({topic: rows newly stored}, high-water mark)."""
-        k, _hw = self.state.stream_slot(write.device_id, write.epoch, MAX_EPOCHS_PER_DEVICE)
+        upload handlers share and for retries): ({topic: rows newly stored}, high-water mark).
+        `k`: the epoch's slot, if the caller already has it."""
+        if k is None:
+            k, _hw = self.state.stream_slot(write.device_id, write.epoch, MAX_EPOCHS_PER_DEVICE)
         base = k * EPOCH_SPAN  # the stored seq: slot k of this device's epochs, then the device's seq
         stored = {}
         for topic, rows in write.rows.items():
